@@ -1,0 +1,1 @@
+//! Kubernetes glue: watches, finalizers, status patches, events, metrics, health, leader election.

@@ -1,0 +1,1 @@
+//! The Rust types of the three custom resources and their shared pieces.

@@ -1,0 +1,1 @@
+//! Typed GitLab REST client: authentication, pagination, retries, rate limiting, typed errors.

@@ -1,0 +1,12 @@
+//! gitlab-registry-operator: keeps GitLab container virtual registries, their upstreams and
+//! container tag cleanups in line with Kubernetes objects.
+//!
+//! `sync` and `cleanup` know nothing of Kubernetes; `controller` is the thin glue between the
+//! cluster and those engines; `sim` is a GitLab simulator used by tests, the demo and `sim`.
+
+pub mod cleanup;
+pub mod controller;
+pub mod crd;
+pub mod gitlab;
+pub mod sim;
+pub mod sync;

@@ -1,0 +1,1 @@
+//! Kube-free reconcile engines: desired spec + resolved inputs + GitLab client -> outcome.
