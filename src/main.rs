@@ -19,13 +19,24 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Print the CustomResourceDefinitions of all three kinds as YAML (`---`-separated).
-    Crds,
+    Crds {
+        /// Write one file per kind into this directory (as kept in `crds/`) instead of printing.
+        #[arg(long, value_name = "DIR")]
+        output_dir: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crds => match gitlab_registry_operator::crd::all_yaml() {
+        Command::Crds { output_dir } => print_or_write_crds(output_dir.as_deref()),
+    }
+}
+
+fn print_or_write_crds(output_dir: Option<&std::path::Path>) -> ExitCode {
+    use gitlab_registry_operator::crd;
+    let Some(dir) = output_dir else {
+        return match crd::all_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");
                 ExitCode::SUCCESS
@@ -34,6 +45,17 @@ fn main() -> ExitCode {
                 eprintln!("error: cannot render the CRDs as YAML: {error}");
                 ExitCode::FAILURE
             }
-        },
+        };
+    };
+    for (file, definition) in crd::all() {
+        let path = dir.join(file);
+        let written = crd::to_yaml(&definition)
+            .map_err(|error| error.to_string())
+            .and_then(|yaml| std::fs::write(&path, yaml).map_err(|error| error.to_string()));
+        if let Err(error) = written {
+            eprintln!("error: cannot write {}: {error}", path.display());
+            return ExitCode::FAILURE;
+        }
     }
+    ExitCode::SUCCESS
 }

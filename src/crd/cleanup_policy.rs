@@ -12,6 +12,8 @@ use super::common::{GitLabConnection, LocalObjectReference, default_true};
 pub const DELETED_SAMPLE_SIZE: usize = 20;
 
 /// Desired cleanup: what to clean, by which rules, when, and how carefully.
+// Each printcolumn(...) repeats `type_ = ...`, which clippy reads as a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "gitlabregistry.io",
@@ -23,11 +25,27 @@ pub const DELETED_SAMPLE_SIZE: usize = 20;
     category = "gitlabregistry",
     doc = "A scheduled cleanup of GitLab container registry tags or of an upstream's cache entries.",
     printcolumn(name = "Schedule", type_ = "string", json_path = ".spec.schedule"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Last run", type_ = "date", json_path = ".status.lastRun.completionTime"),
-    printcolumn(name = "Deleted", type_ = "integer", json_path = ".status.lastRun.tagsDeleted"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Last run",
+        type_ = "date",
+        json_path = ".status.lastRun.completionTime"
+    ),
+    printcolumn(
+        name = "Deleted",
+        type_ = "integer",
+        json_path = ".status.lastRun.tagsDeleted"
+    ),
     printcolumn(name = "Next run", type_ = "date", json_path = ".status.nextRunTime"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
@@ -141,6 +159,7 @@ pub struct TagRules {
     pub keep_n: Option<i32>,
     /// Only delete tags older than this, e.g. `14d`, `1month`, `12h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[1-9][0-9]*\\\\s*[a-z]+$')").message("olderThan must be a positive duration such as 14d, 1month or 12h"))]
     pub older_than: Option<String>,
 }
@@ -151,6 +170,7 @@ pub struct TagRules {
 pub struct CacheRules {
     /// Delete entries not downloaded for this long (entries never downloaded count from
     /// their creation), e.g. `30d`.
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[1-9][0-9]*\\\\s*[a-z]+$')").message("notDownloadedFor must be a positive duration such as 30d"))]
     pub not_downloaded_for: String,
 }

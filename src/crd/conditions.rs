@@ -161,8 +161,18 @@ mod tests {
     #[test]
     fn same_status_keeps_transition_time_but_updates_message_and_generation() {
         let mut conditions = Vec::new();
-        set_condition(&mut conditions, ConditionUpdate::new(SYNCED, false, "NotFound", "a"), Some(1), &time(10));
-        set_condition(&mut conditions, ConditionUpdate::new(SYNCED, false, "Forbidden", "b"), Some(2), &time(20));
+        set_condition(
+            &mut conditions,
+            ConditionUpdate::new(SYNCED, false, "NotFound", "a"),
+            Some(1),
+            &time(10),
+        );
+        set_condition(
+            &mut conditions,
+            ConditionUpdate::new(SYNCED, false, "Forbidden", "b"),
+            Some(2),
+            &time(20),
+        );
         assert_eq!(conditions.len(), 1, "replaced by type, not appended");
         assert_eq!(conditions[0].last_transition_time, time(10));
         assert_eq!(conditions[0].reason, "Forbidden");
@@ -173,8 +183,18 @@ mod tests {
     #[test]
     fn flipped_status_moves_transition_time() {
         let mut conditions = Vec::new();
-        set_condition(&mut conditions, ConditionUpdate::new(SYNCED, false, "NotFound", "a"), None, &time(10));
-        set_condition(&mut conditions, ConditionUpdate::new(SYNCED, true, "Synced", "ok"), None, &time(20));
+        set_condition(
+            &mut conditions,
+            ConditionUpdate::new(SYNCED, false, "NotFound", "a"),
+            None,
+            &time(10),
+        );
+        set_condition(
+            &mut conditions,
+            ConditionUpdate::new(SYNCED, true, "Synced", "ok"),
+            None,
+            &time(20),
+        );
         assert_eq!(conditions[0].last_transition_time, time(20));
         assert_eq!(conditions[0].status, "True");
     }
@@ -185,10 +205,20 @@ mod tests {
         let ready = ready_summary(&conditions, &[SYNCED, UPSTREAMS_RESOLVED]);
         assert_eq!(ready.status, Status::Unknown);
 
-        set_condition(&mut conditions, ConditionUpdate::new(SYNCED, true, "Synced", "ok"), None, &time(1));
         set_condition(
             &mut conditions,
-            ConditionUpdate::new(UPSTREAMS_RESOLVED, false, "UpstreamNotFound", "Upstream quay not found"),
+            ConditionUpdate::new(SYNCED, true, "Synced", "ok"),
+            None,
+            &time(1),
+        );
+        set_condition(
+            &mut conditions,
+            ConditionUpdate::new(
+                UPSTREAMS_RESOLVED,
+                false,
+                "UpstreamNotFound",
+                "Upstream quay not found",
+            ),
             None,
             &time(1),
         );
@@ -197,7 +227,12 @@ mod tests {
         assert_eq!(ready.reason, "UpstreamNotFound");
         assert_eq!(ready.message, "Upstream quay not found");
 
-        set_condition(&mut conditions, ConditionUpdate::new(UPSTREAMS_RESOLVED, true, "Resolved", "all found"), None, &time(2));
+        set_condition(
+            &mut conditions,
+            ConditionUpdate::new(UPSTREAMS_RESOLVED, true, "Resolved", "all found"),
+            None,
+            &time(2),
+        );
         let ready = ready_summary(&conditions, &[SYNCED, UPSTREAMS_RESOLVED]);
         assert_eq!(ready.status, Status::True);
         assert_eq!(ready.reason, "Synced");

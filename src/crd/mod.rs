@@ -6,6 +6,7 @@ pub mod cleanup_policy;
 pub mod common;
 pub mod conditions;
 pub mod upstream;
+pub mod validation;
 pub mod virtual_registry;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

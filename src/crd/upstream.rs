@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use super::common::{DeletionPolicy, GitLabConnection, default_true};
 
 /// Desired state of a GitLab container upstream registry.
+// Each printcolumn(...) repeats `type_ = ...`, which clippy reads as a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "gitlabregistry.io",
@@ -20,10 +22,26 @@ use super::common::{DeletionPolicy, GitLabConnection, default_true};
     category = "gitlabregistry",
     doc = "A GitLab container upstream registry (for example Docker Hub) that virtual registries pull through and cache.",
     printcolumn(name = "URL", type_ = "string", json_path = ".spec.url"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Reachable", type_ = "string", json_path = ".status.conditions[?(@.type==\"Reachable\")].status"),
-    printcolumn(name = "Upstream ID", type_ = "integer", json_path = ".status.upstreamId"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reachable",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Reachable\")].status"
+    ),
+    printcolumn(
+        name = "Upstream ID",
+        type_ = "integer",
+        json_path = ".status.upstreamId"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct UpstreamSpec {
@@ -99,6 +117,7 @@ fn default_password_key() -> String {
 pub struct ConnectivityCheck {
     /// Time between periodic connection tests, e.g. `10m`, `1h`.
     #[serde(default = "default_connectivity_interval")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[1-9][0-9]*\\\\s*[a-z]+$')").message("interval must be a positive duration such as 10m, 1h or 1d"))]
     pub interval: String,
     /// When true, a failing test blocks a change of url or credentials: GitLab keeps the

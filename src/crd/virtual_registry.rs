@@ -12,6 +12,8 @@ use super::common::{DeletionPolicy, GitLabConnection, LocalObjectReference};
 pub const MAX_UPSTREAMS: usize = 5;
 
 /// Desired state of a GitLab container virtual registry.
+// Each printcolumn(...) repeats `type_ = ...`, which clippy reads as a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "gitlabregistry.io",
@@ -22,10 +24,27 @@ pub const MAX_UPSTREAMS: usize = 5;
     shortname = "vreg",
     category = "gitlabregistry",
     doc = "A GitLab container virtual registry: a pull-through cache in front of an ordered list of upstream registries.",
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Registry ID", type_ = "integer", json_path = ".status.registryId"),
-    printcolumn(name = "Pull prefix", type_ = "string", json_path = ".status.pullPrefix", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Registry ID",
+        type_ = "integer",
+        json_path = ".status.registryId"
+    ),
+    printcolumn(
+        name = "Pull prefix",
+        type_ = "string",
+        json_path = ".status.pullPrefix",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualRegistrySpec {
