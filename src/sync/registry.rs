@@ -1,0 +1,742 @@
+//! The VirtualRegistry engine: makes one GitLab container virtual registry, and the order of
+//! its upstreams, match the declared spec.
+//!
+//! The spec's list is authoritative: missing associations are created, extras removed, and
+//! positions corrected with the fewest repositioning calls (only upstreams outside the longest
+//! run already in order are moved). While an upstream of the list is not yet resolved to a
+//! GitLab id, nothing is removed: the unknown association may be that upstream's.
+
+use std::collections::HashSet;
+
+use super::{Action, Error, FieldChange, Mode, Result, failure_condition};
+use crate::crd::conditions::{ConditionUpdate, SYNCED, Status, UPSTREAMS_RESOLVED};
+use crate::gitlab::{GitLabClient, PathOrId, RegistryUpdate, VirtualRegistry};
+
+/// GitLab's limit of upstreams per registry.
+pub const MAX_UPSTREAMS: usize = 5;
+
+/// One upstream of the declared list, as far as it could be resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredMember {
+    /// Name of the `Upstream` object.
+    pub name: String,
+    pub resolution: Resolution,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// The upstream exists in GitLab with this id.
+    Resolved(i64),
+    /// The object exists but has no GitLab id yet (it is created through this registry).
+    Pending,
+    /// No such object.
+    Missing,
+}
+
+/// The registry as declared, its members resolved.
+#[derive(Debug, Clone)]
+pub struct DesiredRegistry {
+    pub group: PathOrId,
+    pub name: String,
+    /// `None`: GitLab's description is left as it is.
+    pub description: Option<String>,
+    pub members: Vec<DesiredMember>,
+}
+
+/// What the last status knew.
+#[derive(Debug, Clone, Default)]
+pub struct KnownRegistry {
+    pub registry_id: Option<i64>,
+    pub last_handled_purge_cache: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RegistryRequest {
+    pub desired: DesiredRegistry,
+    pub known: KnownRegistry,
+    pub purge_cache_request: Option<String>,
+    pub mode: Mode,
+}
+
+/// One association as GitLab holds it after the reconcile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub name: String,
+    pub upstream_id: i64,
+    /// `None` only in plan mode, for an association that would be created.
+    pub association_id: Option<i64>,
+    pub position: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct RegistryOutcome {
+    pub registry_id: Option<i64>,
+    pub group_id: Option<i64>,
+    pub pull_prefix: Option<String>,
+    pub members: Vec<MemberStatus>,
+    pub last_handled_purge_cache: Option<String>,
+    pub synced: ConditionUpdate,
+    pub upstreams_resolved: ConditionUpdate,
+    pub actions: Vec<Action>,
+    pub error: Option<Error>,
+}
+
+/// Makes the GitLab registry match `request.desired`; a GitLab error ends the reconcile with
+/// `Synced=False` and the error in `outcome.error`, keeping what was done before it.
+pub async fn reconcile(client: &GitLabClient, request: &RegistryRequest) -> RegistryOutcome {
+    let mut outcome = RegistryOutcome {
+        registry_id: request.known.registry_id,
+        group_id: None,
+        pull_prefix: None,
+        members: Vec::new(),
+        last_handled_purge_cache: request.known.last_handled_purge_cache.clone(),
+        synced: ConditionUpdate::new(SYNCED, Status::True, "Synced", "in line with the spec"),
+        upstreams_resolved: resolution_condition(&request.desired.members),
+        actions: Vec::new(),
+        error: None,
+    };
+    if let Err(error) = sync(client, request, &mut outcome).await {
+        outcome.synced = failure_condition(&error);
+        outcome.error = Some(error);
+    }
+    if let Some(id) = outcome.registry_id {
+        outcome.pull_prefix = Some(pull_prefix(&client.host_with_port(), id));
+    }
+    outcome
+}
+
+/// The image prefix users pull through: `<gitlab host>/virtual_registries/container/<id>`.
+pub fn pull_prefix(gitlab_host: &str, registry_id: i64) -> String {
+    format!("{gitlab_host}/virtual_registries/container/{registry_id}")
+}
+
+fn resolution_condition(members: &[DesiredMember]) -> ConditionUpdate {
+    let missing: Vec<&str> = members
+        .iter()
+        .filter(|m| m.resolution == Resolution::Missing)
+        .map(|m| m.name.as_str())
+        .collect();
+    let pending: Vec<&str> = members
+        .iter()
+        .filter(|m| m.resolution == Resolution::Pending)
+        .map(|m| m.name.as_str())
+        .collect();
+    if !missing.is_empty() {
+        ConditionUpdate::new(
+            UPSTREAMS_RESOLVED,
+            false,
+            "UpstreamNotFound",
+            format!("no Upstream named {} in this namespace", missing.join(", ")),
+        )
+    } else if !pending.is_empty() {
+        ConditionUpdate::new(
+            UPSTREAMS_RESOLVED,
+            false,
+            "WaitingForUpstream",
+            format!("Upstream {} not created in GitLab yet", pending.join(", ")),
+        )
+    } else {
+        ConditionUpdate::new(
+            UPSTREAMS_RESOLVED,
+            true,
+            "Resolved",
+            format!("{} upstream(s) resolved", members.len()),
+        )
+    }
+}
+
+async fn sync(
+    client: &GitLabClient,
+    request: &RegistryRequest,
+    outcome: &mut RegistryOutcome,
+) -> Result<()> {
+    let desired = &request.desired;
+    let writes = request.mode.writes();
+    let resolved_count = desired
+        .members
+        .iter()
+        .filter(|m| !matches!(m.resolution, Resolution::Missing))
+        .count();
+    if resolved_count > MAX_UPSTREAMS {
+        return Err(Error::InvalidSpec(format!(
+            "{resolved_count} upstreams listed; GitLab allows at most {MAX_UPSTREAMS} per registry"
+        )));
+    }
+
+    let remote = match find_remote(client, request, outcome).await? {
+        Some(remote) => remote,
+        None => {
+            let mut changes = vec![FieldChange::new(
+                "name",
+                None::<String>,
+                Some(&desired.name),
+            )];
+            if let Some(description) = &desired.description {
+                changes.push(FieldChange::new(
+                    "description",
+                    None::<String>,
+                    Some(description),
+                ));
+            }
+            if !writes {
+                outcome.actions.push(
+                    Action::new("Created", format!("would create registry {}", desired.name))
+                        .with_changes(changes),
+                );
+                let planned = plan_associations(&[], &desired.members);
+                record_association_actions(outcome, &planned, &desired.members);
+                return Ok(());
+            }
+            let created = client
+                .create_registry(
+                    &desired.group,
+                    &desired.name,
+                    desired.description.as_deref(),
+                )
+                .await?;
+            outcome.registry_id = Some(created.id);
+            outcome.actions.push(
+                Action::new("Created", format!("created registry {}", created.id))
+                    .with_changes(changes),
+            );
+            created
+        }
+    };
+    outcome.registry_id = Some(remote.id);
+    outcome.group_id = Some(remote.group_id);
+
+    let mut update = RegistryUpdate::default();
+    let mut changes = Vec::new();
+    if remote.name != desired.name {
+        changes.push(FieldChange::new(
+            "name",
+            Some(&remote.name),
+            Some(&desired.name),
+        ));
+        update.name = Some(desired.name.clone());
+    }
+    if let Some(description) = &desired.description {
+        let current = remote.description.as_deref().unwrap_or_default();
+        if current != description {
+            changes.push(FieldChange::new(
+                "description",
+                Some(current),
+                Some(description),
+            ));
+            update.description = Some(description.clone());
+        }
+    }
+    if update != RegistryUpdate::default() {
+        if writes {
+            client.update_registry(remote.id, &update).await?;
+        }
+        outcome.actions.push(
+            Action::new("Updated", format!("updated registry {}", remote.id)).with_changes(changes),
+        );
+    }
+
+    let current: Vec<CurrentAssociation> = {
+        let mut associations: Vec<_> = remote
+            .registry_upstreams
+            .iter()
+            .filter_map(|a| {
+                a.upstream_id.map(|upstream_id| CurrentAssociation {
+                    association_id: Some(a.id),
+                    upstream_id,
+                    position: a.position,
+                })
+            })
+            .collect();
+        associations.sort_by_key(|a| a.position);
+        associations
+    };
+    let planned = plan_associations(&current, &desired.members);
+    record_association_actions(outcome, &planned, &desired.members);
+    let mut list = planned.final_order.clone();
+    if writes {
+        for association_id in planned.removals.iter().filter_map(|r| r.association_id) {
+            delete_association_tolerating_gone(client, association_id).await?;
+        }
+        for addition in &planned.additions {
+            let created = client.associate_upstream(remote.id, *addition).await?;
+            if let Some(entry) = list.iter_mut().find(|e| e.upstream_id == *addition) {
+                entry.association_id = Some(created.id);
+            }
+        }
+        for movement in &planned.moves {
+            let association_id = list
+                .iter()
+                .find(|e| e.upstream_id == movement.upstream_id)
+                .and_then(|e| e.association_id);
+            if let Some(association_id) = association_id {
+                client
+                    .reposition_association(association_id, movement.position)
+                    .await?;
+            }
+        }
+    }
+    outcome.members = list
+        .iter_mut()
+        .enumerate()
+        .map(|(index, entry)| MemberStatus {
+            name: member_name(&desired.members, entry.upstream_id),
+            upstream_id: entry.upstream_id,
+            association_id: entry.association_id,
+            position: index as i64 + 1,
+        })
+        .collect();
+    purge_cache_if_requested(client, request, outcome, remote.id).await
+}
+
+fn member_name(members: &[DesiredMember], upstream_id: i64) -> String {
+    members
+        .iter()
+        .find(|m| m.resolution == Resolution::Resolved(upstream_id))
+        .map(|m| m.name.clone())
+        .unwrap_or_else(|| format!("(not declared) upstream {upstream_id}"))
+}
+
+fn record_association_actions(
+    outcome: &mut RegistryOutcome,
+    planned: &AssociationPlan,
+    members: &[DesiredMember],
+) {
+    for removal in &planned.removals {
+        outcome.actions.push(
+            Action::new(
+                "Disassociated",
+                format!("removed upstream {} (not in the spec)", removal.upstream_id),
+            )
+            .with_changes(vec![FieldChange::new(
+                "upstreams",
+                Some(removal.upstream_id),
+                None::<String>,
+            )]),
+        );
+    }
+    for addition in &planned.additions {
+        outcome.actions.push(
+            Action::new(
+                "Associated",
+                format!("added upstream {}", member_name(members, *addition)),
+            )
+            .with_changes(vec![FieldChange::new(
+                "upstreams",
+                None::<String>,
+                Some(addition),
+            )]),
+        );
+    }
+    for movement in &planned.moves {
+        outcome.actions.push(
+            Action::new(
+                "Repositioned",
+                format!(
+                    "moved upstream {} to position {}",
+                    member_name(members, movement.upstream_id),
+                    movement.position
+                ),
+            )
+            .with_changes(vec![FieldChange::new(
+                "position",
+                None::<String>,
+                Some(movement.position),
+            )]),
+        );
+    }
+}
+
+async fn find_remote(
+    client: &GitLabClient,
+    request: &RegistryRequest,
+    outcome: &mut RegistryOutcome,
+) -> Result<Option<VirtualRegistry>> {
+    if let Some(id) = request.known.registry_id {
+        match client.get_registry(id).await {
+            Ok(remote) => return Ok(Some(remote)),
+            Err(error) if error.is_not_found() => {
+                outcome.registry_id = None;
+                outcome.actions.push(
+                    Action::new("NotFound", format!("registry {id} is gone from GitLab"))
+                        .read_only(),
+                );
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    // Registry names are unique in a group: the one with our name is ours to adopt.
+    let listed = client.list_registries(&request.desired.group).await?;
+    let Some(found) = listed.into_iter().find(|r| r.name == request.desired.name) else {
+        return Ok(None);
+    };
+    outcome.actions.push(
+        Action::new(
+            "Adopted",
+            format!("adopted existing registry {} ({})", found.id, found.name),
+        )
+        .read_only(),
+    );
+    // The group list carries no associations; the registry itself does.
+    Ok(Some(client.get_registry(found.id).await?))
+}
+
+async fn delete_association_tolerating_gone(
+    client: &GitLabClient,
+    association_id: i64,
+) -> Result<()> {
+    match client.delete_association(association_id).await {
+        Err(error) if !error.is_not_found() => Err(error.into()),
+        _ => Ok(()),
+    }
+}
+
+async fn purge_cache_if_requested(
+    client: &GitLabClient,
+    request: &RegistryRequest,
+    outcome: &mut RegistryOutcome,
+    registry_id: i64,
+) -> Result<()> {
+    let Some(requested) = &request.purge_cache_request else {
+        return Ok(());
+    };
+    if outcome.last_handled_purge_cache.as_ref() == Some(requested) {
+        return Ok(());
+    }
+    if request.mode.writes() {
+        client.purge_registry_cache(registry_id).await?;
+    }
+    outcome.last_handled_purge_cache = Some(requested.clone());
+    outcome.actions.push(Action::new(
+        "CachePurged",
+        format!("purged the cache of registry {registry_id} (request {requested})"),
+    ));
+    Ok(())
+}
+
+/// Deletes the registry. Upstreams in `keep_upstream_ids` (their `Upstream` objects still
+/// exist) are disassociated first, so GitLab's cascade does not delete them with it. A
+/// registry already gone counts as deleted.
+pub async fn delete(
+    client: &GitLabClient,
+    registry_id: i64,
+    keep_upstream_ids: &HashSet<i64>,
+    mode: Mode,
+) -> Result<Vec<Action>> {
+    let remote = match client.get_registry(registry_id).await {
+        Ok(remote) => remote,
+        Err(error) if error.is_not_found() => {
+            return Ok(vec![
+                Action::new(
+                    "Deleted",
+                    format!("registry {registry_id} was already gone"),
+                )
+                .read_only(),
+            ]);
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let mut actions = Vec::new();
+    for association in &remote.registry_upstreams {
+        let Some(upstream_id) = association.upstream_id else {
+            continue;
+        };
+        if keep_upstream_ids.contains(&upstream_id) {
+            if mode.writes() {
+                delete_association_tolerating_gone(client, association.id).await?;
+            }
+            actions.push(Action::new(
+                "Disassociated",
+                format!("kept upstream {upstream_id}: its Upstream object still exists"),
+            ));
+        }
+    }
+    if mode.writes() {
+        match client.delete_registry(registry_id).await {
+            Err(error) if !error.is_not_found() => return Err(error.into()),
+            _ => {}
+        }
+    }
+    actions.push(Action::new(
+        "Deleted",
+        format!("deleted registry {registry_id}"),
+    ));
+    Ok(actions)
+}
+
+/// An association as GitLab lists it, in position order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentAssociation {
+    pub association_id: Option<i64>,
+    pub upstream_id: i64,
+    pub position: i64,
+}
+
+/// A repositioning call: move `upstream_id` to `position` (GitLab shifts those in between).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    pub upstream_id: i64,
+    pub position: i64,
+}
+
+/// The calls that turn the current associations into the declared order, to be sent in this
+/// order: removals, additions (GitLab appends them), then moves.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AssociationPlan {
+    pub removals: Vec<CurrentAssociation>,
+    pub additions: Vec<i64>,
+    pub moves: Vec<Move>,
+    /// The associations after every call, in position order.
+    pub final_order: Vec<CurrentAssociation>,
+}
+
+/// Plans the fewest calls that make GitLab's list equal the resolved members in declared
+/// order. Pure: the rule is tested without GitLab.
+pub fn plan_associations(
+    current: &[CurrentAssociation],
+    members: &[DesiredMember],
+) -> AssociationPlan {
+    let mut desired_ids: Vec<i64> = Vec::new();
+    for member in members {
+        if let Resolution::Resolved(id) = member.resolution
+            && !desired_ids.contains(&id)
+        {
+            desired_ids.push(id);
+        }
+    }
+    let all_resolved = members
+        .iter()
+        .all(|m| matches!(m.resolution, Resolution::Resolved(_)));
+
+    let mut plan = AssociationPlan::default();
+    let mut list: Vec<CurrentAssociation> = Vec::new();
+    for association in current {
+        if desired_ids.contains(&association.upstream_id) || !all_resolved {
+            list.push(association.clone());
+        } else {
+            plan.removals.push(association.clone());
+        }
+    }
+    for id in &desired_ids {
+        if !list.iter().any(|a| a.upstream_id == *id) {
+            plan.additions.push(*id);
+            list.push(CurrentAssociation {
+                association_id: None,
+                upstream_id: *id,
+                position: 0,
+            });
+        }
+    }
+    // Target: declared upstreams first, in order; undeclared ones kept (only while some are
+    // unresolved) after them, in their current order.
+    let target: Vec<i64> = desired_ids
+        .iter()
+        .copied()
+        .chain(
+            list.iter()
+                .map(|a| a.upstream_id)
+                .filter(|id| !desired_ids.contains(id)),
+        )
+        .collect();
+    let target_index = |id: i64| target.iter().position(|t| *t == id).unwrap_or(usize::MAX);
+    let in_order = longest_increasing_run(
+        &list
+            .iter()
+            .map(|a| target_index(a.upstream_id))
+            .collect::<Vec<_>>(),
+    );
+    let stay: HashSet<i64> = in_order.iter().map(|&i| list[i].upstream_id).collect();
+    for (index, id) in target.iter().enumerate() {
+        if stay.contains(id) {
+            continue;
+        }
+        let Some(from) = list.iter().position(|a| a.upstream_id == *id) else {
+            continue;
+        };
+        let entry = list.remove(from);
+        let to = if index == 0 {
+            0
+        } else {
+            list.iter()
+                .position(|a| a.upstream_id == target[index - 1])
+                .map_or(0, |p| p + 1)
+        };
+        list.insert(to, entry);
+        plan.moves.push(Move {
+            upstream_id: *id,
+            position: to as i64 + 1,
+        });
+    }
+    for (index, entry) in list.iter_mut().enumerate() {
+        entry.position = index as i64 + 1;
+    }
+    plan.final_order = list;
+    plan
+}
+
+/// Indices of one longest strictly increasing subsequence of `values`.
+fn longest_increasing_run(values: &[usize]) -> Vec<usize> {
+    let n = values.len();
+    let mut length = vec![1usize; n];
+    let mut previous = vec![usize::MAX; n];
+    for i in 0..n {
+        for j in 0..i {
+            if values[j] < values[i] && length[j] + 1 > length[i] {
+                length[i] = length[j] + 1;
+                previous[i] = j;
+            }
+        }
+    }
+    let Some(mut last) = (0..n).max_by_key(|&i| (length[i], std::cmp::Reverse(i))) else {
+        return Vec::new();
+    };
+    let mut run = vec![last];
+    while previous[last] != usize::MAX {
+        last = previous[last];
+        run.push(last);
+    }
+    run.reverse();
+    run
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn current(ids: &[i64]) -> Vec<CurrentAssociation> {
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| CurrentAssociation {
+                association_id: Some(100 + id),
+                upstream_id: *id,
+                position: i as i64 + 1,
+            })
+            .collect()
+    }
+
+    fn members(ids: &[i64]) -> Vec<DesiredMember> {
+        ids.iter()
+            .map(|id| DesiredMember {
+                name: format!("u{id}"),
+                resolution: Resolution::Resolved(*id),
+            })
+            .collect()
+    }
+
+    /// Replays a plan with GitLab's documented semantics and returns the final order.
+    fn replay(start: &[i64], plan: &AssociationPlan) -> Vec<i64> {
+        let mut list: Vec<i64> = start.to_vec();
+        for removal in &plan.removals {
+            list.retain(|id| *id != removal.upstream_id);
+        }
+        list.extend(plan.additions.iter().copied());
+        for movement in &plan.moves {
+            let from = list
+                .iter()
+                .position(|id| *id == movement.upstream_id)
+                .unwrap();
+            let id = list.remove(from);
+            let to = (movement.position as usize - 1).min(list.len());
+            list.insert(to, id);
+        }
+        list
+    }
+
+    #[test]
+    fn in_order_list_needs_no_call() {
+        let plan = plan_associations(&current(&[1, 2, 3]), &members(&[1, 2, 3]));
+        assert!(plan.removals.is_empty() && plan.additions.is_empty() && plan.moves.is_empty());
+    }
+
+    #[test]
+    fn moving_the_first_to_the_end_is_one_call() {
+        let plan = plan_associations(&current(&[1, 2, 3, 4]), &members(&[2, 3, 4, 1]));
+        assert_eq!(
+            plan.moves,
+            vec![Move {
+                upstream_id: 1,
+                position: 4
+            }]
+        );
+        assert_eq!(replay(&[1, 2, 3, 4], &plan), vec![2, 3, 4, 1]);
+    }
+
+    #[test]
+    fn reversal_adds_and_removes_converge() {
+        let cases: Vec<(Vec<i64>, Vec<i64>)> = vec![
+            (vec![1, 2, 3, 4, 5], vec![5, 4, 3, 2, 1]),
+            (vec![1, 2, 9], vec![3, 2, 1]),
+            (vec![], vec![1, 2]),
+            (vec![7, 8], vec![]),
+            (vec![3, 1], vec![1, 2, 3]),
+        ];
+        for (start, want) in cases {
+            let plan = plan_associations(&current(&start), &members(&want));
+            assert_eq!(
+                replay(&start, &plan),
+                want,
+                "{start:?} -> {want:?}: {plan:?}"
+            );
+            let final_ids: Vec<i64> = plan.final_order.iter().map(|a| a.upstream_id).collect();
+            assert_eq!(final_ids, want);
+        }
+    }
+
+    #[test]
+    fn every_permutation_of_five_converges_with_the_fewest_moves() {
+        fn permutations(items: Vec<i64>) -> Vec<Vec<i64>> {
+            if items.len() <= 1 {
+                return vec![items];
+            }
+            let mut all = Vec::new();
+            for i in 0..items.len() {
+                let mut rest = items.clone();
+                let head = rest.remove(i);
+                for mut tail in permutations(rest) {
+                    tail.insert(0, head);
+                    all.push(tail);
+                }
+            }
+            all
+        }
+        let start = vec![1, 2, 3, 4, 5];
+        for want in permutations(start.clone()) {
+            let plan = plan_associations(&current(&start), &members(&want));
+            assert_eq!(replay(&start, &plan), want);
+            let positions: Vec<usize> = start
+                .iter()
+                .map(|id| want.iter().position(|w| w == id).unwrap())
+                .collect();
+            let fewest = start.len() - longest_increasing_run(&positions).len();
+            assert_eq!(plan.moves.len(), fewest, "{want:?}");
+        }
+    }
+
+    #[test]
+    fn nothing_is_removed_while_a_member_is_unresolved() {
+        let mut wanted = members(&[1]);
+        wanted.push(DesiredMember {
+            name: "quay".into(),
+            resolution: Resolution::Pending,
+        });
+        let plan = plan_associations(&current(&[2, 1]), &wanted);
+        assert!(plan.removals.is_empty());
+        assert_eq!(replay(&[2, 1], &plan), vec![1, 2]);
+    }
+
+    #[test]
+    fn resolution_reports_missing_before_pending() {
+        let condition = resolution_condition(&[
+            DesiredMember {
+                name: "a".into(),
+                resolution: Resolution::Pending,
+            },
+            DesiredMember {
+                name: "b".into(),
+                resolution: Resolution::Missing,
+            },
+        ]);
+        assert_eq!(condition.reason, "UpstreamNotFound");
+        assert!(condition.message.contains('b'));
+        assert_eq!(resolution_condition(&members(&[1])).status, Status::True);
+    }
+}

@@ -1,0 +1,561 @@
+//! The Upstream engine: makes one GitLab container upstream match its declared spec.
+//!
+//! GitLab creates upstreams only through a registry, never returns the password, clears the
+//! stored credentials when a url changes without them, and can test a connection before a
+//! change. So this engine adopts before it creates, creates through a registry that
+//! references the upstream, tests before it creates or changes url or credentials (and with
+//! `gate_changes` keeps the working configuration when the test fails), re-sends credentials
+//! when their Secret's version changes, and always sends them with a url change.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use super::{Action, Error, FieldChange, Mode, Result, failure_condition};
+use crate::crd::conditions::{ConditionUpdate, REACHABLE, SYNCED, Status};
+use crate::gitlab::{
+    GitLabClient, NewUpstream, PathOrId, Upstream, UpstreamCredentials, UpstreamTestOverrides,
+    UpstreamTestResult, UpstreamUpdate,
+};
+
+/// The upstream as declared, with its credentials already read from their Secret.
+#[derive(Debug, Clone)]
+pub struct DesiredUpstream {
+    pub group: PathOrId,
+    pub name: String,
+    pub url: String,
+    /// `None`: GitLab's description is left as it is.
+    pub description: Option<String>,
+    pub cache_validity_hours: i64,
+    pub credentials: Option<ResolvedCredentials>,
+    pub gate_changes: bool,
+    pub connectivity_interval: Duration,
+}
+
+/// Credentials read from a Secret, with the version that identifies them.
+#[derive(Debug, Clone)]
+pub struct ResolvedCredentials {
+    pub credentials: UpstreamCredentials,
+    pub version: CredentialsVersion,
+}
+
+/// Which version of which Secret was sent to GitLab: never a value or a hash of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialsVersion {
+    pub secret_name: String,
+    pub resource_version: String,
+}
+
+/// A connection test's outcome as GitLab reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectivityCheck {
+    pub time: Timestamp,
+    pub success: bool,
+    pub result: Option<String>,
+}
+
+/// What the last status knew.
+#[derive(Debug, Clone, Default)]
+pub struct KnownUpstream {
+    pub upstream_id: Option<i64>,
+    pub group_id: Option<i64>,
+    pub applied_credentials: Option<CredentialsVersion>,
+    pub last_check: Option<ConnectivityCheck>,
+    pub last_handled_purge_cache: Option<String>,
+}
+
+/// One reconcile of one upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamRequest {
+    pub desired: DesiredUpstream,
+    pub known: KnownUpstream,
+    /// A registry (with a GitLab id) that references this upstream: the one to create it
+    /// through when it does not exist yet.
+    pub registry_for_create: Option<i64>,
+    /// Value of the purge-cache annotation, if set.
+    pub purge_cache_request: Option<String>,
+    pub now: Timestamp,
+    pub mode: Mode,
+}
+
+/// What the reconcile did, and the status to write.
+#[derive(Debug, Clone)]
+pub struct UpstreamOutcome {
+    pub upstream_id: Option<i64>,
+    pub group_id: Option<i64>,
+    pub applied_credentials: Option<CredentialsVersion>,
+    pub last_check: Option<ConnectivityCheck>,
+    pub last_handled_purge_cache: Option<String>,
+    pub synced: ConditionUpdate,
+    /// `None` until a connection test has run.
+    pub reachable: Option<ConditionUpdate>,
+    pub actions: Vec<Action>,
+    pub error: Option<Error>,
+    /// When the next periodic connection test is due.
+    pub next_check_in: Option<Duration>,
+}
+
+impl UpstreamOutcome {
+    fn from_known(known: &KnownUpstream) -> Self {
+        Self {
+            upstream_id: known.upstream_id,
+            group_id: known.group_id,
+            applied_credentials: known.applied_credentials.clone(),
+            last_check: known.last_check.clone(),
+            last_handled_purge_cache: known.last_handled_purge_cache.clone(),
+            synced: ConditionUpdate::new(SYNCED, Status::True, "Synced", "in line with the spec"),
+            reachable: None,
+            actions: Vec::new(),
+            error: None,
+            next_check_in: None,
+        }
+    }
+}
+
+/// Makes the GitLab upstream match `request.desired`. Never fails as a whole: a GitLab error
+/// ends the reconcile with `Synced=False` and the error in `outcome.error`, while everything
+/// done before it (a created id, applied credentials) is kept in the outcome.
+pub async fn reconcile(client: &GitLabClient, request: &UpstreamRequest) -> UpstreamOutcome {
+    let mut outcome = UpstreamOutcome::from_known(&request.known);
+    let mut tested_now = false;
+    if let Err(error) = sync(client, request, &mut outcome, &mut tested_now).await {
+        outcome.synced = failure_condition(&error);
+        outcome.error = Some(error);
+    }
+    outcome.reachable = outcome.last_check.as_ref().map(reachable_condition);
+    outcome.next_check_in = outcome.last_check.as_ref().map(|check| {
+        let elapsed = request.now.duration_since(check.time).unsigned_abs();
+        request
+            .desired
+            .connectivity_interval
+            .saturating_sub(elapsed)
+            .max(Duration::from_secs(1))
+    });
+    outcome
+}
+
+async fn sync(
+    client: &GitLabClient,
+    request: &UpstreamRequest,
+    outcome: &mut UpstreamOutcome,
+    tested_now: &mut bool,
+) -> Result<()> {
+    let desired = &request.desired;
+    let writes = request.mode.writes();
+    let remote = match find_remote(client, request, outcome).await? {
+        Some(remote) => remote,
+        None => return create(client, request, outcome, tested_now).await,
+    };
+    outcome.upstream_id = Some(remote.id);
+    outcome.group_id = Some(remote.group_id);
+
+    let mut update = UpstreamUpdate::default();
+    let mut changes = Vec::new();
+    if remote.name != desired.name {
+        changes.push(FieldChange::new(
+            "name",
+            Some(&remote.name),
+            Some(&desired.name),
+        ));
+        update.name = Some(desired.name.clone());
+    }
+    if let Some(description) = &desired.description {
+        let current = remote.description.as_deref().unwrap_or_default();
+        if current != description {
+            changes.push(FieldChange::new(
+                "description",
+                Some(current),
+                Some(description),
+            ));
+            update.description = Some(description.clone());
+        }
+    }
+    if remote.cache_validity_hours != desired.cache_validity_hours {
+        changes.push(FieldChange::new(
+            "cacheValidityHours",
+            Some(remote.cache_validity_hours),
+            Some(desired.cache_validity_hours),
+        ));
+        update.cache_validity_hours = Some(desired.cache_validity_hours);
+    }
+
+    // url and credentials travel together: GitLab clears stored credentials on a url change
+    // that does not carry them, and both are gated by a connection test.
+    let url_changed = remote.url != desired.url;
+    let credentials_changed = credentials_differ(desired, &remote, outcome);
+    if url_changed || credentials_changed {
+        let mut connection_changes = Vec::new();
+        if url_changed {
+            connection_changes.push(FieldChange::new(
+                "url",
+                Some(&remote.url),
+                Some(&desired.url),
+            ));
+        }
+        if credentials_changed || (url_changed && desired.credentials.is_some()) {
+            connection_changes.push(credentials_change(desired, &remote));
+        }
+        let mut blocked_by = None;
+        if writes {
+            let overrides = UpstreamTestOverrides {
+                url: url_changed.then(|| desired.url.clone()),
+                credentials: desired.credentials.as_ref().map(|c| c.credentials.clone()),
+            };
+            let result = client.test_existing_upstream(remote.id, &overrides).await?;
+            if result.success || !desired.gate_changes {
+                // The tested configuration is the one GitLab will hold: it is the current check.
+                *tested_now = true;
+                record_check(outcome, &result, request.now);
+            } else {
+                blocked_by = Some(
+                    result
+                        .result
+                        .unwrap_or_else(|| "connection test failed".into()),
+                );
+            }
+        }
+        if let Some(result) = blocked_by {
+            outcome.synced = ConditionUpdate::new(
+                SYNCED,
+                false,
+                "ConnectivityTestFailed",
+                format!("kept the working url and credentials: {result}"),
+            );
+            outcome.actions.push(
+                Action::new(
+                    "ConnectivityTestFailed",
+                    format!("change of url or credentials blocked: {result}"),
+                )
+                .read_only(),
+            );
+        } else {
+            if url_changed {
+                update.url = Some(desired.url.clone());
+            }
+            update.credentials = Some(match &desired.credentials {
+                Some(resolved) => resolved.credentials.clone(),
+                // Removing credentials: GitLab takes both fields or none, so both go empty.
+                None => UpstreamCredentials::new("", String::new().into()),
+            });
+            changes.extend(connection_changes);
+        }
+    }
+
+    if !update.is_empty() {
+        let sends_credentials = update.credentials.is_some();
+        if writes {
+            client.update_upstream(remote.id, &update).await?;
+        }
+        if sends_credentials {
+            outcome.applied_credentials = desired.credentials.as_ref().map(|c| c.version.clone());
+        }
+        outcome.actions.push(
+            Action::new("Updated", format!("updated upstream {}", remote.id)).with_changes(changes),
+        );
+    }
+
+    if writes && !*tested_now && check_due(request, outcome) {
+        let result = client
+            .test_existing_upstream(remote.id, &UpstreamTestOverrides::default())
+            .await?;
+        *tested_now = true;
+        record_check(outcome, &result, request.now);
+    }
+    purge_cache_if_requested(client, request, outcome, remote.id).await
+}
+
+/// The remote upstream: by id when known (a 404 means it was deleted in GitLab and will be
+/// re-created), else adopted by exact name and url from the group's list.
+async fn find_remote(
+    client: &GitLabClient,
+    request: &UpstreamRequest,
+    outcome: &mut UpstreamOutcome,
+) -> Result<Option<Upstream>> {
+    let desired = &request.desired;
+    if let Some(id) = request.known.upstream_id {
+        match client.get_upstream(id).await {
+            Ok(remote) => return Ok(Some(remote)),
+            Err(error) if error.is_not_found() => {
+                outcome.upstream_id = None;
+                outcome.applied_credentials = None;
+                outcome.actions.push(
+                    Action::new("NotFound", format!("upstream {id} is gone from GitLab"))
+                        .read_only(),
+                );
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let candidates = client
+        .list_group_upstreams_all(&desired.group, Some(&desired.name))
+        .await?;
+    // Upstream names are not unique in GitLab: adopt only on name and url both.
+    let adopted = candidates
+        .into_iter()
+        .find(|upstream| upstream.name == desired.name && upstream.url == desired.url);
+    if let Some(remote) = &adopted {
+        // What GitLab holds as credentials is unknown: send ours once.
+        outcome.applied_credentials = None;
+        outcome.actions.push(
+            Action::new(
+                "Adopted",
+                format!("adopted existing upstream {} ({})", remote.id, remote.name),
+            )
+            .read_only(),
+        );
+    }
+    Ok(adopted)
+}
+
+async fn create(
+    client: &GitLabClient,
+    request: &UpstreamRequest,
+    outcome: &mut UpstreamOutcome,
+    tested_now: &mut bool,
+) -> Result<()> {
+    let desired = &request.desired;
+    let Some(registry_id) = request.registry_for_create else {
+        outcome.synced = ConditionUpdate::new(
+            SYNCED,
+            false,
+            "WaitingForRegistry",
+            "GitLab creates upstreams only through a virtual registry: waiting for a VirtualRegistry \
+             in this namespace that lists this Upstream and has a GitLab id",
+        );
+        return Ok(());
+    };
+    let credentials = desired.credentials.as_ref().map(|c| &c.credentials);
+    if request.mode.writes() {
+        let result = client
+            .test_upstream_connection(&desired.group, &desired.url, credentials)
+            .await?;
+        *tested_now = true;
+        record_check(outcome, &result, request.now);
+        if !result.success && desired.gate_changes {
+            let message = result
+                .result
+                .unwrap_or_else(|| "connection test failed".into());
+            outcome.synced = ConditionUpdate::new(
+                SYNCED,
+                false,
+                "ConnectivityTestFailed",
+                format!("not created: {message}"),
+            );
+            outcome.actions.push(
+                Action::new("ConnectivityTestFailed", format!("not created: {message}"))
+                    .read_only(),
+            );
+            return Ok(());
+        }
+    }
+    let mut changes = vec![
+        FieldChange::new("name", None::<String>, Some(&desired.name)),
+        FieldChange::new("url", None::<String>, Some(&desired.url)),
+        FieldChange::new(
+            "cacheValidityHours",
+            None::<String>,
+            Some(desired.cache_validity_hours),
+        ),
+    ];
+    if let Some(description) = &desired.description {
+        changes.push(FieldChange::new(
+            "description",
+            None::<String>,
+            Some(description),
+        ));
+    }
+    if desired.credentials.is_some() {
+        changes.push(FieldChange::sensitive("credentials"));
+    }
+    let new_upstream = NewUpstream {
+        name: desired.name.clone(),
+        url: desired.url.clone(),
+        description: desired.description.clone(),
+        cache_validity_hours: Some(desired.cache_validity_hours),
+        credentials: credentials.cloned(),
+    };
+    if request.mode.writes() {
+        let created = client.create_upstream(registry_id, &new_upstream).await?;
+        outcome.upstream_id = Some(created.id);
+        outcome.group_id = Some(created.group_id);
+        outcome.actions.push(
+            Action::new(
+                "Created",
+                format!(
+                    "created upstream {} through registry {registry_id}",
+                    created.id
+                ),
+            )
+            .with_changes(changes),
+        );
+    } else {
+        outcome.actions.push(
+            Action::new(
+                "Created",
+                format!("would create through registry {registry_id}"),
+            )
+            .with_changes(changes),
+        );
+    }
+    outcome.applied_credentials = desired.credentials.as_ref().map(|c| c.version.clone());
+    Ok(())
+}
+
+fn credentials_differ(
+    desired: &DesiredUpstream,
+    remote: &Upstream,
+    outcome: &UpstreamOutcome,
+) -> bool {
+    match &desired.credentials {
+        Some(resolved) => {
+            outcome.applied_credentials.as_ref() != Some(&resolved.version)
+                || remote.username.as_deref() != Some(resolved.credentials.username.as_str())
+        }
+        None => remote
+            .username
+            .as_deref()
+            .is_some_and(|name| !name.is_empty()),
+    }
+}
+
+fn credentials_change(desired: &DesiredUpstream, remote: &Upstream) -> FieldChange {
+    match (&desired.credentials, &remote.username) {
+        (Some(_), _) => FieldChange::sensitive("credentials"),
+        (None, Some(_)) => FieldChange::new("credentials", Some(super::SENSITIVE), Some("(none)")),
+        (None, None) => FieldChange::new("credentials", Some("(none)"), Some("(none)")),
+    }
+}
+
+fn check_due(request: &UpstreamRequest, outcome: &UpstreamOutcome) -> bool {
+    match &outcome.last_check {
+        None => true,
+        Some(check) => {
+            request.now.duration_since(check.time).unsigned_abs()
+                >= request.desired.connectivity_interval
+        }
+    }
+}
+
+fn record_check(outcome: &mut UpstreamOutcome, result: &UpstreamTestResult, now: Timestamp) {
+    outcome.last_check = Some(ConnectivityCheck {
+        time: now,
+        success: result.success,
+        result: result.result.clone(),
+    });
+}
+
+async fn purge_cache_if_requested(
+    client: &GitLabClient,
+    request: &UpstreamRequest,
+    outcome: &mut UpstreamOutcome,
+    upstream_id: i64,
+) -> Result<()> {
+    let Some(requested) = &request.purge_cache_request else {
+        return Ok(());
+    };
+    if outcome.last_handled_purge_cache.as_ref() == Some(requested) {
+        return Ok(());
+    }
+    if request.mode.writes() {
+        client.purge_upstream_cache(upstream_id).await?;
+    }
+    outcome.last_handled_purge_cache = Some(requested.clone());
+    outcome.actions.push(Action::new(
+        "CachePurged",
+        format!("purged the cache of upstream {upstream_id} (request {requested})"),
+    ));
+    Ok(())
+}
+
+/// `Reachable` from a connection test, with a reason read from GitLab's result text.
+pub fn reachable_condition(check: &ConnectivityCheck) -> ConditionUpdate {
+    if check.success {
+        return ConditionUpdate::new(REACHABLE, true, "Reachable", "GitLab reached the upstream");
+    }
+    let result = check
+        .result
+        .clone()
+        .unwrap_or_else(|| "connection test failed".into());
+    ConditionUpdate::new(REACHABLE, false, unreachable_reason(&result), result)
+}
+
+/// Maps GitLab's test result (`Error: 401 - Unauthorized`, `Error: 5XX - Server Error`,
+/// `Error: Connection timeout`, …) to a stable reason.
+pub fn unreachable_reason(result: &str) -> &'static str {
+    let lower = result.to_ascii_lowercase();
+    if lower.contains("401") || lower.contains("unauthorized") {
+        "Unauthorized"
+    } else if lower.contains("403") || lower.contains("forbidden") {
+        "Forbidden"
+    } else if lower.contains("5xx") || lower.contains("server error") {
+        "ServerError"
+    } else if lower.contains("timeout") || lower.contains("timed out") {
+        "Timeout"
+    } else {
+        "Unreachable"
+    }
+}
+
+/// Deletes the upstream in GitLab; one already gone counts as deleted.
+pub async fn delete(client: &GitLabClient, upstream_id: i64, mode: Mode) -> Result<Action> {
+    if mode.writes() {
+        match client.delete_upstream(upstream_id).await {
+            Ok(()) => {}
+            Err(error) if error.is_not_found() => {
+                return Ok(Action::new(
+                    "Deleted",
+                    format!("upstream {upstream_id} was already gone"),
+                )
+                .read_only());
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(Action::new(
+        "Deleted",
+        format!("deleted upstream {upstream_id}"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_follow_gitlab_result_texts() {
+        assert_eq!(
+            unreachable_reason("Error: 401 - Unauthorized"),
+            "Unauthorized"
+        );
+        assert_eq!(unreachable_reason("Error: 403 - Forbidden"), "Forbidden");
+        assert_eq!(
+            unreachable_reason("Error: 5XX - Server Error"),
+            "ServerError"
+        );
+        assert_eq!(unreachable_reason("Error: Connection timeout"), "Timeout");
+        assert_eq!(
+            unreachable_reason("Error: connection refused"),
+            "Unreachable"
+        );
+    }
+
+    #[test]
+    fn a_successful_check_is_reachable() {
+        let check = ConnectivityCheck {
+            time: Timestamp::UNIX_EPOCH,
+            success: true,
+            result: None,
+        };
+        let condition = reachable_condition(&check);
+        assert_eq!(condition.status, Status::True);
+        let failed = ConnectivityCheck {
+            success: false,
+            result: Some("Error: 401 - Unauthorized".into()),
+            ..check
+        };
+        let condition = reachable_condition(&failed);
+        assert_eq!(condition.status, Status::False);
+        assert_eq!(condition.reason, "Unauthorized");
+        assert_eq!(condition.message, "Error: 401 - Unauthorized");
+    }
+}
