@@ -1,0 +1,1170 @@
+//! Which tags of one container repository a cleanup deletes, and why every other tag stays.
+//!
+//! [`select()`] first follows GitLab's documented cleanup algorithm, step by step
+//! (container registry user guide, "How the cleanup policy works"):
+//!
+//! 1. the tag named `latest` is kept ([`KeepReason::Latest`]);
+//! 2. names not matching the delete regex are kept ([`KeepReason::NotMatchingDelete`]);
+//! 3. names matching the keep regex are kept ([`KeepReason::MatchesKeep`]);
+//! 4. tags without a manifest (no digest) are kept ([`KeepReason::NoManifest`]);
+//! 5. the rest are ordered by `created_at`, newest first (a missing `created_at` counts as
+//!    `now`, as GitLab does; ties are broken by name, then input position);
+//! 6. the first `keep_n` are kept ([`KeepReason::KeepN`]);
+//! 7. of the rest, with `older_than`, only tags created strictly before `now - older_than`
+//!    are deleted ([`KeepReason::NewerThan`]; a `created_at` in the future is never older);
+//!    a tag without `created_at` is never deleted by an age rule
+//!    ([`KeepReason::MissingCreatedAt`], as GitLab: `tag.created_at && tag.created_at < …`);
+//! 8. the remaining tags are the deletion candidates.
+//!
+//! Then the operator's protections override deletions, in this order of attribution:
+//! GitLab protected tags ([`KeepReason::Protected`]), tags whose name or digest a Pod runs
+//! ([`KeepReason::InUse`]), and, with `keep_shared_digests`, tags whose digest is also the
+//! digest of any kept tag, whatever kept it ([`KeepReason::SharedDigest`]) — deleting such a
+//! tag would not free the image and would break anyone pulling by that name.
+//!
+//! The result has exactly one [`Verdict`] per input tag and counters for status and metrics.
+//! `select` does no I/O and allocates per candidate only a small sort key.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use regex::RegexSet;
+
+use super::duration::format_duration;
+use super::in_use::RepositoryInUse;
+use super::rules::CompiledRules;
+use super::{Error, Result};
+
+/// The tag GitLab never deletes in a cleanup.
+pub const LATEST: &str = "latest";
+
+/// One tag of a container repository, as GitLab's tag details report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagInfo {
+    pub name: String,
+    /// Manifest digest (`sha256:…`); `None` (or empty) means the tag has no manifest.
+    pub digest: Option<String>,
+    /// When the manifest was created (GitLab's `created_at`).
+    pub created_at: Option<Timestamp>,
+}
+
+impl TagInfo {
+    pub fn new(
+        name: impl Into<String>,
+        digest: Option<&str>,
+        created_at: Option<Timestamp>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            digest: digest.map(str::to_owned),
+            created_at,
+        }
+    }
+
+    fn manifest_digest(&self) -> Option<&str> {
+        self.digest.as_deref().filter(|digest| !digest.is_empty())
+    }
+}
+
+/// Why a tag is kept. The first reason that applies, in the order of the algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KeepReason {
+    Latest,
+    NotMatchingDelete,
+    MatchesKeep,
+    NoManifest,
+    KeepN,
+    NewerThan,
+    MissingCreatedAt,
+    Protected,
+    InUse,
+    SharedDigest,
+}
+
+impl KeepReason {
+    pub const ALL: [KeepReason; 10] = [
+        KeepReason::Latest,
+        KeepReason::NotMatchingDelete,
+        KeepReason::MatchesKeep,
+        KeepReason::NoManifest,
+        KeepReason::KeepN,
+        KeepReason::NewerThan,
+        KeepReason::MissingCreatedAt,
+        KeepReason::Protected,
+        KeepReason::InUse,
+        KeepReason::SharedDigest,
+    ];
+
+    /// Stable CamelCase name, for metrics labels and machine-readable output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeepReason::Latest => "Latest",
+            KeepReason::NotMatchingDelete => "NotMatchingDelete",
+            KeepReason::MatchesKeep => "MatchesKeep",
+            KeepReason::NoManifest => "NoManifest",
+            KeepReason::KeepN => "KeepN",
+            KeepReason::NewerThan => "NewerThan",
+            KeepReason::MissingCreatedAt => "MissingCreatedAt",
+            KeepReason::Protected => "Protected",
+            KeepReason::InUse => "InUse",
+            KeepReason::SharedDigest => "SharedDigest",
+        }
+    }
+
+    /// A sentence fragment for humans: "kept: <description>".
+    pub fn description(self) -> &'static str {
+        match self {
+            KeepReason::Latest => "the tag named latest is never deleted",
+            KeepReason::NotMatchingDelete => "name does not match nameRegexDelete",
+            KeepReason::MatchesKeep => "name matches nameRegexKeep",
+            KeepReason::NoManifest => "tag has no manifest",
+            KeepReason::KeepN => "one of the keepN newest matching tags",
+            KeepReason::NewerThan => "not older than olderThan",
+            KeepReason::MissingCreatedAt => {
+                "creation time unknown; an olderThan rule never deletes a tag of unknown age"
+            }
+            KeepReason::Protected => "protected by a GitLab tag protection rule",
+            KeepReason::InUse => "a Pod in the cluster runs this tag or its digest",
+            KeepReason::SharedDigest => "its digest is also the digest of a kept tag",
+        }
+    }
+
+    fn slot(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for KeepReason {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+/// The decision for one tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    Delete,
+    Keep(KeepReason),
+}
+
+impl Verdict {
+    pub fn is_delete(self) -> bool {
+        self == Verdict::Delete
+    }
+
+    pub fn keep_reason(self) -> Option<KeepReason> {
+        match self {
+            Verdict::Delete => None,
+            Verdict::Keep(reason) => Some(reason),
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Delete => formatter.write_str("Delete"),
+            Verdict::Keep(reason) => write!(formatter, "Keep({reason})"),
+        }
+    }
+}
+
+/// GitLab's container tag protection rules of a project (`tag_name_pattern`s).
+///
+/// GitLab matches them as an *unanchored* RE2 search
+/// (`Gitlab::UntrustedRegexp.new(rule.tag_name_pattern).match?(name)`), so `v` protects every
+/// name containing a `v`; this does the same. Access levels are ignored: every rule protects,
+/// whoever the token belongs to (an administrator's token could delete them; we never do).
+#[derive(Debug, Clone, Default)]
+pub struct ProtectedTags {
+    patterns: Vec<String>,
+    set: Option<RegexSet>,
+}
+
+impl ProtectedTags {
+    pub const FIELD: &'static str = "tag protection rule tag_name_pattern";
+
+    /// No protection rules.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Compiles the patterns. One that does not compile is an error, not ignored: without it
+    /// we could not know what it protects.
+    pub fn compile<I, S>(patterns: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let patterns: Vec<String> = patterns
+            .into_iter()
+            .map(|pattern| pattern.as_ref().to_owned())
+            .collect();
+        for pattern in &patterns {
+            regex::Regex::new(pattern).map_err(|error| Error::InvalidRegex {
+                field: Self::FIELD,
+                pattern: pattern.clone(),
+                message: error.to_string(),
+            })?;
+        }
+        let set = if patterns.is_empty() {
+            None
+        } else {
+            Some(
+                RegexSet::new(&patterns).map_err(|error| Error::InvalidRegex {
+                    field: Self::FIELD,
+                    pattern: patterns.join(" | "),
+                    message: error.to_string(),
+                })?,
+            )
+        };
+        Ok(Self { patterns, set })
+    }
+
+    pub fn is_protected(&self, name: &str) -> bool {
+        self.set.as_ref().is_some_and(|set| set.is_match(name))
+    }
+
+    pub fn patterns(&self) -> &[String] {
+        &self.patterns
+    }
+}
+
+/// The operator's protections on top of GitLab's rules.
+#[derive(Debug, Clone, Default)]
+pub struct Protections<'a> {
+    /// GitLab's tag protection rules of the project.
+    pub protected_tags: ProtectedTags,
+    /// Images that Pods run, for this repository (`safety.keepInUse`); `None` = not checked.
+    pub in_use: Option<RepositoryInUse<'a>>,
+    /// `safety.keepSharedDigests`.
+    pub keep_shared_digests: bool,
+}
+
+/// Counters of one selection, for status (`tagsEvaluated`, `tagsDeleted`, `tagsKept`,
+/// `tagsProtected`) and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SelectionCounts {
+    pub evaluated: usize,
+    pub delete: usize,
+    pub kept: usize,
+    /// Deletion candidates saved by a GitLab tag protection rule.
+    pub protected: usize,
+    kept_by_reason: [usize; KeepReason::ALL.len()],
+}
+
+impl SelectionCounts {
+    pub fn kept_by(&self, reason: KeepReason) -> usize {
+        self.kept_by_reason[reason.slot()]
+    }
+
+    /// Every reason with its count, in [`KeepReason::ALL`] order (zeros included).
+    pub fn kept_by_reason(&self) -> impl Iterator<Item = (KeepReason, usize)> + '_ {
+        KeepReason::ALL
+            .iter()
+            .map(|reason| (*reason, self.kept_by_reason[reason.slot()]))
+    }
+}
+
+/// Newest-first ordering key of a candidate: `created_at` (or `now`) and input position.
+#[derive(Debug, Clone, Copy)]
+struct CandidateKey {
+    seconds: i64,
+    nanos: i32,
+    index: usize,
+}
+
+/// The verdict for every tag of one repository.
+#[derive(Debug, Clone)]
+pub struct Selection<'a> {
+    tags: &'a [TagInfo],
+    /// Parallel to `tags`.
+    verdicts: Vec<Verdict>,
+    /// Input positions of the tags that reached the ordering step, newest first.
+    ordered_candidates: Vec<usize>,
+    counts: SelectionCounts,
+    keep_n: Option<u32>,
+    older_than: Option<Duration>,
+    cutoff: Option<Timestamp>,
+    now: Timestamp,
+}
+
+/// Decides, for every tag, delete or keep (and why). See the module docs for the exact order.
+pub fn select<'a>(
+    tags: &'a [TagInfo],
+    rules: &CompiledRules,
+    protections: &Protections<'_>,
+    now: Timestamp,
+) -> Selection<'a> {
+    let mut verdicts = vec![Verdict::Delete; tags.len()];
+    let mut candidates: Vec<CandidateKey> = Vec::new();
+
+    // Steps 1–4, in input order (sequential memory access).
+    for (index, tag) in tags.iter().enumerate() {
+        let excluded = if tag.name == LATEST {
+            Some(KeepReason::Latest)
+        } else if !rules.matches_delete(&tag.name) {
+            Some(KeepReason::NotMatchingDelete)
+        } else if rules.matches_keep(&tag.name) {
+            Some(KeepReason::MatchesKeep)
+        } else if tag.manifest_digest().is_none() {
+            Some(KeepReason::NoManifest)
+        } else {
+            None
+        };
+        match excluded {
+            Some(reason) => verdicts[index] = Verdict::Keep(reason),
+            None => {
+                let created = tag.created_at.unwrap_or(now);
+                candidates.push(CandidateKey {
+                    seconds: created.as_second(),
+                    nanos: created.subsec_nanosecond(),
+                    index,
+                });
+            }
+        }
+    }
+
+    // Step 5: newest first; equal times by name, then position, so the result never depends
+    // on the sort algorithm.
+    candidates.sort_unstable_by(|a, b| {
+        b.seconds
+            .cmp(&a.seconds)
+            .then(b.nanos.cmp(&a.nanos))
+            .then_with(|| tags[a.index].name.cmp(&tags[b.index].name))
+            .then(a.index.cmp(&b.index))
+    });
+    let ordered_candidates: Vec<usize> = candidates.iter().map(|key| key.index).collect();
+    drop(candidates);
+
+    // Steps 6–8.
+    let keep_n = rules.keep_n();
+    let older_than = rules.older_than();
+    // A cutoff before the representable past means nothing is old enough.
+    let cutoff = older_than.map(|age| now.saturating_sub(age).unwrap_or(Timestamp::MIN));
+    for (position, &index) in ordered_candidates.iter().enumerate() {
+        let within_keep_n = keep_n.is_some_and(|keep_n| (position as u64) < u64::from(keep_n));
+        verdicts[index] = if within_keep_n {
+            Verdict::Keep(KeepReason::KeepN)
+        } else if let Some(cutoff) = cutoff {
+            match tags[index].created_at {
+                None => Verdict::Keep(KeepReason::MissingCreatedAt),
+                Some(created) if created < cutoff => Verdict::Delete,
+                Some(_) => Verdict::Keep(KeepReason::NewerThan),
+            }
+        } else {
+            Verdict::Delete
+        };
+    }
+
+    // The operator's protections.
+    let mut any_delete = false;
+    for &index in &ordered_candidates {
+        if verdicts[index] != Verdict::Delete {
+            continue;
+        }
+        let tag = &tags[index];
+        if protections.protected_tags.is_protected(&tag.name) {
+            verdicts[index] = Verdict::Keep(KeepReason::Protected);
+        } else if protections
+            .in_use
+            .as_ref()
+            .is_some_and(|in_use| in_use.is_in_use(&tag.name, tag.manifest_digest()))
+        {
+            verdicts[index] = Verdict::Keep(KeepReason::InUse);
+        } else {
+            any_delete = true;
+        }
+    }
+    if protections.keep_shared_digests && any_delete {
+        keep_shared_digests(tags, &ordered_candidates, &mut verdicts);
+    }
+
+    let mut counts = SelectionCounts {
+        evaluated: tags.len(),
+        ..SelectionCounts::default()
+    };
+    for verdict in &verdicts {
+        match verdict {
+            Verdict::Delete => counts.delete += 1,
+            Verdict::Keep(reason) => {
+                counts.kept += 1;
+                counts.kept_by_reason[reason.slot()] += 1;
+            }
+        }
+    }
+    counts.protected = counts.kept_by(KeepReason::Protected);
+
+    Selection {
+        tags,
+        verdicts,
+        ordered_candidates,
+        counts,
+        keep_n,
+        older_than,
+        cutoff,
+        now,
+    }
+}
+
+/// Turns into `Keep(SharedDigest)` every deletion whose digest a kept tag also has. One pass
+/// suffices: a tag kept here adds no digest that was not already kept.
+fn keep_shared_digests(tags: &[TagInfo], ordered_candidates: &[usize], verdicts: &mut [Verdict]) {
+    let deleted_digests: HashSet<&str> = ordered_candidates
+        .iter()
+        .filter(|&&index| verdicts[index] == Verdict::Delete)
+        .filter_map(|&index| tags[index].manifest_digest())
+        .collect();
+    let shared: HashSet<&str> = tags
+        .iter()
+        .zip(verdicts.iter())
+        .filter(|(_, verdict)| !verdict.is_delete())
+        .filter_map(|(tag, _)| tag.manifest_digest())
+        .filter(|digest| deleted_digests.contains(digest))
+        .collect();
+    if shared.is_empty() {
+        return;
+    }
+    for &index in ordered_candidates {
+        if verdicts[index] == Verdict::Delete
+            && tags[index]
+                .manifest_digest()
+                .is_some_and(|digest| shared.contains(digest))
+        {
+            verdicts[index] = Verdict::Keep(KeepReason::SharedDigest);
+        }
+    }
+}
+
+impl<'a> Selection<'a> {
+    pub fn counts(&self) -> &SelectionCounts {
+        &self.counts
+    }
+
+    /// Verdicts parallel to the input slice.
+    pub fn verdicts(&self) -> &[Verdict] {
+        &self.verdicts
+    }
+
+    /// The verdict of the tag at `index` in the input slice.
+    pub fn verdict_at(&self, index: usize) -> Option<Verdict> {
+        self.verdicts.get(index).copied()
+    }
+
+    /// The verdict of the first tag with this name (a linear search; for tests and
+    /// explanations, not for loops).
+    pub fn verdict(&self, name: &str) -> Option<Verdict> {
+        self.tags
+            .iter()
+            .position(|tag| tag.name == name)
+            .map(|index| self.verdicts[index])
+    }
+
+    /// Tags to delete, oldest first (ties: name descending), so that a run capped by
+    /// `maxDeletionsPerRun` removes the most expired tags first.
+    pub fn to_delete(&self) -> impl DoubleEndedIterator<Item = &'a TagInfo> + '_ {
+        let tags = self.tags;
+        self.ordered_candidates
+            .iter()
+            .rev()
+            .filter(|&&index| self.verdicts[index] == Verdict::Delete)
+            .map(move |&index| &tags[index])
+    }
+
+    /// Names of the tags to delete, in [`Selection::to_delete`] order.
+    pub fn names_to_delete(&self) -> impl DoubleEndedIterator<Item = &'a str> + '_ {
+        self.to_delete().map(|tag| tag.name.as_str())
+    }
+
+    /// Every tag with its verdict, in a deterministic order that does not depend on the input
+    /// order: newest first (missing `created_at` as `now`), then by name, then position.
+    pub fn iter(&self) -> impl Iterator<Item = (&'a TagInfo, Verdict)> + '_ {
+        let tags = self.tags;
+        let mut order: Vec<usize> = (0..tags.len()).collect();
+        let now_key = (self.now.as_second(), self.now.subsec_nanosecond());
+        order.sort_unstable_by(|&a, &b| {
+            let key_a = tags[a]
+                .created_at
+                .map(|t| (t.as_second(), t.subsec_nanosecond()));
+            let key_b = tags[b]
+                .created_at
+                .map(|t| (t.as_second(), t.subsec_nanosecond()));
+            key_b
+                .unwrap_or(now_key)
+                .cmp(&key_a.unwrap_or(now_key))
+                .then_with(|| tags[a].name.cmp(&tags[b].name))
+                .then(a.cmp(&b))
+        });
+        order
+            .into_iter()
+            .map(move |index| (&tags[index], self.verdicts[index]))
+    }
+
+    /// Kept tags with their reason, in [`Selection::iter`] order.
+    pub fn kept(&self) -> impl Iterator<Item = (&'a TagInfo, KeepReason)> + '_ {
+        self.iter()
+            .filter_map(|(tag, verdict)| verdict.keep_reason().map(|reason| (tag, reason)))
+    }
+
+    /// Why the tag at `index` gets its verdict, in one sentence with the rule values.
+    pub fn explain(&self, index: usize) -> Option<String> {
+        let tag = self.tags.get(index)?;
+        let verdict = self.verdicts[index];
+        let created = match tag.created_at {
+            Some(created) => created.to_string(),
+            None => "unknown".to_owned(),
+        };
+        let text = match verdict {
+            Verdict::Delete => match (self.cutoff, self.older_than) {
+                (Some(cutoff), Some(age)) => format!(
+                    "{}: delete: matches nameRegexDelete, not nameRegexKeep, beyond the keepN \
+                     newest, created {created}, before the olderThan {} cutoff {cutoff}",
+                    tag.name,
+                    format_duration(age)
+                ),
+                _ => format!(
+                    "{}: delete: matches nameRegexDelete, not nameRegexKeep, beyond the keepN \
+                     newest (created {created})",
+                    tag.name
+                ),
+            },
+            Verdict::Keep(KeepReason::KeepN) => format!(
+                "{}: keep: one of the {} newest matching tags (keepN; created {created})",
+                tag.name,
+                self.keep_n.unwrap_or_default()
+            ),
+            Verdict::Keep(KeepReason::NewerThan) => format!(
+                "{}: keep: created {created}, not before the olderThan {} cutoff {}",
+                tag.name,
+                self.older_than.map(format_duration).unwrap_or_default(),
+                self.cutoff
+                    .map(|cutoff| cutoff.to_string())
+                    .unwrap_or_default()
+            ),
+            Verdict::Keep(reason) => format!("{}: keep: {}", tag.name, reason.description()),
+        };
+        Some(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cleanup::in_use::InUseIndex;
+    use crate::cleanup::rules::RuleSpec;
+    use proptest::prelude::*;
+
+    fn now() -> Timestamp {
+        "2026-06-15T12:00:00Z".parse().unwrap()
+    }
+
+    fn digest_for(seed: &str) -> String {
+        // A fake but well-formed digest, distinct per seed.
+        let mut hex = String::new();
+        for byte in seed.bytes().cycle().take(32) {
+            hex.push_str(&format!("{byte:02x}"));
+        }
+        format!("sha256:{hex}")
+    }
+
+    fn tag(name: &str, age_days: i64) -> TagInfo {
+        TagInfo::new(name, Some(&digest_for(name)), Some(at_days_ago(age_days)))
+    }
+
+    fn at_days_ago(days: i64) -> Timestamp {
+        now()
+            .checked_sub(jiff::SignedDuration::from_hours(24 * days))
+            .unwrap()
+    }
+
+    fn rules(
+        delete: &str,
+        keep: Option<&str>,
+        keep_n: Option<u32>,
+        older_than: Option<&str>,
+    ) -> CompiledRules {
+        CompiledRules::compile(&RuleSpec {
+            name_regex_delete: Some(delete.into()),
+            name_regex_keep: keep.map(Into::into),
+            keep_n,
+            older_than: older_than.map(Into::into),
+        })
+        .unwrap()
+    }
+
+    fn deleted(selection: &Selection<'_>) -> Vec<String> {
+        let mut names: Vec<String> = selection.names_to_delete().map(str::to_owned).collect();
+        names.sort();
+        names
+    }
+
+    fn sha(n: usize) -> String {
+        format!("{n:040x}")
+    }
+
+    #[test]
+    fn bulk_delete_example_git_sha_keep_5_older_than_2d() {
+        // name_regex_delete=[0-9a-z]{40}, keep_n=5, older_than=2d.
+        let mut tags: Vec<TagInfo> = (0..10).map(|age| tag(&sha(age as usize), age)).collect();
+        tags.push(tag("v1.0.0", 30));
+        tags.push(tag("latest", 30));
+        tags.push(tag(&format!("{}x", sha(99)), 30)); // 41 chars: no match
+        let rules = rules("[0-9a-z]{40}", None, Some(5), Some("2d"));
+        let selection = select(&tags, &rules, &Protections::default(), now());
+        // The 5 newest shas (ages 0..=4) survive; ages 5..=9 are older than 2 days.
+        let expected: Vec<String> = {
+            let mut names: Vec<String> = (5..10).map(sha).collect();
+            names.sort();
+            names
+        };
+        assert_eq!(deleted(&selection), expected);
+        assert_eq!(
+            selection.verdict(&sha(0)),
+            Some(Verdict::Keep(KeepReason::KeepN))
+        );
+        assert_eq!(
+            selection.verdict("v1.0.0"),
+            Some(Verdict::Keep(KeepReason::NotMatchingDelete))
+        );
+        assert_eq!(
+            selection.verdict("latest"),
+            Some(Verdict::Keep(KeepReason::Latest))
+        );
+        let counts = selection.counts();
+        assert_eq!((counts.evaluated, counts.delete, counts.kept), (13, 5, 8));
+        assert_eq!(counts.kept_by(KeepReason::KeepN), 5);
+        // Oldest first.
+        assert_eq!(selection.names_to_delete().next(), Some(sha(9).as_str()));
+    }
+
+    #[test]
+    fn bulk_delete_example_git_sha_older_than_spares_the_young_beyond_keep_n() {
+        // Same call, but the tags beyond keep_n are young: older_than saves them.
+        let tags: Vec<TagInfo> = (0..8)
+            .map(|hours| {
+                TagInfo::new(
+                    sha(hours),
+                    Some(&digest_for(&sha(hours))),
+                    Some(
+                        now()
+                            .checked_sub(jiff::SignedDuration::from_hours(hours as i64 * 6))
+                            .unwrap(),
+                    ),
+                )
+            })
+            .collect();
+        let rules = rules("[0-9a-z]{40}", None, Some(5), Some("2d"));
+        let selection = select(&tags, &rules, &Protections::default(), now());
+        assert!(deleted(&selection).is_empty());
+        assert_eq!(selection.counts().kept_by(KeepReason::NewerThan), 3);
+    }
+
+    #[test]
+    fn bulk_delete_example_all_tags_keep_latest_5() {
+        // name_regex_delete=.*, keep_n=5.
+        let mut tags: Vec<TagInfo> = (0..8)
+            .map(|age| tag(&format!("build-{age}"), age))
+            .collect();
+        tags.push(tag("latest", 100));
+        let rules = rules(".*", None, Some(5), None);
+        let selection = select(&tags, &rules, &Protections::default(), now());
+        assert_eq!(deleted(&selection), ["build-5", "build-6", "build-7"]);
+        assert_eq!(
+            selection.verdict("latest"),
+            Some(Verdict::Keep(KeepReason::Latest))
+        );
+    }
+
+    #[test]
+    fn bulk_delete_example_all_but_stable() {
+        // name_regex_delete=.*, name_regex_keep=stable.*.
+        let tags = vec![
+            tag("stable", 50),
+            tag("stable-1.2", 40),
+            tag("unstable", 40),
+            tag("v1", 1),
+            tag("latest", 1),
+        ];
+        let rules = rules(".*", Some("stable.*"), None, None);
+        let selection = select(&tags, &rules, &Protections::default(), now());
+        assert_eq!(deleted(&selection), ["unstable", "v1"]);
+        assert_eq!(
+            selection.verdict("stable-1.2"),
+            Some(Verdict::Keep(KeepReason::MatchesKeep))
+        );
+    }
+
+    #[test]
+    fn bulk_delete_example_older_than_1_month() {
+        // name_regex_delete=.*, older_than=1month (30 days).
+        let tags = vec![tag("a", 29), tag("b", 30), tag("c", 31), tag("d", 400)];
+        let exactly_30_days = TagInfo::new(
+            "edge",
+            Some(&digest_for("edge")),
+            Some(
+                now()
+                    .checked_sub(jiff::SignedDuration::from_hours(30 * 24))
+                    .unwrap(),
+            ),
+        );
+        let mut tags = tags;
+        tags.push(exactly_30_days);
+        let rules = rules(".*", None, None, Some("1month"));
+        let selection = select(&tags, &rules, &Protections::default(), now());
+        // Strictly older than the cutoff: exactly 30 days old is kept (GitLab: created_at < cutoff).
+        assert_eq!(deleted(&selection), ["c", "d"]);
+        assert_eq!(
+            selection.verdict("b"),
+            Some(Verdict::Keep(KeepReason::NewerThan))
+        );
+        assert_eq!(
+            selection.verdict("edge"),
+            Some(Verdict::Keep(KeepReason::NewerThan))
+        );
+    }
+
+    #[test]
+    fn user_guide_policy_api_example() {
+        // cadence 1month, keep_n 1, older_than 14d, name_regex_delete .*, name_regex_keep .*-master.
+        let tags = vec![
+            tag("feature-x", 20),
+            tag("feature-y", 30),
+            tag("fix-1", 2),
+            tag("build-master", 60),
+            tag("latest", 90),
+        ];
+        let rules = rules(".*", Some(".*-master"), Some(1), Some("14d"));
+        let selection = select(&tags, &rules, &Protections::default(), now());
+        assert_eq!(deleted(&selection), ["feature-x", "feature-y"]);
+        assert_eq!(
+            selection.verdict("fix-1"),
+            Some(Verdict::Keep(KeepReason::KeepN))
+        );
+        assert_eq!(
+            selection.verdict("build-master"),
+            Some(Verdict::Keep(KeepReason::MatchesKeep))
+        );
+    }
+
+    #[test]
+    fn policy_ui_fields_keep_n_values() {
+        // UI "Keep the most recent": 1 | 5 | 10 | 25 | 50 | 100.
+        let tags: Vec<TagInfo> = (0..120)
+            .map(|age| tag(&format!("t{age:03}"), age))
+            .collect();
+        for keep_n in [1u32, 5, 10, 25, 50, 100] {
+            let rules = rules(".*", None, Some(keep_n), Some("7d"));
+            let selection = select(&tags, &rules, &Protections::default(), now());
+            let expected_kept = keep_n.max(8) as usize; // ages 0..=7 are not older than 7d
+            assert_eq!(selection.counts().kept, expected_kept, "keep_n {keep_n}");
+        }
+    }
+
+    #[test]
+    fn steps_are_attributed_in_gitlab_order() {
+        let tags = vec![
+            TagInfo::new("latest", None, None),
+            TagInfo::new("other", None, None),
+            TagInfo::new("keep-me", None, None),
+            TagInfo::new("app-no-manifest", None, Some(at_days_ago(100))),
+            TagInfo::new("app-empty-digest", Some(""), Some(at_days_ago(100))),
+            TagInfo::new("app-unknown-age", Some(&digest_for("u")), None),
+            tag("app-new", 1),
+            tag("app-old", 100),
+        ];
+        let rules = rules("app-.*|keep-.*", Some("keep-.*"), None, Some("14d"));
+        let selection = select(&tags, &rules, &Protections::default(), now());
+        let verdicts: Vec<Verdict> = selection.verdicts().to_vec();
+        assert_eq!(
+            verdicts,
+            [
+                Verdict::Keep(KeepReason::Latest),
+                Verdict::Keep(KeepReason::NotMatchingDelete),
+                Verdict::Keep(KeepReason::MatchesKeep),
+                Verdict::Keep(KeepReason::NoManifest),
+                Verdict::Keep(KeepReason::NoManifest),
+                Verdict::Keep(KeepReason::MissingCreatedAt),
+                Verdict::Keep(KeepReason::NewerThan),
+                Verdict::Delete,
+            ]
+        );
+        let explanation = selection.explain(5).unwrap();
+        assert!(explanation.contains("unknown age"), "{explanation}");
+        let explanation = selection.explain(7).unwrap();
+        assert!(explanation.contains("olderThan 14d"), "{explanation}");
+    }
+
+    #[test]
+    fn missing_created_at_is_deleted_without_age_rule_and_counts_as_newest() {
+        // GitLab sorts a missing created_at as now: it is among the keep_n newest.
+        let tags = vec![
+            TagInfo::new("unknown", Some(&digest_for("unknown")), None),
+            tag("old-1", 10),
+            tag("old-2", 20),
+        ];
+        let selection = select(
+            &tags,
+            &rules(".*", None, Some(1), None),
+            &Protections::default(),
+            now(),
+        );
+        assert_eq!(
+            selection.verdict("unknown"),
+            Some(Verdict::Keep(KeepReason::KeepN))
+        );
+        assert_eq!(deleted(&selection), ["old-1", "old-2"]);
+        let no_keep = select(
+            &tags,
+            &rules(".*", None, None, None),
+            &Protections::default(),
+            now(),
+        );
+        assert_eq!(no_keep.counts().delete, 3);
+    }
+
+    #[test]
+    fn future_created_at_is_newest_and_never_older() {
+        let future = now()
+            .checked_add(jiff::SignedDuration::from_hours(24 * 365))
+            .unwrap();
+        let tags = vec![
+            TagInfo::new("from-the-future", Some(&digest_for("f")), Some(future)),
+            tag("recent", 0),
+            tag("old", 100),
+        ];
+        let selection = select(
+            &tags,
+            &rules(".*", None, Some(1), Some("1d")),
+            &Protections::default(),
+            now(),
+        );
+        assert_eq!(
+            selection.verdict("from-the-future"),
+            Some(Verdict::Keep(KeepReason::KeepN))
+        );
+        let no_keep_n = select(
+            &tags,
+            &rules(".*", None, None, Some("1d")),
+            &Protections::default(),
+            now(),
+        );
+        assert_eq!(
+            no_keep_n.verdict("from-the-future"),
+            Some(Verdict::Keep(KeepReason::NewerThan))
+        );
+        assert_eq!(deleted(&no_keep_n), ["old"]);
+    }
+
+    #[test]
+    fn ties_are_broken_by_name_whatever_the_input_order() {
+        let when = at_days_ago(50);
+        let names = ["c", "a", "d", "b"];
+        let forward: Vec<TagInfo> = names
+            .iter()
+            .map(|name| TagInfo::new(*name, Some(&digest_for(name)), Some(when)))
+            .collect();
+        let mut backward = forward.clone();
+        backward.reverse();
+        let rules = rules(".*", None, Some(2), None);
+        for tags in [&forward, &backward] {
+            let selection = select(tags, &rules, &Protections::default(), now());
+            assert_eq!(deleted(&selection), ["c", "d"]);
+            let order: Vec<&str> = selection.iter().map(|(tag, _)| tag.name.as_str()).collect();
+            assert_eq!(order, ["a", "b", "c", "d"]);
+            let deletion_order: Vec<&str> = selection.names_to_delete().collect();
+            assert_eq!(deletion_order, ["d", "c"]);
+        }
+    }
+
+    #[test]
+    fn protections_override_deletions() {
+        let shared = digest_for("shared");
+        let tags = vec![
+            tag("v1.0.0", 100),
+            tag("release-old", 100),
+            tag("running", 100),
+            TagInfo::new(
+                "by-digest",
+                Some(&digest_for("pinned")),
+                Some(at_days_ago(100)),
+            ),
+            TagInfo::new("alias-old", Some(&shared), Some(at_days_ago(100))),
+            TagInfo::new("stable", Some(&shared), Some(at_days_ago(100))),
+            TagInfo::new(
+                "latest",
+                Some(&digest_for("latest-digest")),
+                Some(at_days_ago(1)),
+            ),
+            TagInfo::new(
+                "same-as-latest",
+                Some(&digest_for("latest-digest")),
+                Some(at_days_ago(100)),
+            ),
+            tag("doomed", 100),
+        ];
+        let index = InUseIndex::from_images([
+            ("gitlab.example.com:5000/group/project:running", ""),
+            (
+                "busybox",
+                &*format!(
+                    "docker-pullable://gitlab.example.com:5000/group/project@{}",
+                    digest_for("pinned")
+                ),
+            ),
+        ]);
+        let protections = Protections {
+            protected_tags: ProtectedTags::compile(["^v\\d", "release"]).unwrap(),
+            in_use: Some(index.repository("gitlab.example.com:5000/group/project")),
+            keep_shared_digests: true,
+        };
+        let rules = rules(".*", Some("stable"), None, Some("14d"));
+        let selection = select(&tags, &rules, &protections, now());
+        assert_eq!(
+            selection.verdict("v1.0.0"),
+            Some(Verdict::Keep(KeepReason::Protected))
+        );
+        // Unanchored, as GitLab matches protection patterns.
+        assert_eq!(
+            selection.verdict("release-old"),
+            Some(Verdict::Keep(KeepReason::Protected))
+        );
+        assert_eq!(
+            selection.verdict("running"),
+            Some(Verdict::Keep(KeepReason::InUse))
+        );
+        assert_eq!(
+            selection.verdict("by-digest"),
+            Some(Verdict::Keep(KeepReason::InUse))
+        );
+        assert_eq!(
+            selection.verdict("alias-old"),
+            Some(Verdict::Keep(KeepReason::SharedDigest))
+        );
+        assert_eq!(
+            selection.verdict("same-as-latest"),
+            Some(Verdict::Keep(KeepReason::SharedDigest))
+        );
+        assert_eq!(deleted(&selection), ["doomed"]);
+        assert_eq!(selection.counts().protected, 2);
+        assert_eq!(selection.counts().kept_by(KeepReason::InUse), 2);
+
+        let without_shared = Protections {
+            keep_shared_digests: false,
+            ..protections.clone()
+        };
+        let selection = select(&tags, &rules, &without_shared, now());
+        assert_eq!(
+            deleted(&selection),
+            ["alias-old", "doomed", "same-as-latest"]
+        );
+    }
+
+    #[test]
+    fn digests_shared_only_among_deletions_are_deleted() {
+        let twin = digest_for("twin");
+        let tags = vec![
+            TagInfo::new("twin-a", Some(&twin), Some(at_days_ago(100))),
+            TagInfo::new("twin-b", Some(&twin), Some(at_days_ago(100))),
+        ];
+        let protections = Protections {
+            keep_shared_digests: true,
+            ..Protections::default()
+        };
+        let selection = select(&tags, &rules(".*", None, None, None), &protections, now());
+        assert_eq!(deleted(&selection), ["twin-a", "twin-b"]);
+    }
+
+    #[test]
+    fn invalid_protection_pattern_is_an_error() {
+        let error = ProtectedTags::compile(["v(("]).unwrap_err();
+        assert!(matches!(
+            error,
+            Error::InvalidRegex {
+                field: ProtectedTags::FIELD,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn huge_older_than_deletes_nothing_by_age() {
+        let tags = vec![tag("ancient", 3650)];
+        let selection = select(
+            &tags,
+            &rules(".*", None, None, Some("100000y")),
+            &Protections::default(),
+            now(),
+        );
+        assert_eq!(selection.counts().delete, 0);
+    }
+
+    #[test]
+    fn empty_input() {
+        let selection = select(
+            &[],
+            &rules(".*", None, Some(3), Some("1d")),
+            &Protections::default(),
+            now(),
+        );
+        assert_eq!(selection.counts(), &SelectionCounts::default());
+        assert_eq!(selection.iter().count(), 0);
+    }
+
+    fn arbitrary_tags() -> impl Strategy<Value = Vec<TagInfo>> {
+        let name = prop_oneof![
+            Just("latest".to_owned()),
+            "[a-z]{1,3}",
+            "(v|keep-|rel-)[0-9]{1,2}",
+        ];
+        let digest = prop_oneof![1 => Just(None), 6 => (0u8..12).prop_map(|d| Some(digest_for(&format!("d{d}"))))];
+        let created = prop_oneof![1 => Just(None), 8 => (-5i64..200).prop_map(|days| Some(at_days_ago(days)))];
+        proptest::collection::vec((name, digest, created), 0..40).prop_map(|entries| {
+            let mut seen = HashSet::new();
+            entries
+                .into_iter()
+                .filter(|(name, _, _)| seen.insert(name.clone()))
+                .map(|(name, digest, created_at)| TagInfo {
+                    name,
+                    digest,
+                    created_at,
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn selection_invariants(
+            tags in arbitrary_tags(),
+            delete in prop_oneof![Just(".*"), Just("v.*|rel-.*"), Just("[a-z]+"), Just("(?:v|keep-)[0-9]+")],
+            keep in prop_oneof![Just(None), Just(Some("keep-.*")), Just(Some("v1.*|x"))],
+            keep_n in proptest::option::of(0u32..6),
+            older_than in proptest::option::of(prop_oneof![Just("1d"), Just("14d"), Just("30d")]),
+            protected_pattern in proptest::option::of(prop_oneof![Just("^rel"), Just("a")]),
+            in_use_picks in proptest::collection::vec(0usize..40, 0..4),
+            keep_shared in any::<bool>(),
+        ) {
+            let rules = rules(delete, keep, keep_n, older_than);
+            let running: Vec<(String, String)> = in_use_picks
+                .iter()
+                .filter_map(|&pick| tags.get(pick))
+                .map(|tag| (format!("registry.example.com/p:{}", tag.name), String::new()))
+                .collect();
+            let index = InUseIndex::from_images(running.iter().map(|(image, id)| (image.as_str(), id.as_str())));
+            let protections = Protections {
+                protected_tags: ProtectedTags::compile(protected_pattern).unwrap(),
+                in_use: Some(index.repository("registry.example.com/p")),
+                keep_shared_digests: keep_shared,
+            };
+            let selection = select(&tags, &rules, &protections, now());
+
+            // Exactly one verdict per tag; counters add up.
+            prop_assert_eq!(selection.verdicts().len(), tags.len());
+            prop_assert_eq!(selection.iter().count(), tags.len());
+            let counts = selection.counts();
+            prop_assert_eq!(counts.evaluated, tags.len());
+            prop_assert_eq!(counts.delete + counts.kept, tags.len());
+            prop_assert_eq!(counts.kept_by_reason().map(|(_, n)| n).sum::<usize>(), counts.kept);
+
+            // Deleted and kept are disjoint; to_delete lists each deletion once.
+            let deleted: HashSet<&str> = selection.names_to_delete().collect();
+            prop_assert_eq!(deleted.len(), counts.delete);
+            for (tag, reason) in selection.kept() {
+                prop_assert!(!deleted.contains(tag.name.as_str()), "{} kept ({reason}) and deleted", tag.name);
+            }
+
+            let cutoff = older_than.map(|age| now().checked_sub(jiff::SignedDuration::from_secs(
+                crate::cleanup::parse_duration(age).unwrap().as_secs() as i64)).unwrap());
+            let running_names: HashSet<&str> = in_use_picks.iter().filter_map(|&pick| tags.get(pick)).map(|tag| tag.name.as_str()).collect();
+            for tag in &tags {
+                if !deleted.contains(tag.name.as_str()) {
+                    continue;
+                }
+                // Never deleted: latest, in use, protected, keep-regex matches.
+                prop_assert_ne!(tag.name.as_str(), LATEST);
+                prop_assert!(!running_names.contains(tag.name.as_str()));
+                prop_assert!(!protections.protected_tags.is_protected(&tag.name));
+                prop_assert!(!rules.matches_keep(&tag.name));
+                // A deleted tag matches delete, has a manifest, and is older than older_than.
+                prop_assert!(rules.matches_delete(&tag.name));
+                prop_assert!(tag.digest.is_some());
+                if let Some(cutoff) = cutoff {
+                    prop_assert!(tag.created_at.is_some_and(|created| created < cutoff));
+                }
+                if keep_shared {
+                    let kept_digests: HashSet<&str> = selection.kept().filter_map(|(kept, _)| kept.digest.as_deref()).collect();
+                    prop_assert!(!kept_digests.contains(tag.digest.as_deref().unwrap_or_default()));
+                }
+            }
+
+            // The keep_n newest matching tags (with a manifest) always survive.
+            if let Some(keep_n) = keep_n {
+                let mut matching: Vec<&TagInfo> = tags
+                    .iter()
+                    .filter(|tag| tag.name != LATEST && rules.matches_delete(&tag.name) && !rules.matches_keep(&tag.name) && tag.digest.is_some())
+                    .collect();
+                matching.sort_by(|a, b| b.created_at.unwrap_or(now()).cmp(&a.created_at.unwrap_or(now())).then(a.name.cmp(&b.name)));
+                for newest in matching.iter().take(keep_n as usize) {
+                    prop_assert!(!deleted.contains(newest.name.as_str()), "{} is among the {keep_n} newest", newest.name);
+                }
+            }
+
+            // The result does not depend on input order.
+            let mut reversed = tags.clone();
+            reversed.reverse();
+            let again = select(&reversed, &rules, &protections, now());
+            let again_deleted: HashSet<&str> = again.names_to_delete().collect();
+            prop_assert_eq!(&deleted, &again_deleted);
+            let order_a: Vec<&str> = selection.iter().map(|(tag, _)| tag.name.as_str()).collect();
+            let order_b: Vec<&str> = again.iter().map(|(tag, _)| tag.name.as_str()).collect();
+            prop_assert_eq!(order_a, order_b);
+        }
+    }
+
+    /// Run with `cargo test --lib cleanup::select::tests::selection_throughput -- --ignored
+    /// --nocapture`. Prints tags/second; asserts nothing about time (machines are noisy, and
+    /// debug builds are many times slower than release).
+    #[test]
+    #[ignore]
+    fn selection_throughput() {
+        let count = 1_000_000usize;
+        let tags: Vec<TagInfo> = (0..count)
+            .map(|i| {
+                let name = if i % 10 == 0 {
+                    format!("release-{i}")
+                } else {
+                    format!("{i:040x}")
+                };
+                TagInfo {
+                    name,
+                    digest: Some(format!("sha256:{:064x}", i / 2)),
+                    created_at: Some(
+                        now()
+                            .checked_sub(jiff::SignedDuration::from_secs(
+                                (i as i64 * 7919) % 50_000_000,
+                            ))
+                            .unwrap(),
+                    ),
+                }
+            })
+            .collect();
+        let rules = rules("[0-9a-f]{40}", Some("release-.*"), Some(10), Some("14d"));
+        let protections = Protections {
+            keep_shared_digests: true,
+            ..Protections::default()
+        };
+        let started = std::time::Instant::now();
+        let selection = select(&tags, &rules, &protections, now());
+        let elapsed = started.elapsed();
+        let per_second = count as f64 / elapsed.as_secs_f64();
+        println!(
+            "selection_throughput: {count} tags in {elapsed:?} = {per_second:.0} tags/second \
+             (delete {}, kept {})",
+            selection.counts().delete,
+            selection.counts().kept
+        );
+        assert_eq!(selection.counts().evaluated, count);
+    }
+}
