@@ -122,6 +122,15 @@ impl GitLabClient {
     pub fn host_with_port(&self) -> String {
         self.inner.host_key()
     }
+
+    /// What `docker login` / `docker pull` use for a virtual registry:
+    /// `<host>/virtual_registries/container/<registry_id>`.
+    pub fn pull_prefix(&self, registry_id: i64) -> String {
+        format!(
+            "{}/virtual_registries/container/{registry_id}",
+            self.host_with_port()
+        )
+    }
 }
 
 impl fmt::Debug for GitLabClient {
@@ -130,5 +139,38 @@ impl fmt::Debug for GitLabClient {
             .debug_struct("GitLabClient")
             .field("config", self.inner.config())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client_for(url: &str) -> GitLabClient {
+        GitLabClient::new(ClientConfig::new(
+            url.parse().expect("url"),
+            SecretString::from("token-value"),
+        ))
+        .expect("client")
+    }
+
+    #[test]
+    fn pull_prefix_uses_host_and_explicit_port() {
+        assert_eq!(
+            client_for("https://gitlab.example.com").pull_prefix(3),
+            "gitlab.example.com/virtual_registries/container/3"
+        );
+        assert_eq!(
+            client_for("http://127.0.0.1:8929/gitlab/").pull_prefix(12),
+            "127.0.0.1:8929/virtual_registries/container/12"
+        );
+    }
+
+    #[test]
+    fn debug_redacts_the_token() {
+        let client = client_for("https://gitlab.example.com");
+        let output = format!("{client:?}");
+        assert!(!output.contains("token-value"), "{output}");
+        assert!(output.contains("[REDACTED]"));
     }
 }

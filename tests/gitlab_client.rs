@@ -1,0 +1,728 @@
+//! The GitLab client over loopback HTTP: transport behaviour against small axum stubs.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Query;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use gitlab_registry_operator::gitlab::{
+    BulkTagDelete, ClientConfig, Error, GitLabClient, KeysetRequest, NewUpstream, PageRequest,
+    PathOrId, RequestObserver, SortOrder, UpstreamCredentials,
+};
+use secrecy::SecretString;
+use serde_json::json;
+
+const TOKEN: &str = "glpat-test-token-do-not-leak";
+
+async fn serve(router: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let address = listener.local_addr().expect("local address");
+    tokio::spawn(async move {
+        axum::serve(listener, router).await.expect("stub server");
+    });
+    address
+}
+
+fn config(address: SocketAddr) -> ClientConfig {
+    let mut config = ClientConfig::new(
+        format!("http://{address}").parse().expect("url"),
+        SecretString::from(TOKEN),
+    );
+    config.retry_base_delay = Duration::from_millis(5);
+    config.request_timeout = Duration::from_secs(20);
+    config
+}
+
+fn client(config: ClientConfig) -> GitLabClient {
+    GitLabClient::new(config).expect("client")
+}
+
+#[derive(Default)]
+struct Recorder {
+    calls: Mutex<Vec<(String, String, Option<u16>)>>,
+}
+
+impl RequestObserver for Recorder {
+    fn observe(&self, method: &str, route: &str, status: Option<u16>, _latency: Duration) {
+        self.calls
+            .lock()
+            .expect("recorder")
+            .push((method.to_owned(), route.to_owned(), status));
+    }
+}
+
+impl Recorder {
+    fn statuses(&self) -> Vec<Option<u16>> {
+        self.calls
+            .lock()
+            .expect("recorder")
+            .iter()
+            .map(|call| call.2)
+            .collect()
+    }
+}
+
+/// Answers `failures` times with `failure`, then with 200 `success`.
+fn flaky(
+    failures: usize,
+    failure: fn() -> Response,
+    success: serde_json::Value,
+) -> (
+    Arc<AtomicUsize>,
+    impl Fn() -> Response + Clone + Send + Sync + 'static,
+) {
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let counter = attempts.clone();
+    let handler = move || {
+        let attempt = counter.fetch_add(1, Ordering::SeqCst);
+        if attempt < failures {
+            failure()
+        } else {
+            (StatusCode::OK, axum::Json(success.clone())).into_response()
+        }
+    };
+    (attempts, handler)
+}
+
+fn registry_json(id: i64) -> serde_json::Value {
+    json!({"id": id, "group_id": 5, "name": "cache", "description": "",
+           "created_at": "2024-05-30T12:28:27.855Z", "updated_at": "2024-05-30T12:28:27.855Z"})
+}
+
+#[tokio::test]
+async fn rate_limited_post_is_retried_after_retry_after() {
+    let (attempts, handler) = flaky(
+        2,
+        || {
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("Retry-After", "0")],
+                "Retry later",
+            )
+                .into_response()
+        },
+        registry_json(1),
+    );
+    let router = Router::new().route(
+        "/api/v4/groups/{group}/-/virtual_registries/container/registries",
+        post(move || {
+            let handler = handler.clone();
+            async move { handler() }
+        }),
+    );
+    let address = serve(router).await;
+    let recorder = Arc::new(Recorder::default());
+    let mut config = config(address);
+    config.metrics = Some(recorder.clone());
+    let registry = client(config)
+        .create_registry(&PathOrId::parse("my-org"), "cache", None)
+        .await
+        .expect("created after 429s");
+    assert_eq!(registry.id, 1);
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+    assert_eq!(recorder.statuses(), vec![Some(429), Some(429), Some(200)]);
+}
+
+#[tokio::test]
+async fn retry_after_beyond_the_bound_is_returned_to_the_caller() {
+    let (attempts, handler) = flaky(
+        usize::MAX,
+        || {
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("Retry-After", "3600")],
+                axum::Json(json!({"message": {"error": "This endpoint has been requested too many times. Try again later."}})),
+            )
+                .into_response()
+        },
+        json!(null),
+    );
+    let router = Router::new().route(
+        "/api/v4/virtual_registries/container/registries/{id}",
+        get(move || {
+            let handler = handler.clone();
+            async move { handler() }
+        }),
+    );
+    let address = serve(router).await;
+    let error = client(config(address))
+        .get_registry(1)
+        .await
+        .expect_err("rate limited");
+    assert_eq!(error.retry_after(), Some(Duration::from_secs(3600)));
+    assert_eq!(error.reason(), "RateLimited");
+    assert_eq!(
+        error.message(),
+        "This endpoint has been requested too many times. Try again later."
+    );
+    assert_eq!(attempts.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn server_error_burst_is_retried_for_get() {
+    let (attempts, handler) = flaky(
+        3,
+        || (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
+        registry_json(7),
+    );
+    let router = Router::new().route(
+        "/api/v4/virtual_registries/container/registries/{id}",
+        get(move || {
+            let handler = handler.clone();
+            async move { handler() }
+        }),
+    );
+    let address = serve(router).await;
+    let recorder = Arc::new(Recorder::default());
+    let mut config = config(address);
+    config.metrics = Some(recorder.clone());
+    let registry = client(config).get_registry(7).await.expect("after retries");
+    assert_eq!(registry.id, 7);
+    assert_eq!(attempts.load(Ordering::SeqCst), 4);
+    let calls = recorder.calls.lock().expect("recorder").clone();
+    assert_eq!(calls.len(), 4);
+    assert!(calls.iter().all(|(method, route, _)| method == "GET"
+        && route == "/virtual_registries/container/registries/:id"));
+}
+
+#[tokio::test]
+async fn retries_are_bounded() {
+    let (attempts, handler) = flaky(
+        usize::MAX,
+        || (StatusCode::SERVICE_UNAVAILABLE, "down").into_response(),
+        json!(null),
+    );
+    let router = Router::new().route(
+        "/api/v4/virtual_registries/container/upstreams/{id}",
+        any(move || {
+            let handler = handler.clone();
+            async move { handler() }
+        }),
+    );
+    let address = serve(router).await;
+    let mut config = config(address);
+    config.max_retries = 2;
+    let error = client(config).delete_upstream(3).await.expect_err("down");
+    assert!(
+        matches!(error, Error::Server { status: 503, .. }),
+        "{error:?}"
+    );
+    assert!(error.is_transient());
+    assert_eq!(error.reason(), "GitLabUnavailable");
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn post_is_not_retried_on_server_error() {
+    let (attempts, handler) = flaky(
+        usize::MAX,
+        || (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
+        json!(null),
+    );
+    let router = Router::new().route(
+        "/api/v4/virtual_registries/container/registries/{id}/upstreams",
+        post(move || {
+            let handler = handler.clone();
+            async move { handler() }
+        }),
+    );
+    let address = serve(router).await;
+    let upstream = NewUpstream {
+        name: "Docker Hub".into(),
+        url: "https://registry-1.docker.io".into(),
+        ..NewUpstream::default()
+    };
+    let error = client(config(address))
+        .create_upstream(1, &upstream)
+        .await
+        .expect_err("500");
+    assert!(matches!(error, Error::Server { status: 500, .. }));
+    assert_eq!(attempts.load(Ordering::SeqCst), 1);
+
+    // PATCH is not idempotent either.
+    let router = Router::new().route(
+        "/api/v4/virtual_registries/container/registry_upstreams/{id}",
+        any(|| async { (StatusCode::BAD_GATEWAY, "bad gateway").into_response() }),
+    );
+    let address = serve(router).await;
+    let recorder = Arc::new(Recorder::default());
+    let mut config = config(address);
+    config.metrics = Some(recorder.clone());
+    let error = client(config)
+        .reposition_association(1, 2)
+        .await
+        .expect_err("502");
+    assert_eq!(error.status(), Some(502));
+    assert_eq!(recorder.statuses(), vec![Some(502)]);
+}
+
+#[tokio::test]
+async fn timeout_is_reported_as_timeout() {
+    let router = Router::new().route(
+        "/api/v4/virtual_registries/container/registries/{id}",
+        get(|| async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            "late"
+        }),
+    );
+    let address = serve(router).await;
+    let recorder = Arc::new(Recorder::default());
+    let mut config = config(address);
+    config.request_timeout = Duration::from_millis(200);
+    config.max_retries = 1;
+    config.metrics = Some(recorder.clone());
+    let error = client(config).get_registry(1).await.expect_err("timeout");
+    assert!(matches!(error, Error::Timeout { .. }), "{error:?}");
+    assert_eq!(error.reason(), "GitLabUnavailable");
+    assert!(error.is_transient());
+    // Idempotent: retried once, each attempt observed without a status.
+    assert_eq!(recorder.statuses(), vec![None, None]);
+}
+
+#[tokio::test]
+async fn connection_refused_is_a_network_error() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("address");
+    drop(listener);
+    let mut config = config(address);
+    config.max_retries = 1;
+    let error = client(config)
+        .list_registries(&PathOrId::Id(5))
+        .await
+        .expect_err("refused");
+    assert!(matches!(error, Error::Network { .. }), "{error:?}");
+    assert_eq!(error.reason(), "GitLabUnavailable");
+}
+
+fn offset_page(items: &[serde_json::Value], params: &HashMap<String, String>) -> Response {
+    let page: usize = params.get("page").and_then(|p| p.parse().ok()).unwrap_or(1);
+    let per_page: usize = params
+        .get("per_page")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(20)
+        .min(100);
+    let total_pages = items.len().div_ceil(per_page).max(1);
+    let slice: Vec<_> = items
+        .iter()
+        .skip((page - 1) * per_page)
+        .take(per_page)
+        .cloned()
+        .collect();
+    let next = if page < total_pages {
+        (page + 1).to_string()
+    } else {
+        String::new()
+    };
+    (
+        [
+            ("x-total", items.len().to_string()),
+            ("x-total-pages", total_pages.to_string()),
+            ("x-page", page.to_string()),
+            ("x-per-page", per_page.to_string()),
+            ("x-next-page", next),
+        ],
+        axum::Json(slice),
+    )
+        .into_response()
+}
+
+#[tokio::test]
+async fn offset_pagination_over_more_than_100_items_is_followed() {
+    let upstreams: Vec<_> = (1..=250)
+        .map(|id| json!({"id": id, "group_id": 5, "name": format!("up-{id}"),
+                         "url": format!("https://registry{id}.example"), "cache_validity_hours": 24}))
+        .collect();
+    let requested_per_page = Arc::new(Mutex::new(Vec::new()));
+    let seen = requested_per_page.clone();
+    let router = Router::new().route(
+        "/api/v4/groups/{group}/-/virtual_registries/container/upstreams",
+        get(move |Query(params): Query<HashMap<String, String>>| {
+            let upstreams = upstreams.clone();
+            let seen = seen.clone();
+            async move {
+                seen.lock()
+                    .expect("seen")
+                    .push(params.get("per_page").cloned());
+                offset_page(&upstreams, &params)
+            }
+        }),
+    );
+    let address = serve(router).await;
+    let client = client(config(address));
+    let all = client
+        .list_group_upstreams_all(&PathOrId::parse("my-org"), None)
+        .await
+        .expect("all pages");
+    assert_eq!(all.len(), 250);
+    assert_eq!(all[249].name, "up-250");
+    assert_eq!(
+        requested_per_page.lock().expect("seen").clone(),
+        vec![Some("100".to_owned()); 3]
+    );
+
+    let page = client
+        .list_group_upstreams(&PathOrId::parse("my-org"), PageRequest::new(2, 20), None)
+        .await
+        .expect("page 2");
+    assert_eq!(page.items.len(), 20);
+    assert_eq!(page.items[0].id, 21);
+    assert_eq!(page.next_page, Some(3));
+    assert_eq!(page.total, Some(250));
+    assert_eq!(page.total_pages, Some(13));
+}
+
+#[tokio::test]
+async fn keyset_pagination_follows_link_next() {
+    let names: Vec<String> = (0..230).map(|n| format!("v{n:04}")).collect();
+    let router = Router::new().route(
+        "/api/v4/projects/{project}/registry/repositories/{repository}/tags",
+        get(
+            move |uri: Uri, headers: HeaderMap, Query(params): Query<HashMap<String, String>>| {
+                let names = names.clone();
+                async move {
+                    assert_eq!(params.get("pagination").map(String::as_str), Some("keyset"));
+                    let per_page: usize = params
+                        .get("per_page")
+                        .and_then(|p| p.parse().ok())
+                        .unwrap_or(20);
+                    let start = params
+                        .get("last")
+                        .and_then(|last| names.iter().position(|name| name == last))
+                        .map_or(0, |index| index + 1);
+                    let page: Vec<_> = names
+                        .iter()
+                        .skip(start)
+                        .take(per_page)
+                        .map(|name| json!({"name": name, "path": format!("g/p:{name}"), "location": format!("reg/g/p:{name}")}))
+                        .collect();
+                    let host = headers
+                        .get("host")
+                        .and_then(|h| h.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    let mut response = axum::Json(page.clone()).into_response();
+                    if start + per_page < names.len()
+                        && let Some(last) = page.last().and_then(|tag| tag["name"].as_str())
+                    {
+                        let link = format!(
+                            "<http://{host}{}?last={last}&pagination=keyset&per_page={per_page}&sort=asc>; rel=\"next\"",
+                            uri.path()
+                        );
+                        response
+                            .headers_mut()
+                            .insert("link", link.parse().expect("link header"));
+                    }
+                    response
+                }
+            },
+        ),
+    );
+    let address = serve(router).await;
+    let client = client(config(address));
+    let project = PathOrId::parse("my-org/app");
+    let tags = client
+        .list_tags_keyset_all(&project, 2, SortOrder::Asc)
+        .await
+        .expect("keyset");
+    assert_eq!(tags.len(), 230);
+    assert_eq!(tags[229].name, "v0229");
+
+    let first = client
+        .list_tags_keyset(
+            &project,
+            2,
+            &KeysetRequest {
+                per_page: Some(10),
+                ..KeysetRequest::default()
+            },
+        )
+        .await
+        .expect("first page");
+    assert_eq!(first.items.len(), 10);
+    let next = first.next.expect("next link");
+    let second = client.list_tags_keyset_next(&next).await.expect("second");
+    assert_eq!(second.items[0].name, "v0010");
+}
+
+#[tokio::test]
+async fn keyset_links_to_another_host_are_not_followed() {
+    let router = Router::new().route(
+        "/api/v4/projects/{project}/registry/repositories/{repository}/tags",
+        get(|| async {
+            (
+                [(
+                    "link",
+                    "<http://attacker.invalid/api/v4/x?last=a>; rel=\"next\"",
+                )],
+                axum::Json(json!([{"name": "a", "path": "g/p:a", "location": "r/g/p:a"}])),
+            )
+        }),
+    );
+    let address = serve(router).await;
+    let error = client(config(address))
+        .list_tags_keyset_all(&PathOrId::Id(1), 2, SortOrder::Desc)
+        .await
+        .expect_err("foreign link");
+    assert!(matches!(error, Error::Decode { .. }), "{error:?}");
+}
+
+#[tokio::test]
+async fn paths_and_tag_names_are_encoded() {
+    let raw_paths = Arc::new(Mutex::new(Vec::new()));
+    let seen = raw_paths.clone();
+    let router = Router::new().fallback(move |uri: Uri| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().expect("seen").push(uri.path().to_owned());
+            StatusCode::NO_CONTENT
+        }
+    });
+    let address = serve(router).await;
+    let client = client(config(address));
+    let project = PathOrId::parse("my-org/sub/app");
+    client
+        .delete_tag(&project, 3, "feature/x+y")
+        .await
+        .expect("delete tag");
+    client
+        .delete_cache_entry("MTUgbGlicmFyeS9uZ2lueA==")
+        .await
+        .expect("delete cache entry");
+    assert_eq!(
+        raw_paths.lock().expect("seen").clone(),
+        vec![
+            "/api/v4/projects/my-org%2Fsub%2Fapp/registry/repositories/3/tags/feature%2Fx%2By",
+            "/api/v4/virtual_registries/container/cache_entries/MTUgbGlicmFyeS9uZ2lueA==",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn gitlab_error_bodies_become_typed_errors() {
+    let router = Router::new()
+        .route(
+            "/api/v4/groups/{group}/-/virtual_registries/container/registries",
+            post(|| async {
+                (
+                    StatusCode::BAD_REQUEST,
+                    axum::Json(json!({"message": {"base": ["5 registries is the maximum allowed per top-level group."]}})),
+                )
+            })
+            .get(|| async {
+                (
+                    StatusCode::NOT_FOUND,
+                    axum::Json(json!({"message": "404 Group Not Found"})),
+                )
+            }),
+        )
+        .route(
+            "/api/v4/projects/{project}/registry/repositories/{repository}/tags",
+            any(|body: String| async move {
+                // The bulk delete criteria arrive as a form body.
+                assert!(body.contains("name_regex_delete=.*"), "{body}");
+                assert!(body.contains("keep_n=5"), "{body}");
+                (
+                    StatusCode::BAD_REQUEST,
+                    axum::Json(json!({"message": "This request has already been made. You can run this at most once an hour for a given container repository"})),
+                )
+            }),
+        );
+    let address = serve(router).await;
+    let client = client(config(address));
+    let group = PathOrId::parse("my-org");
+    let error = client
+        .create_registry(&group, "sixth", Some("x"))
+        .await
+        .expect_err("limit");
+    assert_eq!(error.reason(), "LimitExceeded");
+    assert_eq!(
+        error.message(),
+        "5 registries is the maximum allowed per top-level group."
+    );
+    let error = client.list_registries(&group).await.expect_err("404");
+    assert_eq!(error.reason(), "NotFound");
+    assert_eq!(error.message(), "404 Group Not Found");
+    let error = client
+        .bulk_delete_tags(
+            &PathOrId::Id(9),
+            1,
+            &BulkTagDelete {
+                name_regex_delete: ".*".into(),
+                keep_n: Some(5),
+                ..BulkTagDelete::default()
+            },
+        )
+        .await
+        .expect_err("hourly limit");
+    assert_eq!(error.reason(), "LimitExceeded");
+}
+
+#[tokio::test]
+async fn redirects_to_another_origin_do_not_carry_the_token() {
+    let leaked = Arc::new(AtomicUsize::new(0));
+    let counter = leaked.clone();
+    let other = serve(Router::new().fallback(move |headers: HeaderMap| {
+        let counter = counter.clone();
+        async move {
+            if headers.contains_key("private-token") {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+            axum::Json(json!([]))
+        }
+    }))
+    .await;
+    let router = Router::new().fallback(move || async move {
+        (
+            StatusCode::FOUND,
+            [("location", format!("http://{other}/api/v4/elsewhere"))],
+        )
+    });
+    let address = serve(router).await;
+    let result = client(config(address))
+        .list_registries(&PathOrId::Id(1))
+        .await;
+    assert!(result.is_err());
+    assert_eq!(leaked.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn invalid_configuration_is_rejected() {
+    let mut bad_ca = ClientConfig::new(
+        "https://gitlab.example.com".parse().expect("url"),
+        SecretString::from(TOKEN),
+    );
+    bad_ca.extra_ca_pem = Some(b"not a certificate".to_vec());
+    let error = GitLabClient::new(bad_ca).expect_err("bad CA");
+    assert!(matches!(error, Error::Config { .. }));
+
+    let bad_scheme = ClientConfig::new(
+        "ftp://gitlab.example.com".parse().expect("url"),
+        SecretString::from(TOKEN),
+    );
+    assert!(GitLabClient::new(bad_scheme).is_err());
+
+    let bad_token = ClientConfig::new(
+        "https://gitlab.example.com".parse().expect("url"),
+        SecretString::from("line\nbreak"),
+    );
+    let error = GitLabClient::new(bad_token).expect_err("bad token");
+    assert!(!error.to_string().contains("line\nbreak"));
+}
+
+/// Collects everything every subscriber-visible event writes, at TRACE, process-wide.
+#[derive(Clone, Default)]
+struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Buffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("buffer").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn trace_buffer() -> Buffer {
+    static BUFFER: OnceLock<Buffer> = OnceLock::new();
+    BUFFER
+        .get_or_init(|| {
+            use tracing_subscriber::util::SubscriberInitExt;
+            let buffer = Buffer::default();
+            let writer = buffer.clone();
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::TRACE)
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .finish()
+                .try_init()
+                .expect("global subscriber");
+            buffer
+        })
+        .clone()
+}
+
+#[tokio::test]
+async fn token_and_passwords_never_appear_in_output() {
+    let buffer = trace_buffer();
+    const PASSWORD: &str = "upstream-password-do-not-leak";
+    let tokens_seen = Arc::new(Mutex::new(Vec::new()));
+    let seen = tokens_seen.clone();
+    let router = Router::new()
+        .route(
+            "/api/v4/virtual_registries/container/registries/{id}/upstreams",
+            post(move |headers: HeaderMap| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().expect("seen").push(
+                        headers
+                            .get("private-token")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned(),
+                    );
+                    (
+                        StatusCode::CREATED,
+                        axum::Json(json!({"id": 1, "group_id": 5, "name": "hub",
+                            "url": "https://registry-1.docker.io", "username": "bot",
+                            "cache_validity_hours": 24,
+                            "registry_upstream": {"id": 3, "registry_id": 1, "position": 1}})),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/api/v4/virtual_registries/container/upstreams/{id}",
+            any(|| async {
+                (
+                    StatusCode::UNAUTHORIZED,
+                    axum::Json(json!({"message": "401 Unauthorized"})),
+                )
+            }),
+        );
+    let address = serve(router).await;
+    let config = config(address);
+    let client = client(config.clone());
+    let credentials = UpstreamCredentials::new("bot", SecretString::from(PASSWORD));
+    let upstream = NewUpstream {
+        name: "hub".into(),
+        url: "https://registry-1.docker.io".into(),
+        credentials: Some(credentials.clone()),
+        ..NewUpstream::default()
+    };
+    let created = client.create_upstream(1, &upstream).await.expect("created");
+    assert_eq!(created.registry_upstream.map(|link| link.id), Some(3));
+    assert_eq!(
+        tokens_seen.lock().expect("seen").clone(),
+        vec![TOKEN.to_owned()]
+    );
+    let error = client.get_upstream(1).await.expect_err("401");
+    assert_eq!(error.reason(), "Unauthorized");
+
+    let outputs = [
+        format!("{config:?}"),
+        format!("{client:?}"),
+        format!("{error}"),
+        format!("{error:?}"),
+        format!("{upstream:?}"),
+        format!("{credentials:?}"),
+        String::from_utf8_lossy(&buffer.0.lock().expect("buffer")).into_owned(),
+    ];
+    let trace = outputs.last().expect("trace");
+    assert!(
+        trace.contains("/virtual_registries/container/registries/:id/upstreams"),
+        "tracing captured the request: {trace}"
+    );
+    for output in &outputs {
+        assert!(!output.contains(TOKEN), "token leaked: {output}");
+        assert!(!output.contains(PASSWORD), "password leaked: {output}");
+    }
+}
