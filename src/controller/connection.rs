@@ -1,0 +1,128 @@
+//! Reading what an object references in its own namespace: the GitLab connection (default or
+//! `spec.gitlab` with a token Secret) and credential Secrets. Secrets are only ever read from
+//! the object's own namespace.
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use secrecy::SecretString;
+
+use super::{Context, Error, Result};
+use crate::crd::GitLabConnection;
+use crate::gitlab::GitLabClient;
+
+/// A Secret's value with the version that identifies it.
+pub struct SecretValue {
+    pub value: SecretString,
+    pub resource_version: String,
+}
+
+/// Reads `key` of Secret `name` in `namespace`.
+pub async fn read_secret_key(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    key: &str,
+) -> Result<SecretValue> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let secret = api
+        .get_opt(name)
+        .await?
+        .ok_or_else(|| Error::SecretNotFound {
+            namespace: namespace.into(),
+            name: name.into(),
+        })?;
+    secret_key(&secret, namespace, key)
+}
+
+/// Reads `key` of an already fetched Secret (`data`, or `stringData` as written in a manifest).
+pub fn secret_key(secret: &Secret, namespace: &str, key: &str) -> Result<SecretValue> {
+    let name = secret.metadata.name.clone().unwrap_or_default();
+    let missing = || Error::SecretKeyMissing {
+        namespace: namespace.into(),
+        name: name.clone(),
+        key: key.into(),
+    };
+    let value = match secret.data.as_ref().and_then(|data| data.get(key)) {
+        Some(bytes) => String::from_utf8(bytes.0.clone()).map_err(|_| missing())?,
+        None => secret
+            .string_data
+            .as_ref()
+            .and_then(|data| data.get(key))
+            .cloned()
+            .ok_or_else(missing)?,
+    };
+    Ok(SecretValue {
+        value: SecretString::from(value.trim_end_matches(['\n', '\r']).to_owned()),
+        resource_version: secret.metadata.resource_version.clone().unwrap_or_default(),
+    })
+}
+
+/// The GitLab client an object uses: its `spec.gitlab` (token from a Secret in its own
+/// namespace), else the operator's default.
+pub async fn gitlab_client(
+    ctx: &Context,
+    namespace: &str,
+    connection: Option<&GitLabConnection>,
+) -> Result<GitLabClient> {
+    let (url, token, key) = match connection {
+        Some(connection) => {
+            let url = url::Url::parse(&connection.url).map_err(|error| {
+                Error::InvalidSpec(format!("spec.gitlab.url {:?}: {error}", connection.url))
+            })?;
+            let secret_ref = &connection.token_secret_ref;
+            let token = read_secret_key(ctx, namespace, &secret_ref.name, &secret_ref.key).await?;
+            // The resource version changes with the token, so a rotated token gets a new client.
+            let key = format!(
+                "{url}|{namespace}/{}#{}",
+                secret_ref.name, token.resource_version
+            );
+            (url, token.value, key)
+        }
+        None => {
+            let default = ctx
+                .config
+                .default_gitlab
+                .as_ref()
+                .ok_or(Error::ConnectionMissing)?;
+            (
+                default.url.clone(),
+                default.token.clone(),
+                format!("{}|default", default.url),
+            )
+        }
+    };
+    ctx.gitlab
+        .get_or_create(&key, || GitLabClient::new(ctx.client_config(url, token)))
+        .map_err(|error| Error::Sync(error.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::ByteString;
+    use secrecy::ExposeSecret;
+
+    #[test]
+    fn reads_data_and_string_data_and_names_a_missing_key() {
+        let mut secret = Secret::default();
+        secret.metadata.name = Some("creds".into());
+        secret.metadata.resource_version = Some("7".into());
+        secret.data = Some([("password".to_string(), ByteString(b"s3cret\n".to_vec()))].into());
+        secret.string_data = Some([("username".to_string(), "robot".to_string())].into());
+        let password = secret_key(&secret, "team", "password").expect("data key");
+        assert_eq!(password.value.expose_secret(), "s3cret");
+        assert_eq!(password.resource_version, "7");
+        assert_eq!(
+            secret_key(&secret, "team", "username")
+                .expect("stringData key")
+                .value
+                .expose_secret(),
+            "robot"
+        );
+        let error = secret_key(&secret, "team", "token")
+            .err()
+            .expect("missing key");
+        assert_eq!(error.reason(), "SecretNotFound");
+        assert!(error.to_string().contains("team/creds") && error.to_string().contains("token"));
+    }
+}

@@ -1,0 +1,138 @@
+//! What every reconcile shares: the Kubernetes client, the GitLab client pool, the reflector
+//! stores of the other kinds, the event recorder, metrics and the operator's settings.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use secrecy::SecretString;
+use url::Url;
+
+use super::metrics::Metrics;
+use crate::crd::{Upstream, VirtualRegistry};
+use crate::gitlab::{ClientConfig, GitLabClient, RequestObserver};
+
+/// Settings from the command line.
+#[derive(Clone, Debug)]
+pub struct OperatorConfig {
+    /// The default GitLab connection (`--gitlab-url` + `GITLAB_TOKEN`), if configured.
+    pub default_gitlab: Option<DefaultConnection>,
+    /// Extra CA certificates (PEM) for self-managed GitLab.
+    pub gitlab_ca_pem: Option<Vec<u8>>,
+    /// Client-side GitLab request rate per host.
+    pub gitlab_requests_per_second: Option<f64>,
+    /// Every object is reconciled at least this often (drift correction).
+    pub resync: Duration,
+}
+
+/// The operator-wide GitLab connection.
+#[derive(Clone, Debug)]
+pub struct DefaultConnection {
+    pub url: Url,
+    pub token: SecretString,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        Self {
+            default_gitlab: None,
+            gitlab_ca_pem: None,
+            gitlab_requests_per_second: None,
+            resync: Duration::from_secs(600),
+        }
+    }
+}
+
+/// GitLab clients, one per (url, token source), so connection pools and rate limiters are
+/// shared between objects that use the same GitLab.
+#[derive(Default)]
+pub struct GitLabClients {
+    clients: Mutex<HashMap<String, GitLabClient>>,
+}
+
+impl GitLabClients {
+    /// The client for `key` (which must change when the token changes), built on first use.
+    pub fn get_or_create(
+        &self,
+        key: &str,
+        build: impl FnOnce() -> crate::gitlab::Result<GitLabClient>,
+    ) -> crate::gitlab::Result<GitLabClient> {
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(client) = clients.get(key) {
+            return Ok(client.clone());
+        }
+        let client = build()?;
+        clients.insert(key.to_owned(), client.clone());
+        Ok(client)
+    }
+}
+
+pub struct Context {
+    pub client: kube::Client,
+    pub config: OperatorConfig,
+    pub gitlab: GitLabClients,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub registries: Store<VirtualRegistry>,
+    pub upstreams: Store<Upstream>,
+    /// Consecutive failures per object, for backoff; cleared on success.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: kube::Client,
+        config: OperatorConfig,
+        metrics: Arc<Metrics>,
+        registries: Store<VirtualRegistry>,
+        upstreams: Store<Upstream>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: super::FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            config,
+            gitlab: GitLabClients::default(),
+            metrics,
+            registries,
+            upstreams,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A client configuration with the operator's CA, rate and metrics settings.
+    pub fn client_config(&self, url: Url, token: SecretString) -> ClientConfig {
+        let mut config = ClientConfig::new(url, token);
+        config.extra_ca_pem = self.config.gitlab_ca_pem.clone();
+        config.requests_per_second = self.config.gitlab_requests_per_second;
+        config.metrics = Some(self.metrics.clone() as Arc<dyn RequestObserver>);
+        config
+    }
+
+    /// Records a failure of `object` and returns how many happened in a row.
+    pub fn record_failure(&self, object: &str) -> u32 {
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = failures.entry(object.to_owned()).or_insert(0);
+        *count += 1;
+        *count
+    }
+
+    pub fn record_success(&self, object: &str) {
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        failures.remove(object);
+    }
+}

@@ -1,0 +1,239 @@
+//! Prometheus metrics of the operator: reconciles, errors by reason, durations, GitLab
+//! requests by route and status, and cleanup counters. Labels are bounded sets (kinds,
+//! reasons, route templates), never object names or ids.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::gitlab::RequestObserver;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub kind: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: String,
+    pub route: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub method: String,
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TagLabels {
+    /// `evaluated`, `deleted`, `kept`, `would_delete`.
+    pub outcome: String,
+    /// Why a tag was kept (`KeepN`, `Protected`, …), or `none`.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RunLabels {
+    pub outcome: String,
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub reconciles: Family<KindLabels, Counter>,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    pub reconcile_duration: Family<KindLabels, Histogram>,
+    pub gitlab_requests: Family<RequestLabels, Counter>,
+    pub gitlab_request_duration: Family<RouteLabels, Histogram>,
+    pub cleanup_tags: Family<TagLabels, Counter>,
+    pub cleanup_runs: Family<RunLabels, Counter>,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("gitlab_registry_operator");
+        let reconciles = Family::<KindLabels, Counter>::default();
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        let reconcile_duration = Family::<KindLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        let gitlab_requests = Family::<RequestLabels, Counter>::default();
+        let gitlab_request_duration = Family::<RouteLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        let cleanup_tags = Family::<TagLabels, Counter>::default();
+        let cleanup_runs = Family::<RunLabels, Counter>::default();
+        registry.register(
+            "reconciles",
+            "Reconciles started, by kind",
+            reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed, by kind and reason",
+            reconcile_errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconcile duration, by kind",
+            reconcile_duration.clone(),
+        );
+        registry.register(
+            "gitlab_requests",
+            "GitLab API requests, by method, route and status",
+            gitlab_requests.clone(),
+        );
+        registry.register(
+            "gitlab_request_duration_seconds",
+            "GitLab API request latency, by method and route",
+            gitlab_request_duration.clone(),
+        );
+        registry.register(
+            "cleanup_tags",
+            "Tags evaluated, deleted and kept by cleanups, by reason",
+            cleanup_tags.clone(),
+        );
+        registry.register(
+            "cleanup_runs",
+            "Cleanup runs, by outcome",
+            cleanup_runs.clone(),
+        );
+        Self {
+            registry: Mutex::new(registry),
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            gitlab_requests,
+            gitlab_request_duration,
+            cleanup_tags,
+            cleanup_runs,
+        }
+    }
+}
+
+impl Metrics {
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        text
+    }
+
+    pub fn reconcile_started(&self, kind: &str) {
+        self.reconciles
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
+    }
+
+    pub fn reconcile_finished(&self, kind: &str, elapsed: Duration, error_reason: Option<&str>) {
+        self.reconcile_duration
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .observe(elapsed.as_secs_f64());
+        if let Some(reason) = error_reason {
+            self.reconcile_errors
+                .get_or_create(&ErrorLabels {
+                    kind: kind.into(),
+                    reason: reason.into(),
+                })
+                .inc();
+        }
+    }
+
+    pub fn count_tags(&self, outcome: &str, reason: &str, count: u64) {
+        if count > 0 {
+            self.cleanup_tags
+                .get_or_create(&TagLabels {
+                    outcome: outcome.into(),
+                    reason: reason.into(),
+                })
+                .inc_by(count);
+        }
+    }
+
+    pub fn count_run(&self, outcome: &str) {
+        self.cleanup_runs
+            .get_or_create(&RunLabels {
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+}
+
+impl RequestObserver for Metrics {
+    fn observe(&self, method: &str, route_template: &str, status: Option<u16>, latency: Duration) {
+        let status = status.map_or_else(|| "none".to_string(), |s| s.to_string());
+        self.gitlab_requests
+            .get_or_create(&RequestLabels {
+                method: method.into(),
+                route: route_template.into(),
+                status,
+            })
+            .inc();
+        self.gitlab_request_duration
+            .get_or_create(&RouteLabels {
+                method: method.into(),
+                route: route_template.into(),
+            })
+            .observe(latency.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_carries_every_family_with_bounded_labels() {
+        let metrics = Metrics::default();
+        metrics.reconcile_started("Upstream");
+        metrics.reconcile_finished(
+            "Upstream",
+            Duration::from_millis(20),
+            Some("GitLabUnavailable"),
+        );
+        metrics.observe(
+            "GET",
+            "/virtual_registries/container/upstreams/:id",
+            Some(200),
+            Duration::from_millis(3),
+        );
+        metrics.count_tags("deleted", "none", 4);
+        metrics.count_run("Succeeded");
+        let text = metrics.encode();
+        assert!(
+            text.contains("gitlab_registry_operator_reconciles_total{kind=\"Upstream\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("gitlab_registry_operator_reconcile_errors_total{kind=\"Upstream\",reason=\"GitLabUnavailable\"} 1"));
+        assert!(
+            text.contains("route=\"/virtual_registries/container/upstreams/:id\",status=\"200\"")
+        );
+        assert!(text.contains(
+            "gitlab_registry_operator_cleanup_tags_total{outcome=\"deleted\",reason=\"none\"} 4"
+        ));
+        assert!(
+            text.contains("gitlab_registry_operator_cleanup_runs_total{outcome=\"Succeeded\"} 1")
+        );
+    }
+}

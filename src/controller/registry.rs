@@ -1,0 +1,328 @@
+//! The VirtualRegistry controller: dereference (connection, the listed Upstreams' GitLab ids)
+//! → the `sync::registry` engine → status and Events. On deletion with policy `Delete`,
+//! upstreams whose objects still exist are disassociated first so GitLab keeps them.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Api, Resource, ResourceExt};
+
+use super::connection::gitlab_client;
+use super::status::{apply_status, now, publish, publish_actions};
+use super::{Context, Error, Result, error::retry_delay};
+use crate::crd::conditions::{self, ConditionUpdate, READY, SYNCED, Status, UPSTREAMS_RESOLVED};
+use crate::crd::virtual_registry::RegistryUpstreamStatus;
+use crate::crd::{
+    DeletionPolicy, FINALIZER, PURGE_CACHE_REQUESTED_AT, RECONCILE_REQUESTED_AT, Upstream,
+    VirtualRegistry, VirtualRegistryStatus,
+};
+use crate::gitlab::PathOrId;
+use crate::sync::registry::{
+    DesiredMember, DesiredRegistry, KnownRegistry, RegistryOutcome, RegistryRequest, Resolution,
+};
+use crate::sync::{self, Mode};
+
+const KIND: &str = "VirtualRegistry";
+
+pub async fn reconcile(registry: Arc<VirtualRegistry>, ctx: Arc<Context>) -> Result<Requeue> {
+    let started = Instant::now();
+    ctx.metrics.reconcile_started(KIND);
+    let namespace = registry.namespace().unwrap_or_default();
+    let api: Api<VirtualRegistry> = Api::namespaced(ctx.client.clone(), &namespace);
+    let key = object_key(&registry);
+    let result = finalizer(&api, FINALIZER, registry, |event| async {
+        match event {
+            Finalizer::Apply(registry) => apply(&registry, &ctx, &api).await,
+            Finalizer::Cleanup(registry) => cleanup(&registry, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|error| match error {
+        kube::runtime::finalizer::Error::ApplyFailed(inner)
+        | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner,
+        other => Error::Finalizer(other.to_string()),
+    });
+    ctx.metrics.reconcile_finished(
+        KIND,
+        started.elapsed(),
+        result.as_ref().err().map(Error::reason),
+    );
+    if result.is_ok() {
+        ctx.record_success(&key);
+    }
+    result
+}
+
+pub fn error_policy(registry: Arc<VirtualRegistry>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    let attempt = ctx.record_failure(&object_key(&registry));
+    tracing::warn!(reason = error.reason(), %error, "VirtualRegistry reconcile failed");
+    Requeue::requeue(retry_delay(
+        error,
+        attempt.saturating_sub(1),
+        ctx.config.resync,
+    ))
+}
+
+fn object_key(registry: &VirtualRegistry) -> String {
+    format!(
+        "{KIND}/{}/{}",
+        registry.namespace().unwrap_or_default(),
+        registry.name_any()
+    )
+}
+
+async fn apply(
+    registry: &VirtualRegistry,
+    ctx: &Context,
+    api: &Api<VirtualRegistry>,
+) -> Result<Requeue> {
+    let current = registry.status.clone().unwrap_or_default();
+    let generation = registry.metadata.generation;
+    if registry.spec.suspend {
+        let mut status = current.clone();
+        status.observed_generation = generation;
+        conditions::set_condition(
+            &mut status.conditions,
+            ConditionUpdate::new(
+                READY,
+                Status::False,
+                "Suspended",
+                "spec.suspend is true: nothing is sent to GitLab",
+            ),
+            generation,
+            &now(),
+        );
+        apply_status(api, registry, registry.status.as_ref(), &status).await?;
+        return Ok(Requeue::await_change());
+    }
+    let namespace = registry.namespace().unwrap_or_default();
+    let synced = async {
+        let client = gitlab_client(ctx, &namespace, registry.spec.gitlab.as_ref()).await?;
+        let upstreams = ctx.upstreams.state();
+        let request = build_request(registry, upstreams.iter().map(|u| u.as_ref()));
+        Ok::<_, Error>(sync::registry::reconcile(&client, &request).await)
+    }
+    .await;
+    match synced {
+        Ok(outcome) => {
+            let status = status_from_outcome(registry, &current, &outcome);
+            apply_status(api, registry, registry.status.as_ref(), &status).await?;
+            publish_actions(ctx, registry, &outcome.actions).await;
+            if let Some(error) = outcome.error {
+                publish(
+                    ctx,
+                    registry,
+                    EventType::Warning,
+                    error.reason(),
+                    &error.message(),
+                )
+                .await;
+                return Err(Error::Sync(error));
+            }
+            Ok(Requeue::requeue(ctx.config.resync))
+        }
+        Err(error) => {
+            let mut status = current.clone();
+            let now = now();
+            status.observed_generation = generation;
+            conditions::set_condition(
+                &mut status.conditions,
+                ConditionUpdate::new(SYNCED, false, error.reason(), error.message()),
+                generation,
+                &now,
+            );
+            let ready = conditions::ready_summary(&status.conditions, &[SYNCED]);
+            conditions::set_condition(&mut status.conditions, ready, generation, &now);
+            apply_status(api, registry, registry.status.as_ref(), &status).await?;
+            Err(error)
+        }
+    }
+}
+
+/// The engine's input from the object and the Upstream objects in the cluster. Pure.
+pub fn build_request<'a>(
+    registry: &VirtualRegistry,
+    upstreams: impl Iterator<Item = &'a Upstream>,
+) -> RegistryRequest {
+    let namespace = registry.namespace();
+    let in_namespace: Vec<&Upstream> = upstreams.filter(|u| u.namespace() == namespace).collect();
+    let members = registry
+        .spec
+        .upstreams
+        .iter()
+        .map(|reference| {
+            let resolution = match in_namespace.iter().find(|u| u.name_any() == reference.name) {
+                None => Resolution::Missing,
+                Some(upstream) => match upstream.status.as_ref().and_then(|s| s.upstream_id) {
+                    Some(id) => Resolution::Resolved(id),
+                    None => Resolution::Pending,
+                },
+            };
+            DesiredMember {
+                name: reference.name.clone(),
+                resolution,
+            }
+        })
+        .collect();
+    let status = registry.status.clone().unwrap_or_default();
+    RegistryRequest {
+        desired: DesiredRegistry {
+            group: PathOrId::parse(&registry.spec.group),
+            name: registry.gitlab_name(),
+            description: registry.spec.description.clone(),
+            members,
+        },
+        known: KnownRegistry {
+            registry_id: status.registry_id,
+            last_handled_purge_cache: status.last_handled_purge_cache_at,
+        },
+        purge_cache_request: registry
+            .annotations()
+            .get(PURGE_CACHE_REQUESTED_AT)
+            .cloned(),
+        mode: Mode::Apply,
+    }
+}
+
+/// The status to write after an engine run. Pure.
+pub fn status_from_outcome(
+    registry: &VirtualRegistry,
+    current: &VirtualRegistryStatus,
+    outcome: &RegistryOutcome,
+) -> VirtualRegistryStatus {
+    let generation = registry.metadata.generation;
+    let now = now();
+    let mut status = current.clone();
+    status.observed_generation = generation;
+    status.registry_id = outcome.registry_id;
+    if outcome.group_id.is_some() {
+        status.group_id = outcome.group_id;
+    }
+    status.pull_prefix = outcome.pull_prefix.clone();
+    if outcome.error.is_none() {
+        status.upstreams = outcome
+            .members
+            .iter()
+            .filter_map(|member| {
+                Some(RegistryUpstreamStatus {
+                    name: member.name.clone(),
+                    upstream_id: member.upstream_id,
+                    association_id: member.association_id?,
+                    position: i32::try_from(member.position).ok()?,
+                })
+            })
+            .collect();
+    }
+    status.last_handled_purge_cache_at = outcome.last_handled_purge_cache.clone();
+    status.last_handled_reconcile_at = registry.annotations().get(RECONCILE_REQUESTED_AT).cloned();
+    conditions::set_condition(
+        &mut status.conditions,
+        outcome.synced.clone(),
+        generation,
+        &now,
+    );
+    conditions::set_condition(
+        &mut status.conditions,
+        outcome.upstreams_resolved.clone(),
+        generation,
+        &now,
+    );
+    let ready = conditions::ready_summary(&status.conditions, &[SYNCED, UPSTREAMS_RESOLVED]);
+    conditions::set_condition(&mut status.conditions, ready, generation, &now);
+    status
+}
+
+/// GitLab ids of the Upstream objects that stay (exist and are not being deleted) in the
+/// registry's namespace: their upstreams must survive the registry's deletion.
+pub fn upstream_ids_to_keep<'a>(
+    registry: &VirtualRegistry,
+    upstreams: impl Iterator<Item = &'a Upstream>,
+) -> HashSet<i64> {
+    let namespace = registry.namespace();
+    upstreams
+        .filter(|u| u.namespace() == namespace && u.meta().deletion_timestamp.is_none())
+        .filter_map(|u| u.status.as_ref().and_then(|s| s.upstream_id))
+        .collect()
+}
+
+async fn cleanup(registry: &VirtualRegistry, ctx: &Context) -> Result<Requeue> {
+    let registry_id = registry.status.as_ref().and_then(|s| s.registry_id);
+    let Some(registry_id) =
+        registry_id.filter(|_| registry.spec.deletion_policy == DeletionPolicy::Delete)
+    else {
+        return Ok(Requeue::await_change());
+    };
+    let namespace = registry.namespace().unwrap_or_default();
+    let client = gitlab_client(ctx, &namespace, registry.spec.gitlab.as_ref()).await?;
+    let keep = upstream_ids_to_keep(registry, ctx.upstreams.state().iter().map(|u| u.as_ref()));
+    let actions = sync::registry::delete(&client, registry_id, &keep, Mode::Apply).await?;
+    publish_actions(ctx, registry, &actions).await;
+    Ok(Requeue::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::upstream::UpstreamStatus;
+
+    fn upstream(name: &str, namespace: &str, id: Option<i64>) -> Upstream {
+        let mut upstream: Upstream = serde_saphyr::from_str(&format!(
+            "apiVersion: gitlabregistry.io/v1alpha1\nkind: Upstream\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {{group: my-org, url: 'https://quay.io'}}\n"
+        ))
+        .expect("valid");
+        upstream.status = Some(UpstreamStatus {
+            upstream_id: id,
+            ..Default::default()
+        });
+        upstream
+    }
+
+    fn registry() -> VirtualRegistry {
+        serde_saphyr::from_str(
+            "apiVersion: gitlabregistry.io/v1alpha1\nkind: VirtualRegistry\nmetadata: {name: cache, namespace: team}\nspec: {group: my-org, upstreams: [{name: dockerhub}, {name: quay}, {name: ghcr}]}\n",
+        )
+        .expect("valid")
+    }
+
+    #[test]
+    fn members_resolve_only_within_the_namespace() {
+        let upstreams = [
+            upstream("dockerhub", "team", Some(3)),
+            upstream("quay", "team", None),
+            upstream("ghcr", "other", Some(8)),
+        ];
+        let request = build_request(&registry(), upstreams.iter());
+        let resolutions: Vec<_> = request
+            .desired
+            .members
+            .iter()
+            .map(|m| m.resolution.clone())
+            .collect();
+        assert_eq!(
+            resolutions,
+            vec![
+                Resolution::Resolved(3),
+                Resolution::Pending,
+                Resolution::Missing
+            ]
+        );
+        assert_eq!(request.desired.name, "cache");
+    }
+
+    #[test]
+    fn upstreams_being_deleted_are_not_kept() {
+        let mut leaving = upstream("quay", "team", Some(4));
+        leaving.metadata.deletion_timestamp = Some(now());
+        let upstreams = [
+            upstream("dockerhub", "team", Some(3)),
+            leaving,
+            upstream("ghcr", "other", Some(8)),
+        ];
+        let keep = upstream_ids_to_keep(&registry(), upstreams.iter());
+        assert_eq!(keep, HashSet::from([3]));
+    }
+}

@@ -1,0 +1,77 @@
+//! Writing back: status by server-side apply (only when it changed) and Events for what a
+//! reconcile did.
+
+use std::fmt::Debug;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{Context, FIELD_MANAGER, Result};
+use crate::sync::Action;
+
+pub fn now() -> Time {
+    Time(jiff::Timestamp::now())
+}
+
+/// Applies `status` with the operator's field manager, unless it equals `current`.
+/// Returns whether a patch was sent.
+pub async fn apply_status<K, S>(
+    api: &Api<K>,
+    object: &K,
+    current: Option<&S>,
+    status: &S,
+) -> Result<bool>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    S: Serialize + PartialEq,
+{
+    if current == Some(status) {
+        return Ok(false);
+    }
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &object.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(true)
+}
+
+/// Publishes one Event per action; failures to publish are logged, never fatal.
+pub async fn publish_actions<K>(ctx: &Context, object: &K, actions: &[Action])
+where
+    K: Resource<DynamicType = ()>,
+{
+    for action in actions {
+        let type_ = match action.reason {
+            "ConnectivityTestFailed" | "NotFound" => EventType::Warning,
+            _ => EventType::Normal,
+        };
+        publish(ctx, object, type_, action.reason, &action.message).await;
+    }
+}
+
+pub async fn publish<K>(ctx: &Context, object: &K, type_: EventType, reason: &str, note: &str)
+where
+    K: Resource<DynamicType = ()>,
+{
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
+        tracing::warn!(%error, reason, "could not publish event");
+    }
+}

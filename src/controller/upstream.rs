@@ -1,0 +1,435 @@
+//! The Upstream controller: dereference (connection, credentials Secret, a registry to create
+//! through) → validate → the `sync::upstream` engine → status and Events.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Api, Resource, ResourceExt};
+
+use super::connection::{gitlab_client, read_secret_key};
+use super::status::{apply_status, now, publish, publish_actions};
+use super::{Context, Error, Result, error::retry_delay};
+use crate::cleanup::parse_duration;
+use crate::crd::conditions::{self, ConditionUpdate, READY, SYNCED, Status};
+use crate::crd::upstream::{AppliedCredentials, ConnectivityCheckResult};
+use crate::crd::{
+    DeletionPolicy, FINALIZER, PURGE_CACHE_REQUESTED_AT, RECONCILE_REQUESTED_AT, Upstream,
+    UpstreamStatus, VirtualRegistry,
+};
+use crate::gitlab::{PathOrId, UpstreamCredentials};
+use crate::sync::upstream::{
+    ConnectivityCheck, CredentialsVersion, DesiredUpstream, KnownUpstream, ResolvedCredentials,
+    UpstreamOutcome, UpstreamRequest,
+};
+use crate::sync::{self, Mode};
+
+const KIND: &str = "Upstream";
+
+pub async fn reconcile(upstream: Arc<Upstream>, ctx: Arc<Context>) -> Result<Requeue> {
+    let started = Instant::now();
+    ctx.metrics.reconcile_started(KIND);
+    let namespace = upstream.namespace().unwrap_or_default();
+    let api: Api<Upstream> = Api::namespaced(ctx.client.clone(), &namespace);
+    let key = object_key(&upstream);
+    let result = finalizer(&api, FINALIZER, upstream, |event| async {
+        match event {
+            Finalizer::Apply(upstream) => apply(&upstream, &ctx, &api).await,
+            Finalizer::Cleanup(upstream) => cleanup(&upstream, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|error| match error {
+        kube::runtime::finalizer::Error::ApplyFailed(inner)
+        | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner,
+        other => Error::Finalizer(other.to_string()),
+    });
+    ctx.metrics.reconcile_finished(
+        KIND,
+        started.elapsed(),
+        result.as_ref().err().map(Error::reason),
+    );
+    if result.is_ok() {
+        ctx.record_success(&key);
+    }
+    result
+}
+
+pub fn error_policy(upstream: Arc<Upstream>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    let attempt = ctx.record_failure(&object_key(&upstream));
+    tracing::warn!(reason = error.reason(), %error, "Upstream reconcile failed");
+    Requeue::requeue(retry_delay(
+        error,
+        attempt.saturating_sub(1),
+        ctx.config.resync,
+    ))
+}
+
+fn object_key(upstream: &Upstream) -> String {
+    format!(
+        "{KIND}/{}/{}",
+        upstream.namespace().unwrap_or_default(),
+        upstream.name_any()
+    )
+}
+
+async fn apply(upstream: &Upstream, ctx: &Context, api: &Api<Upstream>) -> Result<Requeue> {
+    let current = upstream.status.clone().unwrap_or_default();
+    let generation = upstream.metadata.generation;
+    if upstream.spec.suspend {
+        let status = suspended_status(&current, generation);
+        apply_status(api, upstream, upstream.status.as_ref(), &status).await?;
+        return Ok(Requeue::await_change());
+    }
+    match dereference_and_sync(upstream, ctx).await {
+        Ok(outcome) => {
+            let status = status_from_outcome(upstream, &current, &outcome);
+            apply_status(api, upstream, upstream.status.as_ref(), &status).await?;
+            publish_actions(ctx, upstream, &outcome.actions).await;
+            if let Some(error) = outcome.error {
+                publish(
+                    ctx,
+                    upstream,
+                    EventType::Warning,
+                    error.reason(),
+                    &error.message(),
+                )
+                .await;
+                return Err(Error::Sync(error));
+            }
+            let next = outcome
+                .next_check_in
+                .map_or(ctx.config.resync, |d| d.min(ctx.config.resync));
+            Ok(Requeue::requeue(next))
+        }
+        Err(error) => {
+            let mut status = current.clone();
+            let now = now();
+            conditions::set_condition(
+                &mut status.conditions,
+                ConditionUpdate::new(SYNCED, false, error.reason(), error.message()),
+                generation,
+                &now,
+            );
+            let ready = conditions::ready_summary(&status.conditions, &[SYNCED]);
+            conditions::set_condition(&mut status.conditions, ready, generation, &now);
+            status.observed_generation = generation;
+            apply_status(api, upstream, upstream.status.as_ref(), &status).await?;
+            Err(error)
+        }
+    }
+}
+
+/// Everything the engine needs, read from the cluster, then one engine run.
+async fn dereference_and_sync(upstream: &Upstream, ctx: &Context) -> Result<UpstreamOutcome> {
+    let namespace = upstream.namespace().unwrap_or_default();
+    let client = gitlab_client(ctx, &namespace, upstream.spec.gitlab.as_ref()).await?;
+    let credentials = match &upstream.spec.credentials_secret_ref {
+        None => None,
+        Some(reference) => {
+            let username =
+                read_secret_key(ctx, &namespace, &reference.name, &reference.username_key).await?;
+            let password =
+                read_secret_key(ctx, &namespace, &reference.name, &reference.password_key).await?;
+            use secrecy::ExposeSecret;
+            Some(ResolvedCredentials {
+                credentials: UpstreamCredentials::new(
+                    username.value.expose_secret(),
+                    password.value,
+                ),
+                version: CredentialsVersion {
+                    secret_name: reference.name.clone(),
+                    resource_version: username.resource_version,
+                },
+            })
+        }
+    };
+    let registries = ctx.registries.state();
+    let request = build_request(
+        upstream,
+        credentials,
+        registries.iter().map(|r| r.as_ref()),
+        jiff::Timestamp::now(),
+    )?;
+    Ok(sync::upstream::reconcile(&client, &request).await)
+}
+
+/// The engine's input from the object, its credentials and the registries in the cluster.
+/// Pure: validation and the choice of registry are tested without a cluster.
+pub fn build_request<'a>(
+    upstream: &Upstream,
+    credentials: Option<ResolvedCredentials>,
+    registries: impl Iterator<Item = &'a VirtualRegistry>,
+    now: jiff::Timestamp,
+) -> Result<UpstreamRequest> {
+    let spec = &upstream.spec;
+    let interval = parse_duration(&spec.connectivity_check.interval)
+        .map_err(|error| Error::InvalidSpec(format!("connectivityCheck.interval: {error}")))?;
+    let name = upstream.gitlab_name();
+    let namespace = upstream.namespace();
+    let registry_for_create = registries
+        .filter(|registry| {
+            registry.namespace() == namespace && registry.meta().deletion_timestamp.is_none()
+        })
+        .filter(|registry| registry.spec.group == spec.group)
+        .filter(|registry| {
+            registry
+                .spec
+                .upstreams
+                .iter()
+                .any(|u| u.name == upstream.name_any())
+        })
+        .filter_map(|registry| registry.status.as_ref().and_then(|s| s.registry_id))
+        .min();
+    let status = upstream.status.clone().unwrap_or_default();
+    Ok(UpstreamRequest {
+        desired: DesiredUpstream {
+            group: PathOrId::parse(&spec.group),
+            name,
+            url: spec.url.clone(),
+            description: spec.description.clone(),
+            cache_validity_hours: i64::from(spec.cache_validity_hours),
+            credentials,
+            gate_changes: spec.connectivity_check.gate_changes,
+            connectivity_interval: interval.max(Duration::from_secs(10)),
+        },
+        known: KnownUpstream {
+            upstream_id: status.upstream_id,
+            group_id: status.group_id,
+            applied_credentials: status
+                .applied_credentials
+                .map(|applied| CredentialsVersion {
+                    secret_name: applied.secret_name,
+                    resource_version: applied.resource_version,
+                }),
+            last_check: status
+                .last_connectivity_check
+                .map(|check| ConnectivityCheck {
+                    time: check.time.0,
+                    success: check.success,
+                    result: check.result,
+                }),
+            last_handled_purge_cache: status.last_handled_purge_cache_at,
+        },
+        registry_for_create,
+        purge_cache_request: upstream
+            .annotations()
+            .get(PURGE_CACHE_REQUESTED_AT)
+            .cloned(),
+        now,
+        mode: Mode::Apply,
+    })
+}
+
+/// The status to write after an engine run. Pure.
+pub fn status_from_outcome(
+    upstream: &Upstream,
+    current: &UpstreamStatus,
+    outcome: &UpstreamOutcome,
+) -> UpstreamStatus {
+    let generation = upstream.metadata.generation;
+    let now = now();
+    let mut status = current.clone();
+    status.observed_generation = generation;
+    status.upstream_id = outcome.upstream_id;
+    status.group_id = outcome.group_id;
+    status.applied_credentials =
+        outcome
+            .applied_credentials
+            .as_ref()
+            .map(|applied| AppliedCredentials {
+                secret_name: applied.secret_name.clone(),
+                resource_version: applied.resource_version.clone(),
+            });
+    status.last_connectivity_check =
+        outcome
+            .last_check
+            .as_ref()
+            .map(|check| ConnectivityCheckResult {
+                time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(check.time),
+                success: check.success,
+                result: check.result.clone(),
+            });
+    status.last_handled_purge_cache_at = outcome.last_handled_purge_cache.clone();
+    status.last_handled_reconcile_at = upstream.annotations().get(RECONCILE_REQUESTED_AT).cloned();
+    conditions::set_condition(
+        &mut status.conditions,
+        outcome.synced.clone(),
+        generation,
+        &now,
+    );
+    let mut components = vec![SYNCED];
+    if let Some(reachable) = &outcome.reachable {
+        conditions::set_condition(&mut status.conditions, reachable.clone(), generation, &now);
+        components.push(conditions::REACHABLE);
+    }
+    let ready = conditions::ready_summary(&status.conditions, &components);
+    conditions::set_condition(&mut status.conditions, ready, generation, &now);
+    status
+}
+
+fn suspended_status(current: &UpstreamStatus, generation: Option<i64>) -> UpstreamStatus {
+    let mut status = current.clone();
+    status.observed_generation = generation;
+    conditions::set_condition(
+        &mut status.conditions,
+        ConditionUpdate::new(
+            READY,
+            Status::False,
+            "Suspended",
+            "spec.suspend is true: nothing is sent to GitLab",
+        ),
+        generation,
+        &now(),
+    );
+    status
+}
+
+async fn cleanup(upstream: &Upstream, ctx: &Context) -> Result<Requeue> {
+    let upstream_id = upstream.status.as_ref().and_then(|s| s.upstream_id);
+    let Some(upstream_id) =
+        upstream_id.filter(|_| upstream.spec.deletion_policy == DeletionPolicy::Delete)
+    else {
+        return Ok(Requeue::await_change());
+    };
+    let namespace = upstream.namespace().unwrap_or_default();
+    let client = gitlab_client(ctx, &namespace, upstream.spec.gitlab.as_ref()).await?;
+    let action = sync::upstream::delete(&client, upstream_id, Mode::Apply).await?;
+    publish(
+        ctx,
+        upstream,
+        EventType::Normal,
+        action.reason,
+        &action.message,
+    )
+    .await;
+    Ok(Requeue::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::virtual_registry::VirtualRegistryStatus;
+    use crate::crd::{LocalObjectReference, VirtualRegistrySpec};
+
+    fn upstream(yaml: &str) -> Upstream {
+        serde_saphyr::from_str(yaml).expect("valid Upstream")
+    }
+
+    fn registry(name: &str, group: &str, upstreams: &[&str], id: Option<i64>) -> VirtualRegistry {
+        let mut registry = VirtualRegistry::new(
+            name,
+            VirtualRegistrySpec {
+                group: group.into(),
+                name: None,
+                description: None,
+                upstreams: upstreams
+                    .iter()
+                    .map(|u| LocalObjectReference { name: (*u).into() })
+                    .collect(),
+                deletion_policy: DeletionPolicy::Delete,
+                suspend: false,
+                gitlab: None,
+            },
+        );
+        registry.metadata.namespace = Some("team".into());
+        registry.status = Some(VirtualRegistryStatus {
+            registry_id: id,
+            ..Default::default()
+        });
+        registry
+    }
+
+    const DOCKERHUB: &str = "apiVersion: gitlabregistry.io/v1alpha1\nkind: Upstream\nmetadata: {name: dockerhub, namespace: team, generation: 2}\nspec: {group: my-org, url: 'https://registry-1.docker.io'}\n";
+
+    #[test]
+    fn creates_through_the_lowest_id_registry_of_the_same_group_and_namespace_that_lists_it() {
+        let upstream = upstream(DOCKERHUB);
+        let registries = [
+            registry("a", "my-org", &["dockerhub"], Some(9)),
+            registry("b", "my-org", &["dockerhub"], Some(4)),
+            registry("c", "other-org", &["dockerhub"], Some(1)),
+            registry("d", "my-org", &["quay"], Some(2)),
+            registry("e", "my-org", &["dockerhub"], None),
+        ];
+        let request = build_request(
+            &upstream,
+            None,
+            registries.iter(),
+            jiff::Timestamp::UNIX_EPOCH,
+        )
+        .expect("valid");
+        assert_eq!(request.registry_for_create, Some(4));
+        assert_eq!(request.desired.name, "dockerhub");
+        assert_eq!(
+            request.desired.connectivity_interval,
+            Duration::from_secs(600)
+        );
+        let none = build_request(
+            &upstream,
+            None,
+            registries[2..].iter(),
+            jiff::Timestamp::UNIX_EPOCH,
+        )
+        .expect("valid");
+        assert_eq!(none.registry_for_create, None);
+    }
+
+    #[test]
+    fn a_bad_interval_is_invalid_spec_naming_the_field() {
+        let upstream =
+            upstream(&DOCKERHUB.replace("url:", "connectivityCheck: {interval: soon}, url:"));
+        let error = build_request(
+            &upstream,
+            None,
+            std::iter::empty(),
+            jiff::Timestamp::UNIX_EPOCH,
+        )
+        .err()
+        .expect("refused");
+        assert_eq!(error.reason(), "InvalidSpec");
+        assert!(
+            error.to_string().contains("connectivityCheck.interval"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn status_summarises_synced_and_reachable_into_ready() {
+        let upstream = upstream(DOCKERHUB);
+        let outcome = UpstreamOutcome {
+            upstream_id: Some(5),
+            group_id: Some(100),
+            applied_credentials: None,
+            last_check: Some(ConnectivityCheck {
+                time: jiff::Timestamp::UNIX_EPOCH,
+                success: false,
+                result: Some("Error: 401 - Unauthorized".into()),
+            }),
+            last_handled_purge_cache: None,
+            synced: ConditionUpdate::new(SYNCED, true, "Synced", "ok"),
+            reachable: Some(ConditionUpdate::new(
+                conditions::REACHABLE,
+                false,
+                "Unauthorized",
+                "Error: 401 - Unauthorized",
+            )),
+            actions: Vec::new(),
+            error: None,
+            next_check_in: None,
+        };
+        let status = status_from_outcome(&upstream, &UpstreamStatus::default(), &outcome);
+        assert_eq!(status.upstream_id, Some(5));
+        assert_eq!(status.observed_generation, Some(2));
+        let ready = conditions::find(&status.conditions, READY).expect("Ready set");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "Unauthorized")
+        );
+        // Same outcome again: the status is equal, so no patch would be sent.
+        let again = status_from_outcome(&upstream, &status, &outcome);
+        assert_eq!(again, status);
+    }
+}
