@@ -387,8 +387,7 @@ mod tests {
             std::iter::empty(),
             jiff::Timestamp::UNIX_EPOCH,
         )
-        .err()
-        .expect("refused");
+        .expect_err("refused");
         assert_eq!(error.reason(), "InvalidSpec");
         assert!(
             error.to_string().contains("connectivityCheck.interval"),
