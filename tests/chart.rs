@@ -699,6 +699,26 @@ fn watch_namespace_grants_rights_in_that_namespace_only() {
             "--watch-namespace=team-a",
         ]
     );
+    // --gitlab-ca-file names a file that the pod really has.
+    let pod = &deployment(&objects)["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|volume| volume["name"] == "gitlab-ca")
+        .expect("the CA volume");
+    assert_eq!(
+        volume["secret"],
+        json!({"secretName": "gitlab-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]})
+    );
+    assert!(
+        container(&objects)["volumeMounts"]
+            .as_array()
+            .expect("volumeMounts")
+            .iter()
+            .any(|mount| mount["name"] == "gitlab-ca" && mount["mountPath"] == "/etc/gitlab-ca"),
+        "the CA is mounted at /etc/gitlab-ca"
+    );
 }
 
 #[test]
