@@ -120,7 +120,7 @@ impl KeepReason {
         }
     }
 
-    /// A sentence fragment for humans: "kept: <description>".
+    /// A sentence fragment for humans, as in "kept: `description`".
     pub fn description(self) -> &'static str {
         match self {
             KeepReason::Latest => "the tag named latest is never deleted",
@@ -588,19 +588,23 @@ impl<'a> Selection<'a> {
             None => "unknown".to_owned(),
         };
         let text = match verdict {
-            Verdict::Delete => match (self.cutoff, self.older_than) {
-                (Some(cutoff), Some(age)) => format!(
-                    "{}: delete: matches nameRegexDelete, not nameRegexKeep, beyond the keepN \
-                     newest, created {created}, before the olderThan {} cutoff {cutoff}",
-                    tag.name,
-                    format_duration(age)
-                ),
-                _ => format!(
-                    "{}: delete: matches nameRegexDelete, not nameRegexKeep, beyond the keepN \
-                     newest (created {created})",
+            Verdict::Delete => {
+                let mut text = format!(
+                    "{}: delete: matches nameRegexDelete and not nameRegexKeep",
                     tag.name
-                ),
-            },
+                );
+                if let Some(keep_n) = self.keep_n {
+                    text.push_str(&format!(", not among the {keep_n} newest (keepN)"));
+                }
+                match (self.cutoff, self.older_than) {
+                    (Some(cutoff), Some(age)) => text.push_str(&format!(
+                        ", created {created}, before the olderThan {} cutoff {cutoff}",
+                        format_duration(age)
+                    )),
+                    _ => text.push_str(&format!(", created {created}")),
+                }
+                text
+            }
             Verdict::Keep(KeepReason::KeepN) => format!(
                 "{}: keep: one of the {} newest matching tags (keepN; created {created})",
                 tag.name,
@@ -865,6 +869,8 @@ mod tests {
         assert!(explanation.contains("unknown age"), "{explanation}");
         let explanation = selection.explain(7).unwrap();
         assert!(explanation.contains("olderThan 14d"), "{explanation}");
+        assert!(!explanation.contains("keepN"), "{explanation}");
+        assert_eq!(selection.explain(99), None);
     }
 
     #[test]
