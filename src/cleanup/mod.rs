@@ -8,7 +8,7 @@
 //!   `notDownloadedFor` and `cadence`, parsed and rendered back.
 //! - [`rules`]: a [`RuleSpec`] (GitLab's `name_regex_delete`, `name_regex_keep`, `keep_n`,
 //!   `older_than`) compiled once into [`CompiledRules`].
-//! - [`select`]: [`select()`] runs GitLab's documented cleanup algorithm over the tags of one
+//! - [`mod@select`]: [`select()`] runs GitLab's documented cleanup algorithm over the tags of one
 //!   repository, then the operator's own protections (protected tags, images in use by Pods,
 //!   digests shared with kept tags), and returns a [`Selection`] with one [`Verdict`] per tag
 //!   and the reason for every tag kept.

@@ -22,7 +22,11 @@
 //! digest of any kept tag, whatever kept it ([`KeepReason::SharedDigest`]) — deleting such a
 //! tag would not free the image and would break anyone pulling by that name.
 //!
-//! The result has exactly one [`Verdict`] per input tag and counters for status and metrics.
+//! Tags are deleted by name, so a name listed twice (overlapping pages, a tag re-pushed
+//! between two page reads) is deleted only if every entry of it would be; otherwise its
+//! other entries are kept ([`KeepReason::DuplicateName`]), and it takes one `keep_n` place.
+//!
+//! The result has exactly one [`Verdict`] per input entry and counters for status and metrics.
 //! `select` does no I/O and allocates per candidate only a small sort key.
 
 use std::collections::HashSet;
@@ -81,10 +85,11 @@ pub enum KeepReason {
     Protected,
     InUse,
     SharedDigest,
+    DuplicateName,
 }
 
 impl KeepReason {
-    pub const ALL: [KeepReason; 10] = [
+    pub const ALL: [KeepReason; 11] = [
         KeepReason::Latest,
         KeepReason::NotMatchingDelete,
         KeepReason::MatchesKeep,
@@ -95,6 +100,7 @@ impl KeepReason {
         KeepReason::Protected,
         KeepReason::InUse,
         KeepReason::SharedDigest,
+        KeepReason::DuplicateName,
     ];
 
     /// Stable CamelCase name, for metrics labels and machine-readable output.
@@ -110,10 +116,11 @@ impl KeepReason {
             KeepReason::Protected => "Protected",
             KeepReason::InUse => "InUse",
             KeepReason::SharedDigest => "SharedDigest",
+            KeepReason::DuplicateName => "DuplicateName",
         }
     }
 
-    /// A sentence fragment for humans: "kept: <description>".
+    /// A sentence fragment for humans, as in "kept: `description`".
     pub fn description(self) -> &'static str {
         match self {
             KeepReason::Latest => "the tag named latest is never deleted",
@@ -128,6 +135,10 @@ impl KeepReason {
             KeepReason::Protected => "protected by a GitLab tag protection rule",
             KeepReason::InUse => "a Pod in the cluster runs this tag or its digest",
             KeepReason::SharedDigest => "its digest is also the digest of a kept tag",
+            KeepReason::DuplicateName => {
+                "listed more than once and another entry of this name is kept; deleting by name \
+                 would delete that one too"
+            }
         }
     }
 
@@ -244,7 +255,8 @@ pub struct Protections<'a> {
 }
 
 /// Counters of one selection, for status (`tagsEvaluated`, `tagsDeleted`, `tagsKept`,
-/// `tagsProtected`) and metrics.
+/// `tagsProtected`) and metrics. They count input entries: only with a name listed twice can
+/// `delete` exceed the number of names [`Selection::to_delete`] yields.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SelectionCounts {
     pub evaluated: usize,
@@ -282,8 +294,8 @@ pub struct Selection<'a> {
     tags: &'a [TagInfo],
     /// Parallel to `tags`.
     verdicts: Vec<Verdict>,
-    /// Input positions of the tags that reached the ordering step, newest first.
-    ordered_candidates: Vec<usize>,
+    /// Input positions of the tags to delete, oldest first, each name once.
+    delete_order: Vec<usize>,
     counts: SelectionCounts,
     keep_n: Option<u32>,
     older_than: Option<Duration>,
@@ -344,8 +356,15 @@ pub fn select<'a>(
     let older_than = rules.older_than();
     // A cutoff before the representable past means nothing is old enough.
     let cutoff = older_than.map(|age| now.saturating_sub(age).unwrap_or(Timestamp::MIN));
-    for (position, &index) in ordered_candidates.iter().enumerate() {
-        let within_keep_n = keep_n.is_some_and(|keep_n| (position as u64) < u64::from(keep_n));
+    let duplicates = has_duplicate_names(tags);
+    let mut names_counted: HashSet<&str> = HashSet::new();
+    let mut position: u64 = 0;
+    for &index in &ordered_candidates {
+        let within_keep_n = keep_n.is_some_and(|keep_n| position < u64::from(keep_n));
+        // A name listed twice (overlapping pages) must not use up two keepN places.
+        if !duplicates || names_counted.insert(tags[index].name.as_str()) {
+            position += 1;
+        }
         verdicts[index] = if within_keep_n {
             Verdict::Keep(KeepReason::KeepN)
         } else if let Some(cutoff) = cutoff {
@@ -378,9 +397,31 @@ pub fn select<'a>(
             any_delete = true;
         }
     }
-    if protections.keep_shared_digests && any_delete {
-        keep_shared_digests(tags, &ordered_candidates, &mut verdicts);
+    if any_delete && !duplicates {
+        if protections.keep_shared_digests {
+            keep_shared_digests(tags, &ordered_candidates, &mut verdicts);
+        }
+    } else if any_delete {
+        // Keeping for one reason can make the other apply; repeat until nothing changes.
+        loop {
+            let mut changed = false;
+            if protections.keep_shared_digests {
+                changed |= keep_shared_digests(tags, &ordered_candidates, &mut verdicts);
+            }
+            changed |= keep_names_kept_elsewhere(tags, &ordered_candidates, &mut verdicts);
+            if !changed {
+                break;
+            }
+        }
     }
+    let mut names_listed: HashSet<&str> = HashSet::new();
+    let delete_order: Vec<usize> = ordered_candidates
+        .iter()
+        .rev()
+        .copied()
+        .filter(|&index| verdicts[index] == Verdict::Delete)
+        .filter(|&index| !duplicates || names_listed.insert(tags[index].name.as_str()))
+        .collect();
 
     let mut counts = SelectionCounts {
         evaluated: tags.len(),
@@ -400,7 +441,7 @@ pub fn select<'a>(
     Selection {
         tags,
         verdicts,
-        ordered_candidates,
+        delete_order,
         counts,
         keep_n,
         older_than,
@@ -409,33 +450,67 @@ pub fn select<'a>(
     }
 }
 
-/// Turns into `Keep(SharedDigest)` every deletion whose digest a kept tag also has. One pass
-/// suffices: a tag kept here adds no digest that was not already kept.
-fn keep_shared_digests(tags: &[TagInfo], ordered_candidates: &[usize], verdicts: &mut [Verdict]) {
-    let deleted_digests: HashSet<&str> = ordered_candidates
+/// Whether a tag name appears more than once. GitLab lists tags sorted by name, which makes
+/// the usual answer a cheap linear check.
+fn has_duplicate_names(tags: &[TagInfo]) -> bool {
+    if tags.windows(2).all(|pair| pair[0].name < pair[1].name) {
+        return false;
+    }
+    let mut seen = HashSet::with_capacity(tags.len());
+    !tags.iter().all(|tag| seen.insert(tag.name.as_str()))
+}
+
+/// Turns into `Keep(DuplicateName)` every deletion of a name that another entry keeps: tags
+/// are deleted by name. Returns whether anything changed.
+fn keep_names_kept_elsewhere(
+    tags: &[TagInfo],
+    ordered_candidates: &[usize],
+    verdicts: &mut [Verdict],
+) -> bool {
+    let kept_names: HashSet<&str> = tags
         .iter()
-        .filter(|&&index| verdicts[index] == Verdict::Delete)
-        .filter_map(|&index| tags[index].manifest_digest())
+        .zip(verdicts.iter())
+        .filter(|(_, verdict)| !verdict.is_delete())
+        .map(|(tag, _)| tag.name.as_str())
         .collect();
-    let shared: HashSet<&str> = tags
+    let mut changed = false;
+    for &index in ordered_candidates {
+        if verdicts[index] == Verdict::Delete && kept_names.contains(tags[index].name.as_str()) {
+            verdicts[index] = Verdict::Keep(KeepReason::DuplicateName);
+            changed = true;
+        }
+    }
+    changed
+}
+
+/// Turns into `Keep(SharedDigest)` every deletion whose digest a kept tag also has (a tag kept
+/// here adds no digest that was not already kept). Returns whether anything changed.
+fn keep_shared_digests(
+    tags: &[TagInfo],
+    ordered_candidates: &[usize],
+    verdicts: &mut [Verdict],
+) -> bool {
+    let kept_digests: HashSet<&str> = tags
         .iter()
         .zip(verdicts.iter())
         .filter(|(_, verdict)| !verdict.is_delete())
         .filter_map(|(tag, _)| tag.manifest_digest())
-        .filter(|digest| deleted_digests.contains(digest))
         .collect();
-    if shared.is_empty() {
-        return;
+    if kept_digests.is_empty() {
+        return false;
     }
+    let mut changed = false;
     for &index in ordered_candidates {
         if verdicts[index] == Verdict::Delete
             && tags[index]
                 .manifest_digest()
-                .is_some_and(|digest| shared.contains(digest))
+                .is_some_and(|digest| kept_digests.contains(digest))
         {
             verdicts[index] = Verdict::Keep(KeepReason::SharedDigest);
+            changed = true;
         }
     }
+    changed
 }
 
 impl<'a> Selection<'a> {
@@ -462,15 +537,11 @@ impl<'a> Selection<'a> {
             .map(|index| self.verdicts[index])
     }
 
-    /// Tags to delete, oldest first (ties: name descending), so that a run capped by
-    /// `maxDeletionsPerRun` removes the most expired tags first.
+    /// Tags to delete, oldest first (ties: name descending), each name once, so that a run
+    /// capped by `maxDeletionsPerRun` removes the most expired tags first.
     pub fn to_delete(&self) -> impl DoubleEndedIterator<Item = &'a TagInfo> + '_ {
         let tags = self.tags;
-        self.ordered_candidates
-            .iter()
-            .rev()
-            .filter(|&&index| self.verdicts[index] == Verdict::Delete)
-            .map(move |&index| &tags[index])
+        self.delete_order.iter().map(move |&index| &tags[index])
     }
 
     /// Names of the tags to delete, in [`Selection::to_delete`] order.
@@ -517,19 +588,23 @@ impl<'a> Selection<'a> {
             None => "unknown".to_owned(),
         };
         let text = match verdict {
-            Verdict::Delete => match (self.cutoff, self.older_than) {
-                (Some(cutoff), Some(age)) => format!(
-                    "{}: delete: matches nameRegexDelete, not nameRegexKeep, beyond the keepN \
-                     newest, created {created}, before the olderThan {} cutoff {cutoff}",
-                    tag.name,
-                    format_duration(age)
-                ),
-                _ => format!(
-                    "{}: delete: matches nameRegexDelete, not nameRegexKeep, beyond the keepN \
-                     newest (created {created})",
+            Verdict::Delete => {
+                let mut text = format!(
+                    "{}: delete: matches nameRegexDelete and not nameRegexKeep",
                     tag.name
-                ),
-            },
+                );
+                if let Some(keep_n) = self.keep_n {
+                    text.push_str(&format!(", not among the {keep_n} newest (keepN)"));
+                }
+                match (self.cutoff, self.older_than) {
+                    (Some(cutoff), Some(age)) => text.push_str(&format!(
+                        ", created {created}, before the olderThan {} cutoff {cutoff}",
+                        format_duration(age)
+                    )),
+                    _ => text.push_str(&format!(", created {created}")),
+                }
+                text
+            }
             Verdict::Keep(KeepReason::KeepN) => format!(
                 "{}: keep: one of the {} newest matching tags (keepN; created {created})",
                 tag.name,
@@ -794,6 +869,8 @@ mod tests {
         assert!(explanation.contains("unknown age"), "{explanation}");
         let explanation = selection.explain(7).unwrap();
         assert!(explanation.contains("olderThan 14d"), "{explanation}");
+        assert!(!explanation.contains("keepN"), "{explanation}");
+        assert_eq!(selection.explain(99), None);
     }
 
     #[test]
@@ -977,6 +1054,45 @@ mod tests {
     }
 
     #[test]
+    fn duplicate_names_take_one_keep_n_place_and_are_never_split() {
+        let tags = vec![
+            tag("new", 1),
+            tag("new", 1),
+            tag("mid", 50),
+            tag("old", 100),
+            tag("old", 100),
+        ];
+        let selection = select(
+            &tags,
+            &rules(".*", None, Some(2), None),
+            &Protections::default(),
+            now(),
+        );
+        assert_eq!(selection.verdicts()[2], Verdict::Keep(KeepReason::KeepN));
+        let names: Vec<&str> = selection.names_to_delete().collect();
+        assert_eq!(names, ["old"]);
+        assert_eq!(selection.counts().delete, 2);
+
+        // Re-pushed between two page reads: the new image under the same name must survive.
+        let repushed = vec![
+            TagInfo::new("x", Some(&digest_for("new-image")), Some(at_days_ago(0))),
+            TagInfo::new("x", Some(&digest_for("old-image")), Some(at_days_ago(100))),
+            tag("y", 100),
+        ];
+        let selection = select(
+            &repushed,
+            &rules(".*", None, Some(1), None),
+            &Protections::default(),
+            now(),
+        );
+        assert_eq!(
+            selection.verdicts()[1],
+            Verdict::Keep(KeepReason::DuplicateName)
+        );
+        assert_eq!(selection.names_to_delete().collect::<Vec<_>>(), ["y"]);
+    }
+
+    #[test]
     fn invalid_protection_pattern_is_an_error() {
         let error = ProtectedTags::compile(["v(("]).unwrap_err();
         assert!(matches!(
@@ -1123,6 +1239,59 @@ mod tests {
         }
     }
 
+    proptest! {
+        #[test]
+        fn duplicate_names_are_decided_as_one(
+            entries in proptest::collection::vec(
+                (
+                    prop_oneof![Just("latest"), Just("a"), Just("b"), Just("c"), Just("d"), Just("keep-1")],
+                    prop_oneof![1 => Just(None), 4 => (0u8..4).prop_map(Some)],
+                    proptest::option::of(0i64..60),
+                ),
+                0..16,
+            ),
+            keep_n in proptest::option::of(0u32..4),
+            older_than in proptest::option::of(Just("14d")),
+            keep_shared in any::<bool>(),
+        ) {
+            let tags: Vec<TagInfo> = entries
+                .iter()
+                .map(|(name, digest, age)| TagInfo {
+                    name: (*name).to_owned(),
+                    digest: digest.map(|d| digest_for(&format!("d{d}"))),
+                    created_at: age.map(at_days_ago),
+                })
+                .collect();
+            let rules = rules(".*", Some("keep-.*"), keep_n, older_than);
+            let protections = Protections { keep_shared_digests: keep_shared, ..Protections::default() };
+            let selection = select(&tags, &rules, &protections, now());
+            let names: Vec<&str> = selection.names_to_delete().collect();
+            let distinct: HashSet<&str> = names.iter().copied().collect();
+            prop_assert_eq!(distinct.len(), names.len());
+            for (index, tag) in tags.iter().enumerate() {
+                if distinct.contains(tag.name.as_str()) {
+                    prop_assert_eq!(selection.verdicts()[index], Verdict::Delete, "{} split", tag.name);
+                }
+            }
+            if let Some(keep_n) = keep_n {
+                // Newest entry per candidate name, then the keep_n first names survive.
+                let mut newest: std::collections::HashMap<&str, Timestamp> = std::collections::HashMap::new();
+                for tag in &tags {
+                    if tag.name != LATEST && rules.matches_delete(&tag.name) && !rules.matches_keep(&tag.name) && tag.digest.is_some() {
+                        let key = tag.created_at.unwrap_or(now());
+                        let entry = newest.entry(tag.name.as_str()).or_insert(key);
+                        *entry = (*entry).max(key);
+                    }
+                }
+                let mut order: Vec<(&str, Timestamp)> = newest.into_iter().collect();
+                order.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+                for (name, _) in order.iter().take(keep_n as usize) {
+                    prop_assert!(!distinct.contains(name), "{} among the {} newest", name, keep_n);
+                }
+            }
+        }
+    }
+
     /// Run with `cargo test --lib cleanup::select::tests::selection_throughput -- --ignored
     /// --nocapture`. Prints tags/second; asserts nothing about time (machines are noisy, and
     /// debug builds are many times slower than release).
@@ -1155,16 +1324,21 @@ mod tests {
             keep_shared_digests: true,
             ..Protections::default()
         };
-        let started = std::time::Instant::now();
-        let selection = select(&tags, &rules, &protections, now());
-        let elapsed = started.elapsed();
-        let per_second = count as f64 / elapsed.as_secs_f64();
-        println!(
-            "selection_throughput: {count} tags in {elapsed:?} = {per_second:.0} tags/second \
-             (delete {}, kept {})",
-            selection.counts().delete,
-            selection.counts().kept
-        );
-        assert_eq!(selection.counts().evaluated, count);
+        let mut by_name = tags.clone();
+        by_name.sort_by(|a, b| a.name.cmp(&b.name));
+        // GitLab lists tags sorted by name; unsorted input costs one more hash pass.
+        for (label, input) in [("unsorted", &tags), ("sorted by name", &by_name)] {
+            let started = std::time::Instant::now();
+            let selection = select(input, &rules, &protections, now());
+            let elapsed = started.elapsed();
+            let per_second = count as f64 / elapsed.as_secs_f64();
+            println!(
+                "selection_throughput ({label}): {count} tags in {elapsed:?} = {per_second:.0} \
+                 tags/second (delete {}, kept {})",
+                selection.counts().delete,
+                selection.counts().kept
+            );
+            assert_eq!(selection.counts().evaluated, count);
+        }
     }
 }
