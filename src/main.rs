@@ -1,9 +1,16 @@
-//! The `gitlab-registry-operator` command line: `crds`, and (as they land) `run`, `apply`,
-//! `plan` and `sim`.
+//! The `gitlab-registry-operator` command line: `run`, `crds`, `apply`, `plan` and `sim`.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use gitlab_registry_operator::cleanup::parse_duration;
+use gitlab_registry_operator::controller::context::{DefaultConnection, OperatorConfig};
+use gitlab_registry_operator::controller::runtime::{self, RuntimeOptions};
+use gitlab_registry_operator::crd;
+use secrecy::SecretString;
 
 #[derive(Parser)]
 #[command(
@@ -18,23 +25,174 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the controllers, in a cluster or with a kubeconfig (KUBECONFIG).
+    Run(RunArgs),
     /// Print the CustomResourceDefinitions of all three kinds as YAML (`---`-separated).
     Crds {
         /// Write one file per kind into this directory (as kept in `crds/`) instead of printing.
         #[arg(long, value_name = "DIR")]
-        output_dir: Option<std::path::PathBuf>,
+        output_dir: Option<PathBuf>,
     },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    gitlab: GitLabArgs,
+    /// How often every object is reconciled even without a change (drift correction).
+    #[arg(long, default_value = "10m", value_parser = parse_duration_arg)]
+    resync: Duration,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Elect a leader through a Lease; only the leader reconciles.
+    #[arg(long)]
+    leader_election: bool,
+    /// Namespace of the Lease (default: POD_NAMESPACE, else `default`).
+    #[arg(long, env = "POD_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long)]
+    watch_namespace: Option<String>,
+    #[command(flatten)]
+    logging: LogArgs,
+}
+
+/// The default GitLab connection.
+#[derive(Args)]
+struct GitLabArgs {
+    /// GitLab base URL, e.g. https://gitlab.example.com.
+    #[arg(long, env = "GITLAB_URL")]
+    gitlab_url: Option<url::Url>,
+    /// GitLab access token (api scope, Maintainer on the groups). Only from the environment.
+    #[arg(
+        long = "gitlab-token",
+        env = "GITLAB_TOKEN",
+        hide_env_values = true,
+        hide = true
+    )]
+    gitlab_token: Option<String>,
+    /// Extra CA certificates (PEM) for a self-managed GitLab with a private CA.
+    #[arg(long)]
+    gitlab_ca_file: Option<PathBuf>,
+    /// Client-side limit of GitLab requests per second (per GitLab host).
+    #[arg(long)]
+    gitlab_requests_per_second: Option<f64>,
+}
+
+#[derive(Args)]
+struct LogArgs {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_duration_arg(input: &str) -> Result<Duration, String> {
+    parse_duration(input).map_err(|error| error.to_string())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
+}
+
+impl GitLabArgs {
+    fn operator_config(&self, resync: Duration) -> Result<OperatorConfig, String> {
+        let default_gitlab = match (&self.gitlab_url, &self.gitlab_token) {
+            (Some(url), Some(token)) => Some(DefaultConnection {
+                url: url.clone(),
+                token: SecretString::from(token.clone()),
+            }),
+            (Some(_), None) => return Err("--gitlab-url is set but GITLAB_TOKEN is not".into()),
+            (None, Some(_)) => {
+                return Err("GITLAB_TOKEN is set but --gitlab-url (GITLAB_URL) is not".into());
+            }
+            (None, None) => None,
+        };
+        let gitlab_ca_pem = match &self.gitlab_ca_file {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|error| format!("--gitlab-ca-file {}: {error}", path.display()))?,
+            ),
+            None => None,
+        };
+        Ok(OperatorConfig {
+            default_gitlab,
+            gitlab_ca_pem,
+            gitlab_requests_per_second: self.gitlab_requests_per_second,
+            resync,
+        })
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Crds { output_dir } => print_or_write_crds(output_dir.as_deref()),
+        Command::Run(args) => {
+            init_logging(args.logging.log_format);
+            let config = match args.gitlab.operator_config(args.resync) {
+                Ok(config) => config,
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    return ExitCode::from(2);
+                }
+            };
+            if config.default_gitlab.is_none() {
+                tracing::warn!(
+                    "no default GitLab connection (--gitlab-url and GITLAB_TOKEN): objects need spec.gitlab"
+                );
+            }
+            let options = RuntimeOptions {
+                metrics_addr: args.metrics_addr,
+                leader_election: args.leader_election,
+                leader_election_namespace: args.leader_election_namespace,
+                watch_namespace: args.watch_namespace,
+            };
+            match tokio_runtime().block_on(runtime::run(config, options)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!(%error, "gitlab-registry-operator stopped");
+                    eprintln!("error: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
-fn print_or_write_crds(output_dir: Option<&std::path::Path>) -> ExitCode {
-    use gitlab_registry_operator::crd;
+fn tokio_runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn print_or_write_crds(output_dir: Option<&Path>) -> ExitCode {
     let Some(dir) = output_dir else {
         return match crd::all_yaml() {
             Ok(yaml) => {

@@ -8,6 +8,7 @@ pub mod context;
 pub mod error;
 pub mod metrics;
 pub mod registry;
+pub mod runtime;
 pub mod status;
 pub mod upstream;
 

@@ -1,0 +1,361 @@
+//! The `run` command's process: one kube client, the controllers of all kinds with shared
+//! reflector stores and GitLab client pool, the metrics and health server, Lease leader
+//! election (only the leader reconciles; losing the lease ends the process so a standby takes
+//! over), and a graceful stop on SIGTERM.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client, ResourceExt};
+
+use super::context::{Context, OperatorConfig};
+use super::metrics::Metrics;
+use super::{registry, upstream};
+use crate::crd::{Upstream, VirtualRegistry};
+
+/// Settings of `run` besides the operator config.
+#[derive(Clone, Debug)]
+pub struct RuntimeOptions {
+    pub metrics_addr: SocketAddr,
+    pub leader_election: bool,
+    pub leader_election_namespace: Option<String>,
+    pub watch_namespace: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "cannot reach Kubernetes: {0}. Run inside a cluster, or point KUBECONFIG at a kubeconfig whose current context works (`kubectl get ns` should succeed)"
+    )]
+    NoCluster(String),
+    #[error(
+        "the gitlabregistry.io CRDs are not installed in this cluster. Install them with `gitlab-registry-operator crds | kubectl apply -f -` (or the Helm chart)"
+    )]
+    CrdsMissing,
+    #[error("cannot serve metrics and health on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("leader election: {0}")]
+    LeaderElection(String),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// Readiness shared with `/readyz`.
+#[derive(Default)]
+pub struct Health {
+    ready: AtomicBool,
+}
+
+impl Health {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone)]
+struct ServerState {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+/// `/metrics`, `/healthz` (alive) and `/readyz` (caches synced, or standing by for the lease).
+pub fn health_router(metrics: Arc<Metrics>, health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/metrics", get(serve_metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(serve_readiness))
+        .with_state(ServerState { metrics, health })
+}
+
+async fn serve_metrics(State(state): State<ServerState>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+}
+
+async fn serve_readiness(State(state): State<ServerState>) -> (StatusCode, &'static str) {
+    if state.health.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced yet")
+    }
+}
+
+/// Runs until SIGTERM/SIGINT (then drains and returns `Ok`) or until the lease is lost.
+pub async fn run(config: OperatorConfig, options: RuntimeOptions) -> Result<(), Error> {
+    let client = Client::try_default()
+        .await
+        .map_err(|error| Error::NoCluster(error.to_string()))?;
+    check_crds_installed(&client, options.watch_namespace.as_deref()).await?;
+
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::default());
+    let listener = tokio::net::TcpListener::bind(options.metrics_addr)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: options.metrics_addr,
+            source,
+        })?;
+    tracing::info!(addr = %options.metrics_addr, "serving /metrics, /healthz and /readyz");
+    let server = axum::serve(listener, health_router(metrics.clone(), health.clone()));
+    tokio::spawn(async move {
+        if let Err(error) = server.await {
+            tracing::error!(%error, "metrics server stopped");
+        }
+    });
+
+    let mut lost_lease = None;
+    if options.leader_election {
+        let namespace = options
+            .leader_election_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into());
+        let identity = std::env::var("POD_NAME")
+            .unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id()));
+        // A standby is healthy and ready: it only waits for the lease.
+        health.set_ready(true);
+        let manager = kube_lease_manager::LeaseManagerBuilder::new(
+            client.clone(),
+            "gitlab-registry-operator",
+        )
+        .with_namespace(namespace.clone())
+        .with_identity(identity.clone())
+        .with_duration(15)
+        .with_grace(5)
+        .build()
+        .await
+        .map_err(|error| Error::LeaderElection(error.to_string()))?;
+        let (mut leader, _task) = manager.watch().await;
+        tracing::info!(%identity, %namespace, "waiting for the lease gitlab-registry-operator");
+        tokio::select! {
+            acquired = leader.wait_for(|is_leader| *is_leader) => {
+                acquired.map_err(|error| Error::LeaderElection(error.to_string()))?;
+            }
+            () = shutdown_signal() => return Ok(()),
+        }
+        tracing::info!(%identity, "acquired the lease: reconciling");
+        health.set_ready(false);
+        lost_lease = Some(leader);
+    }
+
+    let registries_api: Api<VirtualRegistry> =
+        scoped_api(&client, options.watch_namespace.as_deref());
+    let upstreams_api: Api<Upstream> = scoped_api(&client, options.watch_namespace.as_deref());
+    let secrets_api: Api<Secret> = scoped_api(&client, options.watch_namespace.as_deref());
+
+    let registry_controller = Controller::new(
+        registries_api.clone(),
+        watcher::Config::default().any_semantic(),
+    );
+    let upstream_controller = Controller::new(
+        upstreams_api.clone(),
+        watcher::Config::default().any_semantic(),
+    );
+    let registry_store = registry_controller.store();
+    let upstream_store = upstream_controller.store();
+    let context = Arc::new(Context::new(
+        client.clone(),
+        config,
+        metrics.clone(),
+        registry_store.clone(),
+        upstream_store.clone(),
+    ));
+
+    // An Upstream change (a new GitLab id, above all) requeues the registries that list it.
+    let registries_listing = registry_store.clone();
+    let registry_controller = registry_controller
+        .watches(
+            upstreams_api.clone(),
+            watcher::Config::default(),
+            move |upstream: Upstream| {
+                let namespace = upstream.namespace();
+                let name = upstream.name_any();
+                registries_listing
+                    .state()
+                    .iter()
+                    .filter(|registry| {
+                        registry.namespace() == namespace
+                            && registry.spec.upstreams.iter().any(|u| u.name == name)
+                    })
+                    .map(|registry| ObjectRef::from_obj(registry.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(secrets_api.clone(), watcher::Config::default(), {
+            let registries = registry_store.clone();
+            move |secret: Secret| {
+                let namespace = secret.namespace();
+                let name = secret.name_any();
+                registries
+                    .state()
+                    .iter()
+                    .filter(|registry| registry.namespace() == namespace)
+                    .filter(|registry| {
+                        registry
+                            .spec
+                            .gitlab
+                            .as_ref()
+                            .is_some_and(|g| g.token_secret_ref.name == name)
+                    })
+                    .map(|registry| ObjectRef::from_obj(registry.as_ref()))
+                    .collect::<Vec<_>>()
+            }
+        })
+        .shutdown_on_signal();
+    // A registry change (its GitLab id, above all) requeues the upstreams it lists; a Secret
+    // change requeues the upstreams whose credentials or token it holds.
+    let upstream_controller = upstream_controller
+        .watches(
+            registries_api,
+            watcher::Config::default(),
+            |registry: VirtualRegistry| {
+                let namespace = registry.namespace().unwrap_or_default();
+                registry
+                    .spec
+                    .upstreams
+                    .iter()
+                    .map(|u| ObjectRef::<Upstream>::new(&u.name).within(&namespace))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(secrets_api, watcher::Config::default(), {
+            let upstreams = upstream_store.clone();
+            move |secret: Secret| {
+                let namespace = secret.namespace();
+                let name = secret.name_any();
+                upstreams
+                    .state()
+                    .iter()
+                    .filter(|upstream| upstream.namespace() == namespace)
+                    .filter(|upstream| {
+                        upstream
+                            .spec
+                            .credentials_secret_ref
+                            .as_ref()
+                            .is_some_and(|c| c.name == name)
+                            || upstream
+                                .spec
+                                .gitlab
+                                .as_ref()
+                                .is_some_and(|g| g.token_secret_ref.name == name)
+                    })
+                    .map(|upstream| ObjectRef::from_obj(upstream.as_ref()))
+                    .collect::<Vec<_>>()
+            }
+        })
+        .shutdown_on_signal();
+
+    let readiness = {
+        let health = health.clone();
+        let (registries, upstreams) = (registry_store.clone(), upstream_store.clone());
+        async move {
+            if registries.wait_until_ready().await.is_ok()
+                && upstreams.wait_until_ready().await.is_ok()
+            {
+                tracing::info!("caches synced");
+                health.set_ready(true);
+            }
+        }
+    };
+    let registries = registry_controller
+        .run(registry::reconcile, registry::error_policy, context.clone())
+        .for_each(|result| async move { log_result(result) });
+    let upstreams = upstream_controller
+        .run(upstream::reconcile, upstream::error_policy, context.clone())
+        .for_each(|result| async move { log_result(result) });
+    let controllers = async {
+        tokio::join!(registries, upstreams, readiness);
+    };
+    match lost_lease {
+        None => controllers.await,
+        Some(mut leader) => {
+            tokio::select! {
+                () = controllers => {}
+                _ = leader.wait_for(|is_leader| !*is_leader) => {
+                    return Err(Error::LeaderElection("lost the lease: stopping so that another replica takes over".into()));
+                }
+            }
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(result: Result<T, E>) {
+    match result {
+        Ok(object) => tracing::debug!(?object, "reconciled"),
+        Err(error) => tracing::debug!(%error, "reconcile failed"),
+    }
+}
+
+fn scoped_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// A cheap request that fails with 404 when the CRDs are missing.
+async fn check_crds_installed(client: &Client, namespace: Option<&str>) -> Result<(), Error> {
+    let api: Api<VirtualRegistry> = scoped_api(client, namespace);
+    match api.list(&kube::api::ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Err(Error::CrdsMissing),
+        Err(error) => Err(Error::NoCluster(error.to_string())),
+    }
+}
+
+/// SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "gitlab-registry-operator".into())
+}
+
+/// The default resync interval as accepted on the command line.
+pub const DEFAULT_RESYNC: Duration = Duration::from_secs(600);
