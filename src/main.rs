@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controllers, in a cluster or with a kubeconfig (KUBECONFIG).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the CustomResourceDefinitions of all three kinds as YAML (`---`-separated).
     Crds {
         /// Write one file per kind into this directory (as kept in `crds/`) instead of printing.
