@@ -9,4 +9,5 @@ pub mod controller;
 pub mod crd;
 pub mod gitlab;
 pub mod sim;
+pub mod standalone;
 pub mod sync;

@@ -24,3 +24,30 @@ pub fn cel_errors(crd: &CustomResourceDefinition, object: &serde_json::Value) ->
         Err(errors) => errors.as_slice().iter().map(ToString::to_string).collect(),
     }
 }
+
+/// One failed CEL rule, with the field it is attached to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CelFailure {
+    pub field: String,
+    pub message: String,
+}
+
+/// Like [`cel_errors`], keeping the field apart from the message.
+pub fn cel_failures(crd: &CustomResourceDefinition, object: &serde_json::Value) -> Vec<CelFailure> {
+    let schema = open_api_schema(crd);
+    match Validator::new().validate(&schema, object, None) {
+        Ok(()) => Vec::new(),
+        Err(errors) => errors
+            .as_slice()
+            .iter()
+            .map(|error| CelFailure {
+                field: if error.field_path.is_empty() {
+                    "-".into()
+                } else {
+                    error.field_path.clone()
+                },
+                message: error.message.clone(),
+            })
+            .collect(),
+    }
+}
