@@ -1395,6 +1395,21 @@ async fn injected_faults() {
     assert_eq!(limited.header("retry-after"), "7");
     assert_eq!(limited.body, json!("Retry later\n"));
     assert_eq!(api.get("/projects/200").await.status, 200);
+    api.control(
+        Method::POST,
+        "/faults",
+        Some(json!({"once": [{"method": "DELETE", "fault": {"kind": "endpoint_rate_limited"}}]})),
+    )
+    .await;
+    let endpoint_limited = api
+        .delete("/projects/200/registry/repositories/300/tags/main")
+        .await;
+    assert_eq!(endpoint_limited.status, 429);
+    assert_eq!(endpoint_limited.header("retry-after"), "60");
+    assert_eq!(
+        endpoint_limited.body,
+        json!({"message": {"error": "This endpoint has been requested too many times. Try again later."}})
+    );
 
     api.sim.inject_fault(FaultSpec {
         once: vec![sim::OneShotFault {

@@ -65,6 +65,10 @@ pub enum FaultAction {
         #[serde(default = "default_retry_after")]
         retry_after_seconds: u64,
     },
+    /// An endpoint's own rate limit: `429`
+    /// `{"message":{"error":"This endpoint has been requested too many times. Try again later."}}`
+    /// with `Retry-After: 60`.
+    EndpointRateLimited,
     /// Close the connection without a complete answer.
     Drop,
     /// Wait this long, then answer normally (longer than a client timeout = a timeout).

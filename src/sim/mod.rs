@@ -116,6 +116,15 @@ impl Default for SimConfig {
 }
 
 impl SimConfig {
+    /// The embedded demo (`apply`/`plan` without a GitLab url): default token, and
+    /// connection tests answered by the built-in stub so no network is used.
+    pub fn embedded_demo() -> Self {
+        Self {
+            stub_upstreams: true,
+            ..Self::default()
+        }
+    }
+
     /// Default settings with the given token.
     pub fn with_token(token: impl Into<String>) -> Self {
         Self {

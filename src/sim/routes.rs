@@ -510,6 +510,16 @@ fn fault_response(action: FaultAction) -> Option<Response> {
             retry_after_seconds,
         } => rate_limited(retry_after_seconds),
         FaultAction::Status { status: 429 } => rate_limited(1),
+        FaultAction::EndpointRateLimited => {
+            let mut response = json_response(
+                429,
+                json!({"message": {"error": "This endpoint has been requested too many times. Try again later."}}),
+            );
+            response
+                .headers_mut()
+                .insert("retry-after", HeaderValue::from_static("60"));
+            response
+        }
         FaultAction::Status { status } => {
             let reason = StatusCode::from_u16(status)
                 .ok()

@@ -392,4 +392,15 @@ mod tests {
         let error = State::new().apply_seed(&seed).unwrap_err();
         assert_eq!(error.reason(), "SeedReferenceUnknown");
     }
+
+    #[test]
+    fn a_failing_seed_changes_nothing() {
+        let seed = Seed::parse(
+            "groups: [{id: 1, full_path: g}]\nprojects:\n  - {id: 1, path_with_namespace: ghost/p}\n",
+        )
+        .unwrap();
+        let mut state = State::new();
+        assert!(state.apply_seed(&seed).is_err());
+        assert!(state.snapshot().groups.is_empty());
+    }
 }

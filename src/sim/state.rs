@@ -580,7 +580,7 @@ pub struct SnapshotCacheEntry {
 }
 
 /// The simulated GitLab instance.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct State {
     clock: Option<Timestamp>,
     groups: BTreeMap<u64, Group>,
@@ -1345,10 +1345,20 @@ impl State {
 
     // ---- seeding and inspection --------------------------------------------------------
 
-    /// Adds a seed's records. Ids given by the seed are kept; the id counters move past them
-    /// so later creations never collide.
+    /// Adds a seed's records, all or nothing. Ids given by the seed are kept; the id
+    /// counters move past them so later creations never collide.
     pub fn apply_seed(&mut self, seed: &Seed) -> std::result::Result<(), SeedError> {
-        let now = self.now();
+        let mut next = self.clone();
+        let now = next.now();
+        next.seed_groups(seed)?;
+        next.seed_projects(seed, now)?;
+        next.seed_registries(seed, now)?;
+        next.seed_upstreams(seed, now)?;
+        *self = next;
+        Ok(())
+    }
+
+    fn seed_groups(&mut self, seed: &Seed) -> std::result::Result<(), SeedError> {
         let mut groups: Vec<_> = seed.groups.iter().collect();
         groups.sort_by_key(|group| group.full_path.matches('/').count());
         for group in groups {
@@ -1382,6 +1392,10 @@ impl State {
             );
             self.ids.group = self.ids.group.max(group.id + 1);
         }
+        Ok(())
+    }
+
+    fn seed_projects(&mut self, seed: &Seed, now: Timestamp) -> std::result::Result<(), SeedError> {
         for project in &seed.projects {
             let Some((namespace, path)) = project.path_with_namespace.rsplit_once('/') else {
                 return Err(SeedError::Invalid(format!(
@@ -1481,6 +1495,14 @@ impl State {
                 );
             }
         }
+        Ok(())
+    }
+
+    fn seed_registries(
+        &mut self,
+        seed: &Seed,
+        now: Timestamp,
+    ) -> std::result::Result<(), SeedError> {
         for registry in &seed.registries {
             let group_id = self.seed_group(&registry.group)?;
             let id = registry.id.unwrap_or(self.ids.registry);
@@ -1505,6 +1527,14 @@ impl State {
                 },
             );
         }
+        Ok(())
+    }
+
+    fn seed_upstreams(
+        &mut self,
+        seed: &Seed,
+        now: Timestamp,
+    ) -> std::result::Result<(), SeedError> {
         for upstream in &seed.upstreams {
             let group_id = self.seed_group(&upstream.group)?;
             let id = upstream.id.unwrap_or(self.ids.upstream);
