@@ -4,7 +4,20 @@
 //! It owns the behaviour contract of `gitlab-api/`: the container virtual registry API and
 //! the container registry API under `/api/v4` with GitLab's status codes, JSON shapes,
 //! validations and error bodies (`SEMANTICS.md`), plus control endpoints under `/-/sim/`
-//! (request counts, faults, seeding, state, clock) that need no token.
+//! (request counts, faults, seeding, state, clock) that need no token:
+//!
+//! | endpoint | effect |
+//! | --- | --- |
+//! | `GET /-/sim/requests`, `DELETE` | counts keyed `"<METHOD> <route template>"`; reset |
+//! | `GET /-/sim/faults`, `POST` ([`FaultSpec`]), `DELETE` | inspect, add, clear faults |
+//! | `POST /-/sim/seed` | add a [`Seed`] (JSON or YAML), all or nothing; `201` |
+//! | `GET /-/sim/state` | the whole [`Snapshot`]; passwords only as `has_password` |
+//! | `GET /-/sim/clock`, `POST {"now": ts \| null}` / `{"advance_seconds": n}` | "now" |
+//! | `PUT /-/sim/repositories/:id/tags/:tag_name` `{digest, created_at, total_size}` | push / age a tag |
+//!
+//! Where GitLab's answer body is not meaningful (`PATCH` 200, tag `DELETE` 200, bulk delete
+//! and repository delete 202) the body is the status number, as Grape renders
+//! `status :ok`. Connection tests answer `200`.
 //!
 //! ```no_run
 //! # async fn demo() -> gitlab_registry_operator::sim::Result<()> {
