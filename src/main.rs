@@ -33,6 +33,8 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         output_dir: Option<PathBuf>,
     },
+    /// Serve the GitLab API simulator (for tests and demos); prints its base URL.
+    Sim(gitlab_registry_operator::sim::cli::SimArgs),
 }
 
 #[derive(Args)]
@@ -147,6 +149,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Crds { output_dir } => print_or_write_crds(output_dir.as_deref()),
+        Command::Sim(args) => {
+            init_logging(LogFormat::Text);
+            match tokio_runtime().block_on(gitlab_registry_operator::sim::cli::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run(args) => {
             init_logging(args.logging.log_format);
             let config = match args.gitlab.operator_config(args.resync) {
