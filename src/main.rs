@@ -33,8 +33,37 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         output_dir: Option<PathBuf>,
     },
+    /// Reconcile the manifests in the given files and directories against GitLab, once, without
+    /// a cluster. Without a GitLab URL, runs against the embedded simulator with demo data.
+    /// Exits non-zero when any object is not Ready.
+    Apply(StandaloneArgs),
+    /// Show what `apply` would change, field by field, sending only GET requests. Exit code:
+    /// 0 no change, 2 changes, 1 error.
+    Plan(StandaloneArgs),
     /// Serve the GitLab API simulator (for tests and demos); prints its base URL.
     Sim(gitlab_registry_operator::sim::cli::SimArgs),
+}
+
+#[derive(Args)]
+struct StandaloneArgs {
+    /// Manifest files or directories (multi-document YAML; Secrets among them).
+    #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+    paths: Vec<PathBuf>,
+    #[command(flatten)]
+    gitlab: GitLabArgs,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Send upstream credentials even when GitLab already holds the declared username
+    /// (standalone mode keeps no record of the password GitLab holds).
+    #[arg(long)]
+    resend_credentials: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 #[derive(Args)]
@@ -149,6 +178,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Crds { output_dir } => print_or_write_crds(output_dir.as_deref()),
+        Command::Apply(args) => standalone(args, gitlab_registry_operator::sync::Mode::Apply),
+        Command::Plan(args) => standalone(args, gitlab_registry_operator::sync::Mode::Plan),
         Command::Sim(args) => {
             init_logging(LogFormat::Text);
             match tokio_runtime().block_on(gitlab_registry_operator::sim::cli::run(args)) {
@@ -188,6 +219,80 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn standalone(args: StandaloneArgs, mode: gitlab_registry_operator::sync::Mode) -> ExitCode {
+    use gitlab_registry_operator::standalone;
+    if std::env::var_os("RUST_LOG").is_some() {
+        init_logging(LogFormat::Text);
+    }
+    let gitlab = match (&args.gitlab.gitlab_url, &args.gitlab.gitlab_token) {
+        (Some(url), Some(token)) => Some((url.clone(), SecretString::from(token.clone()))),
+        (Some(_), None) => {
+            eprintln!("error: --gitlab-url is set but GITLAB_TOKEN is not");
+            return ExitCode::from(1);
+        }
+        (None, _) => None,
+    };
+    let extra_ca_pem = match &args.gitlab.gitlab_ca_file {
+        Some(path) => match std::fs::read(path) {
+            Ok(pem) => Some(pem),
+            Err(error) => {
+                eprintln!("error: --gitlab-ca-file {}: {error}", path.display());
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
+    let options = standalone::Options {
+        paths: args.paths,
+        mode,
+        gitlab,
+        extra_ca_pem,
+        resend_credentials: args.resend_credentials,
+    };
+    let report = match tokio_runtime().block_on(standalone::execute(&options)) {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    match args.output {
+        Output::Json => match serde_json::to_string_pretty(&report) {
+            Ok(json) => println!("{json}"),
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::from(1);
+            }
+        },
+        Output::Table => {
+            for note in &report.notes {
+                println!("note: {note}");
+            }
+            if !report.notes.is_empty() {
+                println!();
+            }
+            print!("{}", standalone::render_table(&report));
+        }
+    }
+    if mode.writes() {
+        if report.all_ready() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        }
+    } else if report
+        .objects
+        .iter()
+        .any(|o| o.reason == "InvalidSpec" || o.reason == "SecretNotFound")
+    {
+        ExitCode::from(1)
+    } else if report.changes_anything() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

@@ -294,8 +294,8 @@ async fn find_remote(
         .into_iter()
         .find(|upstream| upstream.name == desired.name && upstream.url == desired.url);
     if let Some(remote) = &adopted {
-        // What GitLab holds as credentials is unknown: send ours once.
-        outcome.applied_credentials = None;
+        // What GitLab holds as credentials is unknown unless the caller vouches for a version
+        // (standalone mode, which keeps no status): with none known, ours are sent once.
         outcome.actions.push(
             Action::new(
                 "Adopted",
@@ -389,16 +389,20 @@ async fn create(
             .with_changes(changes),
         );
     } else {
-        outcome.actions.push(
-            Action::new(
-                "Created",
-                format!("would create through registry {registry_id}"),
-            )
-            .with_changes(changes),
-        );
+        outcome
+            .actions
+            .push(Action::new("Created", would_create_through(registry_id)).with_changes(changes));
     }
     outcome.applied_credentials = desired.credentials.as_ref().map(|c| c.version.clone());
     Ok(())
+}
+
+fn would_create_through(registry_id: i64) -> String {
+    if registry_id > 0 {
+        format!("would create through registry {registry_id}")
+    } else {
+        "would create through the registry this plan creates".into()
+    }
 }
 
 fn credentials_differ(
