@@ -593,6 +593,30 @@ async fn redirects_to_another_origin_do_not_carry_the_token() {
     assert_eq!(leaked.load(Ordering::SeqCst), 0);
 }
 
+/// Two clients of one host share one limiter: 6 requests at 20/s take at least 5 intervals.
+/// Only a lower bound is asserted, which a slow machine cannot break.
+#[tokio::test]
+async fn clients_of_one_host_share_the_rate_limit() {
+    let router = Router::new().fallback(|| async { axum::Json(json!([])) });
+    let address = serve(router).await;
+    let mut limited = config(address);
+    limited.requests_per_second = Some(20.0);
+    let first = client(limited.clone());
+    let second = client(limited);
+    let started = std::time::Instant::now();
+    for _ in 0..3 {
+        first
+            .list_registries(&PathOrId::Id(1))
+            .await
+            .expect("first");
+        second
+            .list_registries(&PathOrId::Id(1))
+            .await
+            .expect("second");
+    }
+    assert!(started.elapsed() >= Duration::from_millis(250));
+}
+
 #[tokio::test]
 async fn invalid_configuration_is_rejected() {
     let mut bad_ca = ClientConfig::new(
