@@ -140,7 +140,7 @@ impl Error {
         }
     }
 
-    /// Field errors of a validation failure (empty for other errors).
+    /// Field errors of a validation failure (`None` for other errors).
     pub fn field_errors(&self) -> Option<&BTreeMap<String, Vec<String>>> {
         match self {
             Self::Validation { errors } => Some(errors),
