@@ -82,6 +82,7 @@ pub fn load(paths: &[PathBuf]) -> Result<Manifests, ManifestErrors> {
             add_document(&mut manifests, source, document, &mut errors);
         }
     }
+    check_semantics(&manifests, &mut errors);
     check_references(&manifests, &mut errors);
     check_duplicates(&manifests, &mut errors);
     if errors.is_empty() {
@@ -323,6 +324,76 @@ fn check_references(manifests: &Manifests, errors: &mut Vec<ManifestError>) {
     }
 }
 
+/// What the CRD schema cannot check but the engines would refuse: regexes, durations, cron
+/// expressions and time zones, with the same messages the controllers put in conditions.
+fn check_semantics(manifests: &Manifests, errors: &mut Vec<ManifestError>) {
+    use crate::cleanup::{CompiledRules, RuleSpec, Schedule, parse_duration};
+    let mut push = |origin: &str, kind: &str, name: String, field: &str, message: String| {
+        errors.push(ManifestError {
+            origin: origin.into(),
+            kind: kind.into(),
+            name,
+            field: field.into(),
+            message,
+        })
+    };
+    for upstream in &manifests.upstreams {
+        if let Err(error) = parse_duration(&upstream.object.spec.connectivity_check.interval) {
+            push(
+                &upstream.source,
+                "Upstream",
+                upstream.object.name_any(),
+                "spec.connectivityCheck.interval",
+                error.to_string(),
+            );
+        }
+    }
+    for policy in &manifests.cleanup_policies {
+        let spec = &policy.object.spec;
+        let name = policy.object.name_any();
+        let mut refuse = |field: &str, message: String| {
+            push(
+                &policy.source,
+                "CleanupPolicy",
+                name.clone(),
+                field,
+                message,
+            )
+        };
+        if let Some(rules) = &spec.rules {
+            let rule_spec = RuleSpec {
+                name_regex_delete: rules.name_regex_delete.clone(),
+                name_regex_keep: rules.name_regex_keep.clone(),
+                keep_n: rules.keep_n.and_then(|n| u32::try_from(n).ok()),
+                older_than: rules.older_than.clone(),
+            };
+            if let Err(error) = CompiledRules::compile(&rule_spec) {
+                refuse("spec.rules", error.to_string());
+            }
+        }
+        if let Some(path_regex) = spec
+            .target
+            .container_repositories
+            .as_ref()
+            .and_then(|t| t.path_regex.as_deref())
+            && let Err(error) = regex::Regex::new(&format!(r"\A(?:{path_regex})\z"))
+        {
+            refuse(
+                "spec.target.containerRepositories.pathRegex",
+                error.to_string(),
+            );
+        }
+        if let Some(cache_rules) = &spec.cache_rules
+            && let Err(error) = parse_duration(&cache_rules.not_downloaded_for)
+        {
+            refuse("spec.cacheRules.notDownloadedFor", error.to_string());
+        }
+        if let Err(error) = Schedule::parse(&spec.schedule, &spec.time_zone) {
+            refuse("spec.schedule", error.to_string());
+        }
+    }
+}
+
 fn check_duplicates(manifests: &Manifests, errors: &mut Vec<ManifestError>) {
     fn check<K: ResourceExt>(kind: &str, items: &[Manifest<K>], errors: &mut Vec<ManifestError>) {
         let mut seen: BTreeMap<(String, String), &str> = BTreeMap::new();
@@ -407,11 +478,16 @@ mod tests {
         );
         write(
             &dir,
+            "bad-regex.yaml",
+            "apiVersion: gitlabregistry.io/v1alpha1\nkind: CleanupPolicy\nmetadata: {name: bad}\nspec:\n  target: {containerRepositories: {project: a/b}}\n  rules: {nameRegexDelete: 'v(1'}\n",
+        );
+        write(
+            &dir,
             "upstream.yaml",
             "apiVersion: gitlabregistry.io/v1alpha1\nkind: Upstream\nmetadata: {name: dockerhub}\nspec: {group: my-org, url: 'https://registry-1.docker.io', credentialsSecretRef: {name: missing-secret}}\n",
         );
-        let errors = load(&[dir.clone()]).expect_err("invalid").0;
-        assert_eq!(errors.len(), 3, "{errors:#?}");
+        let errors = load(std::slice::from_ref(&dir)).expect_err("invalid").0;
+        assert_eq!(errors.len(), 4, "{errors:#?}");
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
         assert!(
             text.iter().any(|e| e.contains("regex.yaml")
@@ -421,6 +497,12 @@ mod tests {
         assert!(text.iter().any(|e| e.contains("registry.yaml")
             && e.contains("spec.upstreams[0].name")
             && e.contains("nowhere")));
+        assert!(
+            text.iter().any(|e| e.contains("bad-regex.yaml")
+                && e.contains("nameRegexDelete")
+                && e.contains("v(1")),
+            "{text:#?}"
+        );
         assert!(text.iter().any(|e| e.contains("upstream.yaml")
             && e.contains("spec.credentialsSecretRef.name")
             && e.contains("MISSING_SECRET_PASSWORD")));
@@ -435,7 +517,7 @@ mod tests {
             "many.yaml",
             "apiVersion: gitlabregistry.io/v1alpha1\nkind: Upstream\nmetadata: {name: u}\nspec: {group: g, url: 'https://quay.io', cacheValidityHours: -1}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: other}\n",
         );
-        let errors = load(&[dir.clone()]).expect_err("invalid").0;
+        let errors = load(std::slice::from_ref(&dir)).expect_err("invalid").0;
         assert_eq!(errors.len(), 1, "{errors:#?}");
         assert_eq!(errors[0].field, "spec.cacheValidityHours");
         assert!(errors[0].origin.ends_with("many.yaml#1"));

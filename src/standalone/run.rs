@@ -173,14 +173,16 @@ pub async fn reconcile_all(
     let mut first_pass: BTreeMap<(String, String), RegistryOutcome> = BTreeMap::new();
     for registry in &manifests.registries {
         let key = (namespace_of(&registry.object), registry.object.name_any());
+        // Members all unresolved (Pending): this pass creates the registry but removes no
+        // association, since upstream ids are not known yet.
         let members = resolve_members(&registry.object, &BTreeMap::new());
-        let request = registry_request(&registry.object, members, None, Mode::Plan);
+        let request = registry_request(&registry.object, members.clone(), None, Mode::Plan);
         // A read-only look first: in plan mode this is all; in apply mode the registry is
         // created now so upstreams can be created through it.
         let outcome = if mode.writes() {
             registry::reconcile(
                 client,
-                &registry_request(&registry.object, Vec::new(), None, Mode::Apply),
+                &registry_request(&registry.object, members.clone(), None, Mode::Apply),
             )
             .await
         } else {

@@ -1,0 +1,221 @@
+//! `apply` and `plan` through the real binary, against the simulator over loopback (and, for
+//! the README's first command, against the embedded default).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use gitlab_registry_operator::sim::{Seed, SimConfig, SimHandle, Simulator};
+use secrecy::ExposeSecret;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_gitlab-registry-operator");
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
+}
+
+/// The examples without the CleanupPolicies (their runs are covered by the cleanup tests).
+fn registry_examples(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("temp dir");
+    for entry in std::fs::read_dir(examples()).expect("examples") {
+        let path = entry.expect("entry").path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.starts_with("cleanuppolicy") {
+            std::fs::copy(&path, dir.join(&name)).expect("copy");
+        }
+    }
+    dir.to_path_buf()
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gro-standalone-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+async fn simulator() -> SimHandle {
+    Simulator::start(SimConfig::embedded_demo(), Seed::demo())
+        .await
+        .expect("simulator starts")
+}
+
+fn run(sim: Option<&SimHandle>, args: &[&str]) -> Output {
+    let mut command = Command::new(BINARY);
+    command
+        .args(args)
+        .env_remove("GITLAB_URL")
+        .env_remove("GITLAB_TOKEN")
+        .env_remove("RUST_LOG");
+    if let Some(sim) = sim {
+        command
+            .env("GITLAB_URL", sim.base_url())
+            .env("GITLAB_TOKEN", sim.config().token.expose_secret());
+    }
+    command.output().expect("binary runs")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn apply_then_plan_reports_no_change_and_plan_only_reads() {
+    let sim = simulator().await;
+    let dir = registry_examples(&temp_dir("converge"));
+    let dir_arg = dir.to_string_lossy().into_owned();
+
+    let output = tokio::task::block_in_place(|| run(Some(&sim), &["apply", "-f", &dir_arg]));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "apply: {}\n{}",
+        stdout(&output),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = stdout(&output);
+    assert!(
+        text.contains("VirtualRegistry/default/docker-cache  True"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("embedded GitLab simulator"),
+        "a GitLab URL was given: {text}"
+    );
+    let state = sim.snapshot();
+    let state = serde_json::to_value(&state).expect("snapshot serialises");
+    let registries = state["registries"].as_array().cloned().unwrap_or_default();
+    assert_eq!(registries.len(), 1, "{state:#}");
+
+    sim.reset_request_counts();
+    let output = tokio::task::block_in_place(|| run(Some(&sim), &["plan", "-f", &dir_arg]));
+    let text = stdout(&output);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "second plan must see no change: {text}"
+    );
+    assert!(text.contains("No changes"), "{text}");
+    let counts = sim.request_counts();
+    assert!(!counts.is_empty());
+    for route in counts.keys() {
+        assert!(route.starts_with("GET "), "plan sent {route}");
+    }
+
+    // A second apply changes nothing either: zero writes.
+    sim.reset_request_counts();
+    let output = tokio::task::block_in_place(|| run(Some(&sim), &["apply", "-f", &dir_arg]));
+    assert_eq!(output.status.code(), Some(0));
+    let writes: Vec<_> = sim
+        .request_counts()
+        .into_iter()
+        .filter(|(route, _)| !route.starts_with("GET ") && !route.ends_with("/test"))
+        .collect();
+    assert!(writes.is_empty(), "steady-state apply wrote: {writes:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_manifest_shows_exactly_that_change() {
+    let sim = simulator().await;
+    let dir = registry_examples(&temp_dir("change"));
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let output = tokio::task::block_in_place(|| run(Some(&sim), &["apply", "-f", &dir_arg]));
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+
+    let quay = dir.join("upstream-quay.yaml");
+    let text = std::fs::read_to_string(&quay)
+        .expect("quay example")
+        .replace("cacheValidityHours: 48", "cacheValidityHours: 72");
+    std::fs::write(&quay, text).expect("write");
+    sim.reset_request_counts();
+    let output =
+        tokio::task::block_in_place(|| run(Some(&sim), &["plan", "-f", &dir_arg, "-o", "json"]));
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "a change means exit 2: {}",
+        stdout(&output)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&stdout(&output)).expect("json output parses");
+    let changed: Vec<&serde_json::Value> = report["objects"]
+        .as_array()
+        .expect("objects")
+        .iter()
+        .filter(|o| {
+            o["actions"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|a| a["writes"] == true))
+        })
+        .collect();
+    assert_eq!(changed.len(), 1, "only quay changes: {report:#}");
+    assert_eq!(changed[0]["name"], "quay");
+    let update = changed[0]["actions"]
+        .as_array()
+        .and_then(|actions| actions.iter().find(|a| a["writes"] == true))
+        .expect("a writing action");
+    assert_eq!(update["reason"], "Updated");
+    let changes = &update["changes"];
+    assert_eq!(changes.as_array().map(Vec::len), Some(1), "{changes:#}");
+    assert_eq!(changes[0]["field"], "cacheValidityHours");
+    assert_eq!(changes[0]["from"], "48");
+    assert_eq!(changes[0]["to"], "72");
+    assert!(
+        sim.request_counts()
+            .keys()
+            .all(|route| route.starts_with("GET "))
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn invalid_manifests_fail_with_file_and_field() {
+    let dir = temp_dir("invalid");
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(
+        dir.join("registry.yaml"),
+        "apiVersion: gitlabregistry.io/v1alpha1\nkind: VirtualRegistry\nmetadata: {name: cache}\nspec: {group: my-org, upstreams: [{name: ghost}]}\n",
+    )
+    .expect("write");
+    let output = run(None, &["plan", "-f", &dir.to_string_lossy()]);
+    assert_eq!(output.status.code(), Some(1));
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        error.contains("registry.yaml")
+            && error.contains("spec.upstreams[0].name")
+            && error.contains("ghost"),
+        "{error}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_readme_first_command_works_on_the_embedded_default() {
+    let output = run(None, &["apply", "-f", &examples().to_string_lossy()]);
+    let text = stdout(&output);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{text}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(text.contains("embedded GitLab simulator"), "{text}");
+    assert!(
+        text.contains("connection test: GitLab reached the upstream"),
+        "{text}"
+    );
+    for object in [
+        "Upstream/default/dockerhub",
+        "Upstream/default/quay",
+        "VirtualRegistry/default/docker-cache",
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(object))
+            .unwrap_or_else(|| panic!("{object} missing: {text}"));
+        assert!(line.contains("True"), "{line}");
+    }
+    assert!(
+        !text.contains("dckr_pat_example-token"),
+        "a password was printed"
+    );
+}
