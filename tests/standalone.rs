@@ -219,3 +219,98 @@ fn the_readme_first_command_works_on_the_embedded_default() {
         "a password was printed"
     );
 }
+
+/// The README's `sim` commands: start the binary, then the same requests as the curl lines.
+#[tokio::test(flavor = "multi_thread")]
+async fn sim_command_serves_the_api_as_the_readme_shows() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(BINARY)
+        .args(["sim", "--listen", "127.0.0.1:0", "--token", "demo-token"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("sim starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("listening line");
+    let base = line
+        .split_whitespace()
+        .find(|word| word.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in {line:?}"))
+        .to_string();
+    let http = reqwest::Client::new();
+    let upstreams: serde_json::Value = http
+        .get(format!(
+            "{base}/api/v4/groups/my-org/-/virtual_registries/container/upstreams"
+        ))
+        .header("PRIVATE-TOKEN", "demo-token")
+        .send()
+        .await
+        .expect("answers")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(upstreams[0]["name"], "Docker Hub");
+    let created = http
+        .post(format!(
+            "{base}/api/v4/groups/my-org/-/virtual_registries/container/registries"
+        ))
+        .header("PRIVATE-TOKEN", "demo-token")
+        .json(&serde_json::json!({"name": "docker-cache"}))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(created.status(), 201);
+    let unauthorized = http
+        .get(format!(
+            "{base}/api/v4/groups/my-org/-/virtual_registries/container/registries"
+        ))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(unauthorized.status(), 401);
+    let faults = http
+        .post(format!("{base}/-/sim/faults"))
+        .json(&serde_json::json!({"once": [{"count": 2, "fault": {"kind": "status", "status": 503}}]}))
+        .send()
+        .await
+        .expect("answers");
+    assert!(faults.status().is_success());
+    let failed = http
+        .get(format!(
+            "{base}/api/v4/groups/my-org/-/virtual_registries/container/registries"
+        ))
+        .header("PRIVATE-TOKEN", "demo-token")
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(failed.status(), 503);
+    let counts: serde_json::Value = http
+        .get(format!("{base}/-/sim/requests"))
+        .send()
+        .await
+        .expect("answers")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        counts["POST /groups/:id/-/virtual_registries/container/registries"].as_u64() >= Some(1),
+        "{counts}"
+    );
+    let state: serde_json::Value = http
+        .get(format!("{base}/-/sim/state"))
+        .send()
+        .await
+        .expect("answers")
+        .json()
+        .await
+        .expect("json");
+    assert!(state.to_string().contains("docker-cache"));
+    // SIGTERM stops it.
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = tokio::task::block_in_place(|| child.wait()).expect("exits");
+    assert!(status.success(), "sim exits 0 on SIGTERM: {status:?}");
+}
