@@ -104,6 +104,17 @@ async fn serve_readiness(State(state): State<ServerState>) -> (StatusCode, &'sta
 
 /// Runs until SIGTERM/SIGINT (then drains and returns `Ok`) or until the lease is lost.
 pub async fn run(config: OperatorConfig, options: RuntimeOptions) -> Result<(), Error> {
+    run_until(config, options, shutdown_signal()).await
+}
+
+/// Runs until `shutdown` completes (then drains in-flight reconciles and returns `Ok`) or
+/// until the lease is lost. Tests and embedders stop it with their own future.
+pub async fn run_until(
+    config: OperatorConfig,
+    options: RuntimeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let client = Client::try_default()
         .await
         .map_err(|error| Error::NoCluster(error.to_string()))?;
@@ -153,7 +164,7 @@ pub async fn run(config: OperatorConfig, options: RuntimeOptions) -> Result<(), 
             acquired = leader.wait_for(|is_leader| *is_leader) => {
                 acquired.map_err(|error| Error::LeaderElection(error.to_string()))?;
             }
-            () = shutdown_signal() => return Ok(()),
+            () = shutdown.clone() => return Ok(()),
         }
         tracing::info!(%identity, "acquired the lease: reconciling");
         health.set_ready(false);
@@ -223,7 +234,7 @@ pub async fn run(config: OperatorConfig, options: RuntimeOptions) -> Result<(), 
                     .collect::<Vec<_>>()
             }
         })
-        .shutdown_on_signal();
+        .graceful_shutdown_on(shutdown.clone());
     // A registry change (its GitLab id, above all) requeues the upstreams it lists; a Secret
     // change requeues the upstreams whose credentials or token it holds.
     let upstream_controller = upstream_controller
@@ -265,7 +276,7 @@ pub async fn run(config: OperatorConfig, options: RuntimeOptions) -> Result<(), 
                     .collect::<Vec<_>>()
             }
         })
-        .shutdown_on_signal();
+        .graceful_shutdown_on(shutdown.clone());
 
     let readiness = {
         let health = health.clone();
