@@ -396,8 +396,9 @@ async fn an_upstream_is_created_with_one_status_patch_and_an_event_and_then_left
         current.status = Some(serde_json::from_value(status.clone()).expect("status"));
         env.sim.reset_request_counts();
         let requeue = env.reconcile_upstream(&current).await.expect("reconciled");
-        assert!(
-            matches!(requeue, ref r if *r != Requeue::await_change()),
+        assert_ne!(
+            requeue,
+            Requeue::await_change(),
             "requeued for the next check"
         );
         let seen = env.api.take();
@@ -719,6 +720,75 @@ async fn registry_deletion_keeps_upstreams_whose_objects_remain() {
         let seen = env.api.take();
         assert_eq!(seen.len(), 1, "{seen:?}");
         assert_finalizer_patch(&seen[0], &format!("{REGISTRIES_PATH}/cache"), "remove");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_refused_connection_test_is_a_warning_event_and_a_synced_false_status() {
+    guarded(async {
+        let mut env = Env::start().await;
+        let stub = UpstreamStub::start(StubBehaviour::status(401))
+            .await
+            .expect("stub");
+        env.registry_listing("dockerhub");
+        let upstream = upstream_object(&stub.url(), &[FINALIZER], json!({}));
+        let requeue = env.reconcile_upstream(&upstream).await.expect("reconciled");
+        assert_ne!(requeue, Requeue::await_change(), "tested again later");
+        assert!(env.sim.snapshot().upstreams.is_empty(), "not created");
+        let seen = env.api.take();
+        let status = &status_patches(&seen, UPSTREAMS_PATH)[0].body["status"];
+        let synced = condition(status, "Synced");
+        assert_eq!(synced["status"], "False");
+        assert_eq!(synced["reason"], "ConnectivityTestFailed");
+        assert!(
+            synced["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("Error: 401 - Unauthorized")),
+            "{synced}"
+        );
+        assert_eq!(condition(status, "Reachable")["reason"], "Unauthorized");
+        assert_eq!(condition(status, "Ready")["status"], "False");
+        let event = seen
+            .iter()
+            .find(|s| s.is("POST", EVENTS_PATH))
+            .expect("event");
+        assert_eq!(event.body["reason"], "ConnectivityTestFailed");
+        assert_eq!(event.body["type"], "Warning");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_gitlab_rate_limit_requeues_after_gitlabs_delay() {
+    guarded(async {
+        let env = Env::start().await;
+        env.sim
+            .inject_fault(gitlab_registry_operator::sim::FaultSpec {
+                once: vec![gitlab_registry_operator::sim::OneShotFault {
+                    count: 1,
+                    method: Some("GET".into()),
+                    route: Some("/groups/:id/-/virtual_registries/container/registries".into()),
+                    fault: gitlab_registry_operator::sim::FaultAction::RateLimited {
+                        retry_after_seconds: 900,
+                    },
+                }],
+                ..Default::default()
+            });
+        let registry = registry_object(&[], None, &[FINALIZER]);
+        let error = env
+            .reconcile_registry(&registry)
+            .await
+            .expect_err("rate limited");
+        assert_eq!(error.reason(), "RateLimited");
+        let seen = env.api.take();
+        let status = &status_patches(&seen, REGISTRIES_PATH)[0].body["status"];
+        assert_eq!(condition(status, "Synced")["reason"], "RateLimited");
+        assert!(event_reasons(&seen).contains(&"RateLimited".to_owned()));
+        let requeue =
+            controller::registry::error_policy(Arc::new(registry), &error, env.ctx.clone());
+        assert_eq!(requeue, Requeue::requeue(Duration::from_secs(900)));
+        assert!(env.sim.snapshot().registries.is_empty());
     })
     .await;
 }

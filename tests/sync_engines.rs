@@ -1938,7 +1938,10 @@ async fn removed_credentials_are_cleared_in_gitlab_and_in_the_outcome() {
         assert_eq!(cleared.applied_credentials, None);
         let snapshot = env.snapshot();
         let username = sim_upstream(&snapshot, id).username.clone();
-        assert!(username.as_deref().is_none_or(str::is_empty), "{username:?}");
+        assert!(
+            username.as_deref().is_none_or(str::is_empty),
+            "{username:?}"
+        );
         env.reset();
         let steady = env
             .reconcile_upstream(&upstream_request(
@@ -1981,6 +1984,75 @@ async fn removed_credentials_are_cleared_in_gitlab_and_in_the_outcome() {
         let remote = sim_upstream(&snapshot, id);
         assert_eq!(remote.url, second.url());
         assert!(remote.username.is_none() && remote.password.is_none());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_purge_cache_request_is_acted_on_once_per_value() {
+    guarded(async {
+        let env = Env::start().await;
+        env.sim
+            .seed(
+                &Seed::parse(
+                    "registries:\n  - {id: 7, group: my-org, name: cache}\nupstreams:\n  - id: 9\n    group: my-org\n    name: hub\n    url: https://registry-1.docker.io\n    registries: [cache]\n    cache_entries:\n      - {relative_path: library/alpine/manifests/latest}\n",
+                )
+                .expect("seed"),
+            )
+            .expect("seeded");
+        assert_eq!(env.snapshot().cache_entries.len(), 1);
+        let known = KnownUpstream {
+            upstream_id: Some(9),
+            last_check: Some(upstream::ConnectivityCheck {
+                time: t0(),
+                success: true,
+                result: None,
+            }),
+            ..Default::default()
+        };
+        let mut request = upstream_request(
+            desired("hub", "https://registry-1.docker.io"),
+            known,
+            t0() + minutes(1),
+        );
+        request.purge_cache_request = Some("2026-01-01T00:00:00Z".into());
+        env.reset();
+        let purged = env.reconcile_upstream(&request).await;
+        assert!(purged.error.is_none(), "{:?}", purged.error);
+        assert_eq!(reasons(&purged.actions), ["CachePurged"]);
+        assert_eq!(
+            env.count("DELETE", "/virtual_registries/container/upstreams/:id/cache"),
+            1
+        );
+        assert!(env.snapshot().cache_entries.is_empty());
+        assert_eq!(
+            purged.last_handled_purge_cache.as_deref(),
+            Some("2026-01-01T00:00:00Z")
+        );
+
+        // Same annotation value again: already handled.
+        request.known = known_after(&purged);
+        env.reset();
+        let again = env.reconcile_upstream(&request).await;
+        assert!(again.actions.is_empty(), "{:?}", again.actions);
+        assert_eq!(env.sim.write_count(), 0);
+
+        // The registry's purge works the same way.
+        let mut registry_purge = registry_request("cache", &[("hub", 9)], Some(7));
+        registry_purge.purge_cache_request = Some("first".into());
+        env.reset();
+        let purged = env.reconcile_registry(&registry_purge).await;
+        assert!(purged.error.is_none(), "{:?}", purged.error);
+        assert_eq!(reasons(&purged.actions), ["CachePurged"]);
+        assert_eq!(
+            env.count("DELETE", "/virtual_registries/container/registries/:id/cache"),
+            1
+        );
+        registry_purge.known.last_handled_purge_cache = purged.last_handled_purge_cache;
+        env.reset();
+        let again = env.reconcile_registry(&registry_purge).await;
+        assert!(again.actions.is_empty(), "{:?}", again.actions);
+        assert_eq!(env.sim.write_count(), 0);
     })
     .await;
 }
