@@ -2056,3 +2056,38 @@ async fn a_purge_cache_request_is_acted_on_once_per_value() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_local_url_refused_by_gitlab_is_an_invalid_spec_with_gitlabs_message() {
+    guarded(async {
+        let env = Env::with_config(SimConfig {
+            allow_local_network: false,
+            ..sim_config()
+        })
+        .await;
+        let local = stub().await;
+        let registry_id = env.registry("cache").await;
+        let mut request = upstream_request(
+            desired("local", &local.url()),
+            KnownUpstream::default(),
+            t0(),
+        );
+        request.registry_for_create = Some(registry_id);
+        let outcome = env.reconcile_upstream(&request).await;
+        let error = outcome.error.expect("refused");
+        assert_eq!(error.reason(), "InvalidSpec");
+        assert!(!error.is_transient());
+        assert_eq!(outcome.synced.reason, "InvalidSpec");
+        assert!(
+            outcome
+                .synced
+                .message
+                .contains("Requests to localhost are not allowed"),
+            "{}",
+            outcome.synced.message
+        );
+        assert!(env.snapshot().upstreams.is_empty());
+        assert!(local.requests().is_empty());
+    })
+    .await;
+}
