@@ -244,10 +244,7 @@ fn compile(run: &CleanupRun) -> Result<Validated> {
         CleanupTarget::Project { path_regex, .. } | CleanupTarget::Group { path_regex, .. } => {
             let rules = CompiledRules::compile(&run.rules)
                 .map_err(|error| Error::InvalidSpec(error.to_string()))?;
-            let path_regex = path_regex
-                .as_deref()
-                .map(compile_path_regex)
-                .transpose()?;
+            let path_regex = path_regex.as_deref().map(compile_path_regex).transpose()?;
             Ok(Validated::Tags { rules, path_regex })
         }
         CleanupTarget::UpstreamCache { upstream_id } => {
@@ -475,10 +472,7 @@ pub async fn run_cleanup(client: &GitLabClient, run: &CleanupRun) -> Result<Clea
     let mut engine = Engine::new(client, run);
     match validated {
         Validated::Tags { rules, path_regex } => {
-            engine
-                .report
-                .notes
-                .extend(rules.notes().iter().cloned());
+            engine.report.notes.extend(rules.notes().iter().cloned());
             engine.run_repositories(&rules, path_regex.as_ref()).await;
         }
         Validated::Cache {
@@ -741,7 +735,10 @@ impl<'a> Engine<'a> {
         let Some(tags) = self.list_tags(&project, repository, report).await else {
             return;
         };
-        let Some(tags) = self.complete_details(&project, repository, tags, report).await else {
+        let Some(tags) = self
+            .complete_details(&project, repository, tags, report)
+            .await
+        else {
             return;
         };
         let protection = self.protection_of(&project).await;
@@ -770,7 +767,8 @@ impl<'a> Engine<'a> {
         let counts = selection.counts();
         report.tags_evaluated = counts.evaluated;
         report.tags_kept = counts.kept;
-        report.tags_protected = counts.kept_by(KeepReason::Protected) + counts.kept_by(KeepReason::InUse);
+        report.tags_protected =
+            counts.kept_by(KeepReason::Protected) + counts.kept_by(KeepReason::InUse);
         report.kept_by_reason = counts
             .kept_by_reason()
             .filter(|(_, count)| *count > 0)
@@ -975,7 +973,10 @@ impl<'a> Engine<'a> {
                     report.refused_as_protected += 1;
                     report.tags_kept += 1;
                     report.tags_protected += 1;
-                    *report.kept_by_reason.entry(KeepReason::Protected).or_default() += 1;
+                    *report
+                        .kept_by_reason
+                        .entry(KeepReason::Protected)
+                        .or_default() += 1;
                 }
                 Err(error) => {
                     let context = format!("deleting {}:{name}", repository.path);
@@ -1264,7 +1265,9 @@ impl DesiredGitLabPolicy {
     /// From a `CleanupPolicy` spec; a missing cadence is [`Error::InvalidSpec`].
     pub fn from_spec(spec: &CleanupPolicySpec) -> Result<Self> {
         let cadence = spec.cadence.ok_or_else(|| {
-            Error::InvalidSpec(format!("{FIELD_CADENCE} is required with strategy GitLabPolicy"))
+            Error::InvalidSpec(format!(
+                "{FIELD_CADENCE} is required with strategy GitLabPolicy"
+            ))
         })?;
         let rules = spec.rules.clone().unwrap_or(TagRules {
             name_regex_delete: None,
@@ -1386,7 +1389,11 @@ fn policy_difference(
     let mut changes = Vec::new();
     let current_cadence = current.map(|policy| policy.cadence.as_str());
     if current_cadence != Some(desired.cadence) {
-        changes.push(FieldChange::new("cadence", current_cadence, Some(desired.cadence)));
+        changes.push(FieldChange::new(
+            "cadence",
+            current_cadence,
+            Some(desired.cadence),
+        ));
         update.cadence = Some(desired.cadence.to_owned());
     }
     let current_enabled = current.map(|policy| policy.enabled);
@@ -1420,9 +1427,16 @@ fn policy_difference(
     let current_keep = current
         .and_then(|policy| policy.name_regex_keep.as_deref())
         .filter(|keep| !keep.is_empty());
-    let desired_keep = desired.name_regex_keep.as_deref().filter(|keep| !keep.is_empty());
+    let desired_keep = desired
+        .name_regex_keep
+        .as_deref()
+        .filter(|keep| !keep.is_empty());
     if current_keep != desired_keep {
-        changes.push(FieldChange::new("nameRegexKeep", current_keep, desired_keep));
+        changes.push(FieldChange::new(
+            "nameRegexKeep",
+            current_keep,
+            desired_keep,
+        ));
         // GitLab takes a blank keep regex as "keep nothing by name".
         update.name_regex_keep = Some(desired_keep.unwrap_or_default().to_owned());
     }
