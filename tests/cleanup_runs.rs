@@ -1230,3 +1230,89 @@ async fn gitlab_policy_rejects_values_gitlab_does_not_accept_before_any_request(
         sim.request_counts()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_repositories_are_skipped_whole_and_a_bad_token_stops_the_run() {
+    let sim = start(group_seed(), false).await;
+    let client = client(&sim);
+    let before = sim_tags(&sim);
+    let expected = without_empty(expected_deletions(&sim, &rules(), None, true, |path| {
+        path.starts_with("acme/")
+    }));
+    let mut run_spec = project_run("acme/web", InUse::Known(Arc::new(InUseIndex::new())));
+    run_spec.target = CleanupTarget::Group {
+        group: PathOrId::parse("acme"),
+        path_regex: None,
+    };
+    // Repositories in path order: acme/platform/tools/cli, acme/web, acme/web/worker. The
+    // first one's tag list is refused; in the second, the 21st tag's details fail even after
+    // the client's retries (4 attempts). One-shot faults apply in order, and a zero delay
+    // answers normally, so the first 20 detail reads pass.
+    sim.inject_fault(FaultSpec {
+        once: vec![
+            OneShotFault {
+                count: 1,
+                method: Some("GET".into()),
+                route: Some(TAGS_ROUTE.into()),
+                fault: FaultAction::Status { status: 403 },
+            },
+            OneShotFault {
+                count: 20,
+                method: Some("GET".into()),
+                route: Some(TAG_ROUTE.into()),
+                fault: FaultAction::Delay { delay_ms: 0 },
+            },
+            OneShotFault {
+                count: 4,
+                method: Some("GET".into()),
+                route: Some(TAG_ROUTE.into()),
+                fault: FaultAction::Status { status: 502 },
+            },
+        ],
+        ..FaultSpec::default()
+    });
+    let report = run(&client, &run_spec).await;
+
+    assert_eq!(report.outcome, RunOutcome::Partial, "{}", report.message);
+    assert_eq!(report.failures, 2, "{}", report.message);
+    let after = sim_tags(&sim);
+    assert_eq!(
+        after["acme/platform/tools/cli"],
+        before["acme/platform/tools/cli"]
+    );
+    assert_eq!(
+        after["acme/web"], before["acme/web"],
+        "no deletion without every detail"
+    );
+    let skipped: Vec<&str> = report
+        .repository_reports
+        .iter()
+        .filter(|repository| repository.skipped.is_some())
+        .map(|repository| repository.path.as_str())
+        .collect();
+    assert_eq!(skipped, ["acme/platform/tools/cli", "acme/web"]);
+    assert_eq!(
+        deleted_by_report(&report),
+        expected
+            .iter()
+            .filter(|(path, _)| path.as_str() == "acme/web/worker")
+            .map(|(path, names)| (path.clone(), names.clone()))
+            .collect::<BTreeMap<_, _>>()
+    );
+
+    // A token GitLab refuses: the run stops at once and says so.
+    let mut config = ClientConfig::new(
+        sim.base_url().parse().expect("url"),
+        SecretString::from("not-the-token"),
+    );
+    config.retry_base_delay = Duration::from_millis(5);
+    let refused = GitLabClient::new(config).expect("client");
+    sim.reset_request_counts();
+    let report = run(&refused, &run_spec).await;
+    assert_eq!(report.outcome, RunOutcome::Failed);
+    assert_eq!(
+        report.error.as_ref().map(|error| error.reason()),
+        Some("Unauthorized")
+    );
+    assert_eq!(sim.request_counts().values().sum::<u64>(), 1);
+}

@@ -221,10 +221,31 @@ pub enum DeletePermission {
     Withheld(String),
 }
 
+/// Whether `run` may send deletions: never in a dry run or plan, and not for container
+/// repositories with `keepInUse` while the images Pods run are unknown (an upstream cache
+/// does not depend on Pods: its entries are fetched again on the next pull).
+pub fn delete_permission(run: &CleanupRun) -> DeletePermission {
+    if run.dry_run || !run.mode.writes() {
+        return DeletePermission::Simulated;
+    }
+    match (&run.in_use, &run.target) {
+        (InUse::Unavailable(reason), CleanupTarget::Project { .. })
+        | (InUse::Unavailable(reason), CleanupTarget::Group { .. })
+            if run.safety.keep_in_use =>
+        {
+            DeletePermission::Withheld(format!(
+                "keepInUse is set but the images Pods run are unknown ({reason}), so nothing \
+                 was deleted"
+            ))
+        }
+        _ => DeletePermission::Live,
+    }
+}
+
 /// How a run's selection was compiled and checked before any request.
 enum Validated {
     Tags {
-        rules: CompiledRules,
+        rules: Box<CompiledRules>,
         path_regex: Option<Regex>,
     },
     Cache {
@@ -245,7 +266,10 @@ fn compile(run: &CleanupRun) -> Result<Validated> {
             let rules = CompiledRules::compile(&run.rules)
                 .map_err(|error| Error::InvalidSpec(error.to_string()))?;
             let path_regex = path_regex.as_deref().map(compile_path_regex).transpose()?;
-            Ok(Validated::Tags { rules, path_regex })
+            Ok(Validated::Tags {
+                rules: Box::new(rules),
+                path_regex,
+            })
         }
         CleanupTarget::UpstreamCache { upstream_id } => {
             let not_downloaded_for = run.cache_not_downloaded_for.ok_or_else(|| {
@@ -569,22 +593,7 @@ struct Engine<'a> {
 
 impl<'a> Engine<'a> {
     fn new(client: &'a GitLabClient, run: &'a CleanupRun) -> Self {
-        let permission = if run.dry_run || !run.mode.writes() {
-            DeletePermission::Simulated
-        } else {
-            match (&run.in_use, &run.target) {
-                (InUse::Unavailable(reason), CleanupTarget::Project { .. })
-                | (InUse::Unavailable(reason), CleanupTarget::Group { .. })
-                    if run.safety.keep_in_use =>
-                {
-                    DeletePermission::Withheld(format!(
-                        "keepInUse is set but the images Pods run are unknown ({reason}), so \
-                         nothing was deleted"
-                    ))
-                }
-                _ => DeletePermission::Live,
-            }
-        };
+        let permission = delete_permission(run);
         Self {
             client,
             run,
@@ -637,6 +646,16 @@ impl<'a> Engine<'a> {
             }
         }
         disposition
+    }
+
+    /// Like [`Self::settle_error`], but a 403 on a read concerns this repository or project
+    /// only (registry access switched off there, say): a failure, not a stop.
+    fn settle_read_error(&mut self, error: gitlab::Error, context: &str) -> Disposition {
+        if matches!(error, gitlab::Error::Forbidden { .. }) {
+            self.record_failure(format!("{context}: {}", error.message()));
+            return Disposition::Failure;
+        }
+        self.settle_error(error, context)
     }
 
     fn succeeded(&mut self) {
@@ -829,7 +848,7 @@ impl<'a> Engine<'a> {
             Err(error) => {
                 let context = format!("listing tags of {}", repository.path);
                 let reason = format!("{context}: {}", error.message());
-                match self.settle_error(error, &context) {
+                match self.settle_read_error(error, &context) {
                     Disposition::Gone => {
                         report.skipped = Some("repository no longer exists".into());
                     }
@@ -883,7 +902,7 @@ impl<'a> Engine<'a> {
                         "{context}: {}; without every tag's details nothing is deleted here",
                         error.message()
                     );
-                    if self.settle_error(error, &context) != Disposition::Stop {
+                    if self.settle_read_error(error, &context) != Disposition::Stop {
                         report.failures += 1;
                     }
                     report.skipped = Some(reason);
@@ -1441,4 +1460,334 @@ fn policy_difference(
         update.name_regex_keep = Some(desired_keep.unwrap_or_default().to_owned());
     }
     (update, changes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forbidden(message: &str) -> gitlab::Error {
+        gitlab::Error::Forbidden {
+            message: message.into(),
+        }
+    }
+
+    fn policy(keep_regex: Option<&str>) -> ContainerExpirationPolicy {
+        ContainerExpirationPolicy {
+            cadence: "7d".into(),
+            enabled: true,
+            keep_n: Some(10),
+            older_than: Some("14d".into()),
+            name_regex: Some(".*".into()),
+            name_regex_keep: keep_regex.map(str::to_owned),
+            next_run_at: None,
+        }
+    }
+
+    fn desired(keep_regex: Option<&str>) -> PolicyValues {
+        policy_values(&DesiredGitLabPolicy {
+            cadence: GitLabCadence::Weekly,
+            keep_n: Some(10),
+            older_than: Some("14d".into()),
+            name_regex_delete: Some(".*".into()),
+            name_regex_keep: keep_regex.map(str::to_owned),
+        })
+        .expect("valid")
+    }
+
+    fn run_with(target: CleanupTarget) -> CleanupRun {
+        CleanupRun {
+            target,
+            rules: RuleSpec {
+                name_regex_delete: Some(".*".into()),
+                ..RuleSpec::default()
+            },
+            cache_not_downloaded_for: None,
+            safety: Safety::default(),
+            in_use: InUse::Unavailable("test".into()),
+            dry_run: false,
+            limits: RunLimits::default(),
+            now: Timestamp::UNIX_EPOCH,
+            mode: Mode::Apply,
+        }
+    }
+
+    #[test]
+    fn path_regex_is_anchored_at_both_ends_and_checked_alone() {
+        let regex = compile_path_regex("acme/app|acme/web").expect("valid");
+        assert!(regex.is_match("acme/app"));
+        assert!(regex.is_match("acme/web"));
+        assert!(!regex.is_match("acme/app/api"));
+        assert!(!regex.is_match("x/acme/web"));
+        let error = compile_path_regex("a)|(b").expect_err("unbalanced");
+        assert_eq!(error.reason(), "InvalidSpec");
+        assert!(error.message().starts_with(FIELD_PATH_REGEX), "{error}");
+    }
+
+    #[test]
+    fn limits_and_keep_n_below_their_minimum_are_invalid_specs() {
+        for (max, rate, field) in [
+            (0, 10, FIELD_MAX_DELETIONS_PER_RUN),
+            (-5, 10, FIELD_MAX_DELETIONS_PER_RUN),
+            (10, 0, FIELD_REQUESTS_PER_SECOND),
+        ] {
+            let error = RunLimits::from_spec(&Limits {
+                max_deletions_per_run: max,
+                requests_per_second: rate,
+            })
+            .expect_err("invalid");
+            assert!(error.message().contains(field), "{error}");
+        }
+        assert_eq!(
+            RunLimits::from_spec(&Limits::default()).expect("defaults"),
+            RunLimits::default()
+        );
+        let rules = TagRules {
+            name_regex_delete: Some(".*".into()),
+            name_regex_keep: None,
+            keep_n: Some(-1),
+            older_than: None,
+        };
+        assert!(
+            rule_spec(&rules)
+                .expect_err("negative")
+                .message()
+                .contains(FIELD_KEEP_N)
+        );
+        let rules = TagRules {
+            keep_n: Some(3),
+            ..rules
+        };
+        assert_eq!(rule_spec(&rules).expect("valid").keep_n, Some(3));
+    }
+
+    #[test]
+    fn a_cache_target_needs_a_positive_not_downloaded_for() {
+        let mut run = run_with(CleanupTarget::UpstreamCache { upstream_id: 3 });
+        assert!(validate(&run).is_err());
+        run.cache_not_downloaded_for = Some(Duration::ZERO);
+        assert!(
+            validate(&run)
+                .expect_err("zero")
+                .message()
+                .contains(FIELD_NOT_DOWNLOADED_FOR)
+        );
+        run.cache_not_downloaded_for = Some(Duration::from_secs(60));
+        // Tag rules do not matter for a cache target.
+        run.rules = RuleSpec::default();
+        assert!(validate(&run).is_ok());
+    }
+
+    #[test]
+    fn errors_sort_into_what_a_run_does_next() {
+        assert!(is_protected_tag_refusal(&forbidden(
+            "403 Forbidden - cannot delete protected tag(s)"
+        )));
+        assert!(!is_protected_tag_refusal(&forbidden("403 Forbidden")));
+        let cases = [
+            (forbidden("403 Forbidden"), Disposition::Stop),
+            (
+                gitlab::Error::Unauthorized {
+                    message: "401 Unauthorized".into(),
+                },
+                Disposition::Stop,
+            ),
+            (
+                gitlab::Error::RateLimited {
+                    retry_after: Some(Duration::from_secs(600)),
+                    message: "Retry later".into(),
+                },
+                Disposition::Stop,
+            ),
+            (
+                gitlab::Error::NotFound {
+                    message: "404 Tag Not Found".into(),
+                },
+                Disposition::Gone,
+            ),
+            (
+                gitlab::Error::Server {
+                    status: 502,
+                    message: "Bad Gateway".into(),
+                },
+                Disposition::Unavailable,
+            ),
+            (
+                gitlab::Error::Timeout {
+                    method: "DELETE".into(),
+                    route: TAG_ROUTE_FOR_TESTS.into(),
+                },
+                Disposition::Unavailable,
+            ),
+            (
+                gitlab::Error::Parameter {
+                    message: "bad".into(),
+                },
+                Disposition::Failure,
+            ),
+        ];
+        for (error, expected) in cases {
+            assert_eq!(disposition(&error), expected, "{error}");
+        }
+    }
+
+    const TAG_ROUTE_FOR_TESTS: &str =
+        "/projects/:id/registry/repositories/:repository_id/tags/:tag_name";
+
+    #[test]
+    fn dry_run_plan_and_unknown_pods_decide_the_delete_permission_once() {
+        let project = CleanupTarget::Project {
+            project: PathOrId::Id(1),
+            path_regex: None,
+        };
+        let mut run = run_with(project);
+        assert!(matches!(
+            delete_permission(&run),
+            DeletePermission::Withheld(_)
+        ));
+        run.safety.keep_in_use = false;
+        assert_eq!(delete_permission(&run), DeletePermission::Live);
+        run.dry_run = true;
+        assert_eq!(delete_permission(&run), DeletePermission::Simulated);
+        run.dry_run = false;
+        run.mode = Mode::Plan;
+        assert_eq!(delete_permission(&run), DeletePermission::Simulated);
+        // Pods do not matter for an upstream cache.
+        let mut cache = run_with(CleanupTarget::UpstreamCache { upstream_id: 1 });
+        cache.cache_not_downloaded_for = Some(Duration::from_secs(1));
+        assert_eq!(delete_permission(&cache), DeletePermission::Live);
+    }
+
+    #[test]
+    fn policy_difference_sends_only_what_differs() {
+        let (update, changes) = policy_difference(Some(&policy(None)), &desired(None));
+        assert!(changes.is_empty());
+        assert_eq!(update, ContainerExpirationPolicyUpdate::default());
+        // A blank keep regex is no keep regex.
+        let (_, changes) = policy_difference(Some(&policy(Some(""))), &desired(None));
+        assert!(changes.is_empty());
+
+        let mut drifted = policy(Some("main"));
+        drifted.keep_n = None;
+        drifted.enabled = false;
+        let (update, changes) = policy_difference(Some(&drifted), &desired(None));
+        assert_eq!(
+            update,
+            ContainerExpirationPolicyUpdate {
+                enabled: Some(true),
+                keep_n: Some(Some(10)),
+                name_regex_keep: Some(String::new()),
+                ..ContainerExpirationPolicyUpdate::default()
+            }
+        );
+        assert_eq!(
+            changes,
+            vec![
+                FieldChange::new("enabled", Some(false), Some(true)),
+                FieldChange::new("keepN", None::<i64>, Some(10)),
+                FieldChange::new("nameRegexKeep", Some("main"), None::<&str>),
+            ]
+        );
+
+        let (update, changes) = policy_difference(None, &desired(Some("main")));
+        assert_eq!(changes.len(), 6);
+        assert_eq!(update.older_than, Some(Some("14d".to_owned())));
+    }
+
+    #[test]
+    fn gitlab_policy_values_are_gitlabs_own() {
+        let base = DesiredGitLabPolicy {
+            cadence: GitLabCadence::Monthly,
+            keep_n: None,
+            older_than: None,
+            name_regex_delete: Some("v.*".into()),
+            name_regex_keep: None,
+        };
+        let values = policy_values(&base).expect("valid");
+        assert_eq!(
+            (values.cadence, values.keep_n, values.older_than),
+            ("1month", None, None)
+        );
+        for keep_n in [0, 2, 1000] {
+            let error = policy_values(&DesiredGitLabPolicy {
+                keep_n: Some(keep_n),
+                ..base.clone()
+            })
+            .expect_err("not GitLab's");
+            assert_eq!(error.reason(), "InvalidSpec");
+        }
+        let error = policy_values(&DesiredGitLabPolicy {
+            older_than: Some("1month".into()),
+            ..base.clone()
+        })
+        .expect_err("not GitLab's");
+        assert!(error.message().contains("olderThan"), "{error}");
+    }
+
+    #[test]
+    fn a_report_becomes_the_last_run_status() {
+        let run = run_with(CleanupTarget::Project {
+            project: PathOrId::Id(1),
+            path_regex: None,
+        });
+        let mut report = CleanupReport::new(&run);
+        report.outcome = RunOutcome::Partial;
+        report.repositories = 2;
+        report.tags_evaluated = 30;
+        report.tags_deleted = 12;
+        report.tags_kept = 18;
+        report.tags_protected = 3;
+        report.failures = 1;
+        report.deleted_sample = vec!["acme/app:v1".into()];
+        report.message = "stopped at maxDeletionsPerRun (12)".into();
+        let start: Timestamp = "2026-06-15T03:00:00Z".parse().expect("time");
+        let end: Timestamp = "2026-06-15T03:01:00Z".parse().expect("time");
+        let summary = report.to_run_summary(start, end);
+        assert_eq!(summary.start_time, Time(start));
+        assert_eq!(summary.completion_time, Some(Time(end)));
+        assert_eq!(summary.outcome, RunOutcome::Partial);
+        assert!(!summary.dry_run);
+        assert_eq!(
+            (
+                summary.repositories,
+                summary.tags_evaluated,
+                summary.tags_deleted,
+                summary.tags_kept,
+                summary.tags_protected,
+                summary.failures
+            ),
+            (2, 30, 12, 18, 3, 1)
+        );
+        assert_eq!(summary.deleted_sample, vec!["acme/app:v1".to_owned()]);
+        assert_eq!(
+            summary.message.as_deref(),
+            Some("stopped at maxDeletionsPerRun (12)")
+        );
+        report.mode = Mode::Plan;
+        assert!(report.to_run_summary(start, end).dry_run);
+    }
+
+    #[test]
+    fn withheld_counts_what_was_selected_but_not_handled() {
+        let report = RepositoryReport {
+            selected: (0..10).map(|index| format!("t{index}")).collect(),
+            deleted: vec!["t0".into(), "t1".into()],
+            refused_as_protected: 1,
+            already_deleted: 1,
+            failures: 1,
+            ..RepositoryReport::default()
+        };
+        assert_eq!(report.withheld(), 5);
+    }
+
+    #[tokio::test]
+    async fn the_pacer_spaces_requests() {
+        // Only a lower bound: a slow machine can make it longer, never shorter.
+        let mut pacer = Pacer::new(20);
+        let started = tokio::time::Instant::now();
+        for _ in 0..4 {
+            pacer.wait().await;
+        }
+        assert!(started.elapsed() >= Duration::from_millis(150));
+    }
 }
