@@ -826,12 +826,15 @@ async fn server_errors_during_deletions_count_failures_and_delete_nothing_kept()
 async fn protection_rules_unreadable_leaves_protection_to_gitlab_and_counts_refusals() {
     let sim = start(app_seed(), true).await;
     let client = client(&sim);
-    // What the rules select when the engine does not know the protection rules.
+    // What the rules select when the engine does not know the protection rules: everything
+    // the pure selection picks except tags whose digest another tag also has (GitLab might
+    // refuse one of them, breaking keepSharedDigests whichever went first).
     let snapshot_rules = sim.snapshot().protection_rules;
     assert_eq!(snapshot_rules.len(), 1);
     let compiled = CompiledRules::compile(&rules()).expect("rules");
     let snapshot = sim.snapshot();
     let mut would_be_refused = 0;
+    let mut kept_as_shared = 0;
     for repository in &snapshot.repositories {
         let tags: Vec<TagInfo> = repository
             .tags
@@ -843,12 +846,22 @@ async fn protection_rules_unreadable_leaves_protection_to_gitlab_and_counts_refu
             ..Protections::default()
         };
         let selection = cleanup::select(&tags, &compiled, &protections, now());
-        would_be_refused += selection
-            .names_to_delete()
-            .filter(|name| name.starts_with("v1.1"))
-            .count();
+        for name in selection.names_to_delete() {
+            let digest = &repository.tags[name].digest;
+            let users = repository
+                .tags
+                .values()
+                .filter(|tag| tag.digest.is_some() && &tag.digest == digest)
+                .count();
+            if users > 1 {
+                kept_as_shared += 1;
+            } else if name.starts_with("v1.1") {
+                would_be_refused += 1;
+            }
+        }
     }
     assert!(would_be_refused > 0);
+    assert!(kept_as_shared > 0, "the data set exercises shared digests");
     sim.inject_fault(FaultSpec {
         once: vec![OneShotFault {
             count: 1,
@@ -880,6 +893,28 @@ async fn protection_rules_unreadable_leaves_protection_to_gitlab_and_counts_refu
         report.message
     );
     let after = sim_tags(&sim);
+    // keepSharedDigests held: no deleted tag's digest is still used by a remaining tag.
+    for repository in &snapshot.repositories {
+        let remaining = &after[&repository.path];
+        let remaining_digests: BTreeSet<&String> = repository
+            .tags
+            .values()
+            .filter(|tag| remaining.contains(&tag.name))
+            .filter_map(|tag| tag.digest.as_ref())
+            .collect();
+        for tag in repository.tags.values() {
+            if !remaining.contains(&tag.name)
+                && let Some(digest) = &tag.digest
+            {
+                assert!(
+                    !remaining_digests.contains(digest),
+                    "{}:{} deleted but its digest is still tagged",
+                    repository.path,
+                    tag.name
+                );
+            }
+        }
+    }
     let protected_left: usize = after
         .values()
         .map(|tags| tags.iter().filter(|name| name.starts_with("v1.1")).count())

@@ -27,7 +27,16 @@
 //! rules cannot be read (after the client's retries) gets no deletion at all, and counts as
 //! a failure. Tag protection rules that GitLab refuses to show (403/404) are left to GitLab,
 //! which refuses to delete a protected tag with a 403: such a refusal counts as protected,
-//! never as a failure, and is not retried.
+//! never as a failure, and is not retried; with `keepSharedDigests`, selected tags sharing a
+//! digest with another tag are then kept, since a refusal could leave that digest tagged.
+//!
+//! Errors: a 404 on a deletion counts as deleted by someone else; a 401, a 403 other than a
+//! protected-tag refusal on a deletion, or a 429 the client would not wait out stops the run;
+//! GitLab unavailable (5xx, timeout, network, each after the client's retries) is a failure,
+//! and [`MAX_CONSECUTIVE_UNAVAILABLE`] in a row stop the run; any other error is a failure
+//! and the run goes on. A 403 while reading one repository's tags concerns that repository
+//! only. A stopped run is `Failed` when it deleted nothing, else `Partial`; failures, skipped
+//! repositories, the deletion limit and withheld deletions make it `Partial`.
 //!
 //! An `upstreamCache` target lists the upstream's cache entries, deletes those
 //! [`cleanup::select_expired`] picks, with the same pacing, limit, dry run and report (entries
@@ -813,6 +822,10 @@ impl<'a> Engine<'a> {
             }
             return;
         }
+        if matches!(protection, ProtectionState::EnforcedByGitLab) && run.safety.keep_shared_digests
+        {
+            keep_shared_selected_digests(&tags, report);
+        }
         self.delete_selected(&project, repository, report).await;
     }
 
@@ -935,7 +948,7 @@ impl<'a> Engine<'a> {
                 self.report.notes.push(format!(
                     "tag protection rules of project {project} are not readable ({}): GitLab \
                      still refuses to delete a protected tag, and such refusals are counted as \
-                     protected{}",
+                     protected; selected tags sharing a digest with another tag are kept{}",
                     error.message(),
                     if self.permission == DeletePermission::Live {
                         ""
@@ -1250,6 +1263,35 @@ impl<'a> Engine<'a> {
             RunOutcome::Succeeded
         };
         self.report
+    }
+}
+
+/// Keeps every selected tag whose digest another tag of the repository also has, when the
+/// protection rules are unknown: GitLab may refuse to delete one of them as protected, and
+/// whichever went first, `keepSharedDigests` would then have been broken. Counted as kept,
+/// [`KeepReason::SharedDigest`].
+fn keep_shared_selected_digests(tags: &[TagInfo], report: &mut RepositoryReport) {
+    let mut digest_users: HashMap<&str, usize> = HashMap::new();
+    for digest in tags.iter().filter_map(|tag| tag.digest.as_deref()) {
+        *digest_users.entry(digest).or_default() += 1;
+    }
+    let digest_of: HashMap<&str, &str> = tags
+        .iter()
+        .filter_map(|tag| Some((tag.name.as_str(), tag.digest.as_deref()?)))
+        .collect();
+    let before = report.selected.len();
+    report.selected.retain(|name| {
+        digest_of
+            .get(name.as_str())
+            .is_none_or(|digest| digest_users.get(digest).copied().unwrap_or(0) < 2)
+    });
+    let kept = before - report.selected.len();
+    if kept > 0 {
+        report.tags_kept += kept;
+        *report
+            .kept_by_reason
+            .entry(KeepReason::SharedDigest)
+            .or_default() += kept;
     }
 }
 
