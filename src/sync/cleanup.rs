@@ -10,7 +10,7 @@
 //! 3. per repository: lists its tags (keyset pagination, offset when GitLab refuses keyset),
 //!    fetches tag details only for tags whose list entry lacks `digest` or `created_at`,
 //!    reads the project's tag protection rules once per project, and asks
-//!    [`cleanup::select`] which tags go;
+//!    [`cleanup::select()`] which tags go;
 //! 4. deletes the selected tags one at a time (`DELETE …/tags/:tag_name`, never the bulk
 //!    endpoint, which cannot honour in-use and shared-digest protections), oldest first,
 //!    paced at `requestsPerSecond`, stopping at `maxDeletionsPerRun`.
