@@ -13,15 +13,15 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, WatchStreamExt as _, reflector, watcher};
 use kube::{Api, Client, ResourceExt};
 
 use super::context::{Context, OperatorConfig};
 use super::metrics::Metrics;
-use super::{registry, triggers, upstream};
-use crate::crd::{Upstream, VirtualRegistry};
+use super::{cleanup_policy, registry, triggers, upstream};
+use crate::crd::{CleanupPolicy, Upstream, VirtualRegistry};
 
 /// Settings of `run` besides the operator config.
 #[derive(Clone, Debug)]
@@ -198,13 +198,49 @@ pub async fn run_until(
     .predicate_filter(triggers::spec_or_intent, Default::default());
     let registry_controller = Controller::for_stream(registry_events, registry_store.clone());
     let upstream_controller = Controller::for_stream(upstream_events, upstream_store.clone());
-    let context = Arc::new(Context::new(
-        client.clone(),
-        config,
-        metrics.clone(),
-        registry_store.clone(),
-        upstream_store.clone(),
-    ));
+    // Pods, stripped to their images, for keepInUse; readiness is tracked so that a run
+    // before the first full list deletes nothing.
+    let pods_api: Api<Pod> = scoped_api(&client, options.watch_namespace.as_deref());
+    let (pod_store, pod_writer) = reflector::store();
+    let pods_synced = Arc::new(AtomicBool::new(false));
+    let pod_reflector = watcher(pods_api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(cleanup_policy::keep_only_images)
+        .reflect(pod_writer)
+        .for_each(|_| std::future::ready(()));
+    tokio::spawn({
+        let (store, synced) = (pod_store.clone(), pods_synced.clone());
+        async move {
+            if store.wait_until_ready().await.is_ok() {
+                synced.store(true, Ordering::SeqCst);
+            }
+        }
+    });
+    let pod_task = tokio::spawn(pod_reflector);
+
+    let policies_api: Api<CleanupPolicy> = scoped_api(&client, options.watch_namespace.as_deref());
+    let (policy_store, policy_writer) = reflector::store();
+    let policy_events = watcher(policies_api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(policy_writer)
+        .applied_objects()
+        .predicate_filter(triggers::spec_or_intent, Default::default());
+    let policy_controller = Controller::for_stream(policy_events, policy_store.clone())
+        .graceful_shutdown_on(shutdown.clone());
+
+    let context = Arc::new(
+        Context::new(
+            client.clone(),
+            config,
+            metrics.clone(),
+            registry_store.clone(),
+            upstream_store.clone(),
+        )
+        .with_pods(cleanup_policy::PodImages {
+            store: pod_store,
+            synced: pods_synced,
+        }),
+    );
 
     // An Upstream change (a new GitLab id, above all) requeues the registries that list it.
     let registries_listing = registry_store.clone();
@@ -299,10 +335,15 @@ pub async fn run_until(
 
     let readiness = {
         let health = health.clone();
-        let (registries, upstreams) = (registry_store.clone(), upstream_store.clone());
+        let (registries, upstreams, policies) = (
+            registry_store.clone(),
+            upstream_store.clone(),
+            policy_store.clone(),
+        );
         async move {
             if registries.wait_until_ready().await.is_ok()
                 && upstreams.wait_until_ready().await.is_ok()
+                && policies.wait_until_ready().await.is_ok()
             {
                 tracing::info!("caches synced");
                 health.set_ready(true);
@@ -315,8 +356,16 @@ pub async fn run_until(
     let upstreams = upstream_controller
         .run(upstream::reconcile, upstream::error_policy, context.clone())
         .for_each(|result| async move { log_result(result) });
+    let policies = policy_controller
+        .run(
+            cleanup_policy::reconcile,
+            cleanup_policy::error_policy,
+            context.clone(),
+        )
+        .for_each(|result| async move { log_result(result) });
     let controllers = async {
-        tokio::join!(registries, upstreams, readiness);
+        tokio::join!(registries, upstreams, policies, readiness);
+        pod_task.abort();
     };
     match lost_lease {
         None => controllers.await,
