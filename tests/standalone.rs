@@ -314,3 +314,56 @@ async fn sim_command_serves_the_api_as_the_readme_shows() {
     let status = tokio::task::block_in_place(|| child.wait()).expect("exits");
     assert!(status.success(), "sim exits 0 on SIGTERM: {status:?}");
 }
+
+/// Every command documents itself; `run --help` lists the flags the Helm chart passes.
+#[test]
+fn help_texts_describe_every_command_and_flag() {
+    let top = stdout(&run(None, &["--help"]));
+    for command in ["run", "crds", "apply", "plan", "sim"] {
+        assert!(top.contains(command), "{command} in --help: {top}");
+    }
+    let run_help = stdout(&run(None, &["run", "--help"]));
+    for flag in [
+        "--gitlab-url",
+        "--gitlab-ca-file",
+        "--resync",
+        "--metrics-addr",
+        "--leader-election",
+        "--leader-election-namespace",
+        "--log-format",
+        "--watch-namespace",
+    ] {
+        assert!(run_help.contains(flag), "{flag} in run --help: {run_help}");
+    }
+    assert!(
+        !run_help.contains("--gitlab-token"),
+        "the token is taken from the environment only"
+    );
+    let plan_help = stdout(&run(None, &["plan", "--help"]));
+    assert!(
+        plan_help.contains("--filename") && plan_help.contains("--output"),
+        "{plan_help}"
+    );
+    let sim_help = stdout(&run(None, &["sim", "--help"]));
+    assert!(
+        sim_help.contains("--allow-local-network") && sim_help.contains("--seed"),
+        "{sim_help}"
+    );
+}
+
+/// `run` without a cluster says what to do instead of panicking.
+#[test]
+fn run_without_a_cluster_explains_how_to_fix_it() {
+    let output = Command::new(BINARY)
+        .args(["run", "--metrics-addr", "127.0.0.1:0"])
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(1));
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        error.contains("cannot reach Kubernetes") && error.contains("KUBECONFIG"),
+        "{error}"
+    );
+}

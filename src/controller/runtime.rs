@@ -438,3 +438,70 @@ fn hostname() -> String {
 
 /// The default resync interval as accepted on the command line.
 pub const DEFAULT_RESYNC: Duration = Duration::from_secs(600);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn serve(metrics: Arc<Metrics>, health: Arc<Health>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, health_router(metrics, health)).await;
+        });
+        format!("http://{address}")
+    }
+
+    #[tokio::test]
+    async fn health_readiness_and_metrics_over_http() {
+        let metrics = Arc::new(Metrics::default());
+        let health = Arc::new(Health::default());
+        let base = serve(metrics.clone(), health.clone()).await;
+        let http = reqwest::Client::new();
+
+        let alive = http
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(alive.status(), 200);
+        let not_ready = http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(
+            not_ready.status(),
+            503,
+            "not ready before the caches synced"
+        );
+        health.set_ready(true);
+        let ready = http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(ready.status(), 200);
+
+        metrics.reconcile_started("VirtualRegistry");
+        let exposition = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("answers");
+        assert!(
+            exposition.headers()["content-type"]
+                .to_str()
+                .unwrap_or_default()
+                .starts_with("application/openmetrics-text")
+        );
+        let text = exposition.text().await.expect("text");
+        assert!(
+            text.contains("gitlab_registry_operator_reconciles_total{kind=\"VirtualRegistry\"} 1"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with EOF");
+    }
+}
