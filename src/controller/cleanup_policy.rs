@@ -157,7 +157,14 @@ pub fn error_policy(policy: Arc<CleanupPolicy>, error: &Error, ctx: Arc<Context>
         policy.name_any()
     );
     let attempt = ctx.record_failure(&key);
-    tracing::warn!(reason = error.reason(), %error, "CleanupPolicy reconcile failed");
+    tracing::warn!(
+        kind = "CleanupPolicy",
+        namespace = policy.namespace().unwrap_or_default(),
+        name = policy.name_any(),
+        reason = error.reason(),
+        %error,
+        "reconcile failed"
+    );
     Requeue::requeue(retry_delay(
         error,
         attempt.saturating_sub(1),

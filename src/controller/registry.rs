@@ -59,7 +59,14 @@ pub async fn reconcile(registry: Arc<VirtualRegistry>, ctx: Arc<Context>) -> Res
 
 pub fn error_policy(registry: Arc<VirtualRegistry>, error: &Error, ctx: Arc<Context>) -> Requeue {
     let attempt = ctx.record_failure(&object_key(&registry));
-    tracing::warn!(reason = error.reason(), %error, "VirtualRegistry reconcile failed");
+    tracing::warn!(
+        kind = "VirtualRegistry",
+        namespace = registry.namespace().unwrap_or_default(),
+        name = registry.name_any(),
+        reason = error.reason(),
+        %error,
+        "reconcile failed"
+    );
     Requeue::requeue(retry_delay(
         error,
         attempt.saturating_sub(1),

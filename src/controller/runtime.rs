@@ -29,6 +29,8 @@ pub struct RuntimeOptions {
     pub metrics_addr: SocketAddr,
     pub leader_election: bool,
     pub leader_election_namespace: Option<String>,
+    /// This instance's name in the Lease (default: POD_NAME, else host and process id).
+    pub leader_election_identity: Option<String>,
     pub watch_namespace: Option<String>,
 }
 
@@ -143,8 +145,11 @@ pub async fn run_until(
             .clone()
             .or_else(|| std::env::var("POD_NAMESPACE").ok())
             .unwrap_or_else(|| "default".into());
-        let identity = std::env::var("POD_NAME")
-            .unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id()));
+        let identity = options
+            .leader_election_identity
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok())
+            .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
         // A standby is healthy and ready: it only waits for the lease.
         health.set_ready(true);
         let manager = kube_lease_manager::LeaseManagerBuilder::new(

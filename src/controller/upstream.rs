@@ -59,7 +59,14 @@ pub async fn reconcile(upstream: Arc<Upstream>, ctx: Arc<Context>) -> Result<Req
 
 pub fn error_policy(upstream: Arc<Upstream>, error: &Error, ctx: Arc<Context>) -> Requeue {
     let attempt = ctx.record_failure(&object_key(&upstream));
-    tracing::warn!(reason = error.reason(), %error, "Upstream reconcile failed");
+    tracing::warn!(
+        kind = "Upstream",
+        namespace = upstream.namespace().unwrap_or_default(),
+        name = upstream.name_any(),
+        reason = error.reason(),
+        %error,
+        "reconcile failed"
+    );
     Requeue::requeue(retry_delay(
         error,
         attempt.saturating_sub(1),
