@@ -19,7 +19,7 @@ use super::connection::gitlab_client;
 use super::status::{apply_status, now, publish, publish_actions};
 use super::{Context, Error, Result, error::retry_delay};
 use crate::cleanup::{InUseIndex, Schedule, parse_duration};
-use crate::crd::cleanup_policy::{CleanupPolicyStatus, RunOutcome};
+use crate::crd::cleanup_policy::{CleanupPolicyStatus, RunOutcome, RunSummary};
 use crate::crd::conditions::{self, ConditionUpdate, READY, SYNCED, Status};
 use crate::crd::{CleanupPolicy, CleanupStrategy, FINALIZER, RUN_REQUESTED_AT, Upstream};
 use crate::gitlab::{ContainerExpirationPolicyUpdate, PathOrId};
@@ -266,7 +266,7 @@ async fn scheduled_run(
         let started = Timestamp::now();
         let report = run_cleanup(&client, &run).await?;
         let finished = Timestamp::now();
-        status.last_run = Some(report.to_run_summary(started, finished));
+        status.last_run = Some(run_summary(&report, started, finished));
         if let Some(slot) = slot {
             status.last_schedule_time = Some(Time(slot));
         }
@@ -290,6 +290,30 @@ async fn scheduled_run(
         .min(ctx.config.resync)
         .max(Duration::from_secs(1));
     Ok((synced, wait))
+}
+
+/// `status.lastRun` from a run's report.
+pub fn run_summary(
+    report: &CleanupReport,
+    start_time: Timestamp,
+    completion_time: Timestamp,
+) -> RunSummary {
+    let count = |value: usize| i64::try_from(value).unwrap_or(i64::MAX);
+    RunSummary {
+        start_time: Time(start_time),
+        completion_time: Some(Time(completion_time)),
+        outcome: report.outcome,
+        dry_run: report.simulated(),
+        repositories: count(report.repositories),
+        tags_evaluated: count(report.tags_evaluated),
+        tags_deleted: count(report.tags_deleted),
+        tags_kept: count(report.tags_kept),
+        tags_protected: count(report.tags_protected),
+        failures: count(report.failures),
+        deleted_sample: report.deleted_sample.clone(),
+        message: (report.outcome != RunOutcome::Succeeded || !report.notes.is_empty())
+            .then(|| report.message.clone()),
+    }
 }
 
 /// `Synced` after a run: True unless GitLab stopped it.
@@ -509,6 +533,56 @@ mod tests {
 
     fn policy(yaml: &str) -> CleanupPolicy {
         serde_saphyr::from_str(yaml).expect("valid CleanupPolicy")
+    }
+
+    #[test]
+    fn a_report_becomes_the_last_run_status() {
+        let report = CleanupReport {
+            outcome: RunOutcome::Partial,
+            dry_run: false,
+            mode: Mode::Apply,
+            repositories: 2,
+            tags_evaluated: 30,
+            tags_deleted: 12,
+            tags_kept: 18,
+            tags_protected: 3,
+            already_deleted: 0,
+            withheld: 0,
+            failures: 1,
+            deleted_sample: vec!["acme/app:v1".into()],
+            kept_by_reason: Default::default(),
+            message: "stopped at maxDeletionsPerRun (12)".into(),
+            notes: Vec::new(),
+            repository_reports: Vec::new(),
+            error: None,
+            limit_reached: true,
+        };
+        let start: Timestamp = "2026-06-15T03:00:00Z".parse().expect("time");
+        let end: Timestamp = "2026-06-15T03:01:00Z".parse().expect("time");
+        let summary = run_summary(&report, start, end);
+        assert_eq!(summary.start_time, Time(start));
+        assert_eq!(summary.completion_time, Some(Time(end)));
+        assert_eq!(summary.outcome, RunOutcome::Partial);
+        assert!(!summary.dry_run);
+        let counts = (
+            summary.repositories,
+            summary.tags_evaluated,
+            summary.tags_deleted,
+            summary.tags_kept,
+            summary.tags_protected,
+            summary.failures,
+        );
+        assert_eq!(counts, (2, 30, 12, 18, 3, 1));
+        assert_eq!(summary.deleted_sample, vec!["acme/app:v1".to_owned()]);
+        assert_eq!(
+            summary.message.as_deref(),
+            Some("stopped at maxDeletionsPerRun (12)")
+        );
+        let planned = CleanupReport {
+            mode: Mode::Plan,
+            ..report
+        };
+        assert!(run_summary(&planned, start, end).dry_run);
     }
 
     #[test]
