@@ -60,8 +60,7 @@ fn stdout(output: &Output) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn apply_then_plan_reports_no_change_and_plan_only_reads() {
     let sim = simulator().await;
-    let dir = registry_examples(&temp_dir("converge"));
-    let dir_arg = dir.to_string_lossy().into_owned();
+    let dir_arg = examples().to_string_lossy().into_owned();
 
     let output = tokio::task::block_in_place(|| run(Some(&sim), &["apply", "-f", &dir_arg]));
     assert_eq!(
@@ -72,8 +71,15 @@ async fn apply_then_plan_reports_no_change_and_plan_only_reads() {
         String::from_utf8_lossy(&output.stderr)
     );
     let text = stdout(&output);
+    for line in text.lines().skip(1).take_while(|line| !line.is_empty()) {
+        assert_eq!(
+            line.split_whitespace().nth(1),
+            Some("True"),
+            "every object Ready: {text}"
+        );
+    }
     assert!(
-        text.contains("VirtualRegistry/default/docker-cache  True"),
+        text.contains("VirtualRegistry/default/docker-cache"),
         "{text}"
     );
     assert!(
@@ -110,7 +116,6 @@ async fn apply_then_plan_reports_no_change_and_plan_only_reads() {
         .filter(|(route, _)| !route.starts_with("GET ") && !route.ends_with("/test"))
         .collect();
     assert!(writes.is_empty(), "steady-state apply wrote: {writes:?}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -233,9 +233,10 @@ pub enum DeletePermission {
 /// repositories with `keepInUse` while the images Pods run are unknown (an upstream cache
 /// does not depend on Pods: its entries are fetched again on the next pull).
 pub fn delete_permission(run: &CleanupRun) -> DeletePermission {
-    if run.dry_run || !run.mode.writes() {
+    if run.dry_run {
         return DeletePermission::Simulated;
     }
+    // Checked before plan mode, so that a plan predicts what apply would really do.
     match (&run.in_use, &run.target) {
         (InUse::Unavailable(reason), CleanupTarget::Project { .. })
         | (InUse::Unavailable(reason), CleanupTarget::Group { .. })
@@ -246,6 +247,7 @@ pub fn delete_permission(run: &CleanupRun) -> DeletePermission {
                  was deleted"
             ))
         }
+        _ if !run.mode.writes() => DeletePermission::Simulated,
         _ => DeletePermission::Live,
     }
 }
