@@ -2088,3 +2088,42 @@ async fn two_operator_instances_racing_on_the_same_objects_create_no_duplicates(
     })
     .await;
 }
+
+/// Two writers create the same upstream at once: GitLab refuses the duplicate url and
+/// credentials, and the loser adopts the winner's upstream instead of reporting InvalidSpec.
+#[tokio::test]
+async fn two_writers_creating_the_same_upstream_end_with_one() {
+    guarded(async {
+        let sim = simulator().await;
+        let client = impatient_client(&sim, TOKEN);
+        let registry = registry::reconcile(&client, &desired_registry("cache", &[])).await;
+        let registry_id = registry.registry_id.expect("registry created");
+        let stub = UpstreamStub::start(StubBehaviour::default())
+            .await
+            .expect("stub");
+        let request = desired_upstream("mirror", &stub.url(), Some(registry_id));
+        // Both list the group's upstreams before either creates.
+        sim.inject_fault(fault(
+            2,
+            "GET",
+            "/groups/:id/-/virtual_registries/container/upstreams",
+            FaultAction::Delay { delay_ms: 300 },
+        ));
+        let (a, b) = tokio::join!(
+            upstream::reconcile(&client, &request),
+            upstream::reconcile(&client, &request)
+        );
+        assert_eq!(sim.snapshot().upstreams.len(), 1, "GitLab kept one");
+        for outcome in [&a, &b] {
+            assert!(outcome.error.is_none(), "{:?}", outcome.error);
+            assert_eq!(outcome.synced.reason, "Synced");
+        }
+        assert_eq!(a.upstream_id, b.upstream_id);
+        let adopted = [&a, &b]
+            .iter()
+            .filter(|o| reasons(&o.actions).contains(&"Adopted"))
+            .count();
+        assert_eq!(adopted, 1, "exactly one writer lost the race and adopted");
+    })
+    .await;
+}
