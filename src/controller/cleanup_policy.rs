@@ -4,32 +4,29 @@
 //! cache; until it is synced, runs delete nothing.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::Store;
 use kube::{Api, ResourceExt};
 
 use super::connection::gitlab_client;
 use super::status::{apply_status, now, publish, publish_actions};
-use super::{Context, Error, Result, error::retry_delay};
+use super::{Context, Error, Result, reconciler};
 use crate::cleanup::{InUseIndex, Schedule, parse_duration};
 use crate::crd::cleanup_policy::{CleanupPolicyStatus, RunOutcome, RunSummary};
 use crate::crd::conditions::{self, ConditionUpdate, READY, SYNCED, Status};
-use crate::crd::{CleanupPolicy, CleanupStrategy, FINALIZER, RUN_REQUESTED_AT, Upstream};
+use crate::crd::{CleanupPolicy, CleanupStrategy, RUN_REQUESTED_AT, Upstream};
 use crate::gitlab::{ContainerExpirationPolicyUpdate, PathOrId};
 use crate::sync::cleanup::{
     CleanupReport, CleanupRun, CleanupTarget, DesiredGitLabPolicy, InUse, RunLimits, Safety,
     rule_spec, run_cleanup, sync_gitlab_policy,
 };
 use crate::sync::{self, Mode};
-
-const KIND: &str = "CleanupPolicy";
 
 /// The images Pods run, for `keepInUse`: the Pod store and whether it has synced.
 #[derive(Clone)]
@@ -122,54 +119,17 @@ pub fn keep_only_images(pod: &mut Pod) {
 }
 
 pub async fn reconcile(policy: Arc<CleanupPolicy>, ctx: Arc<Context>) -> Result<Requeue> {
-    let started = Instant::now();
-    ctx.metrics.reconcile_started(KIND);
-    let namespace = policy.namespace().unwrap_or_default();
-    let api: Api<CleanupPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
-    let key = format!("{KIND}/{namespace}/{}", policy.name_any());
-    let result = finalizer(&api, FINALIZER, policy, |event| async {
-        match event {
-            Finalizer::Apply(policy) => apply(&policy, &ctx, &api).await,
-            Finalizer::Cleanup(policy) => cleanup(&policy, &ctx).await,
-        }
-    })
+    reconciler::reconcile(
+        policy,
+        ctx,
+        |policy, ctx, api| async move { apply(&policy, &ctx, &api).await },
+        |policy, ctx| async move { cleanup(&policy, &ctx).await },
+    )
     .await
-    .map_err(|error| match error {
-        kube::runtime::finalizer::Error::ApplyFailed(inner)
-        | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner,
-        other => Error::Finalizer(other.to_string()),
-    });
-    ctx.metrics.reconcile_finished(
-        KIND,
-        started.elapsed(),
-        result.as_ref().err().map(Error::reason),
-    );
-    if result.is_ok() {
-        ctx.record_success(&key);
-    }
-    result
 }
 
 pub fn error_policy(policy: Arc<CleanupPolicy>, error: &Error, ctx: Arc<Context>) -> Requeue {
-    let key = format!(
-        "{KIND}/{}/{}",
-        policy.namespace().unwrap_or_default(),
-        policy.name_any()
-    );
-    let attempt = ctx.record_failure(&key);
-    tracing::warn!(
-        kind = "CleanupPolicy",
-        namespace = policy.namespace().unwrap_or_default(),
-        name = policy.name_any(),
-        reason = error.reason(),
-        %error,
-        "reconcile failed"
-    );
-    Requeue::requeue(retry_delay(
-        error,
-        attempt.saturating_sub(1),
-        ctx.config.resync,
-    ))
+    reconciler::error_policy(policy, error, ctx)
 }
 
 async fn apply(policy: &CleanupPolicy, ctx: &Context, api: &Api<CleanupPolicy>) -> Result<Requeue> {

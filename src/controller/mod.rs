@@ -8,6 +8,7 @@ pub mod connection;
 pub mod context;
 pub mod error;
 pub mod metrics;
+pub mod reconciler;
 pub mod registry;
 pub mod runtime;
 pub mod status;

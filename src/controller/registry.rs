@@ -4,21 +4,19 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Instant;
 
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, Resource, ResourceExt};
 
 use super::connection::gitlab_client;
 use super::status::{apply_status, now, publish, publish_actions};
-use super::{Context, Error, Result, error::retry_delay};
+use super::{Context, Error, Result, reconciler};
 use crate::crd::conditions::{self, ConditionUpdate, READY, SYNCED, Status, UPSTREAMS_RESOLVED};
 use crate::crd::virtual_registry::RegistryUpstreamStatus;
 use crate::crd::{
-    DeletionPolicy, FINALIZER, PURGE_CACHE_REQUESTED_AT, RECONCILE_REQUESTED_AT, Upstream,
-    VirtualRegistry, VirtualRegistryStatus,
+    DeletionPolicy, PURGE_CACHE_REQUESTED_AT, RECONCILE_REQUESTED_AT, Upstream, VirtualRegistry,
+    VirtualRegistryStatus,
 };
 use crate::gitlab::PathOrId;
 use crate::sync::registry::{
@@ -26,60 +24,18 @@ use crate::sync::registry::{
 };
 use crate::sync::{self, Mode};
 
-const KIND: &str = "VirtualRegistry";
-
 pub async fn reconcile(registry: Arc<VirtualRegistry>, ctx: Arc<Context>) -> Result<Requeue> {
-    let started = Instant::now();
-    ctx.metrics.reconcile_started(KIND);
-    let namespace = registry.namespace().unwrap_or_default();
-    let api: Api<VirtualRegistry> = Api::namespaced(ctx.client.clone(), &namespace);
-    let key = object_key(&registry);
-    let result = finalizer(&api, FINALIZER, registry, |event| async {
-        match event {
-            Finalizer::Apply(registry) => apply(&registry, &ctx, &api).await,
-            Finalizer::Cleanup(registry) => cleanup(&registry, &ctx).await,
-        }
-    })
+    reconciler::reconcile(
+        registry,
+        ctx,
+        |registry, ctx, api| async move { apply(&registry, &ctx, &api).await },
+        |registry, ctx| async move { cleanup(&registry, &ctx).await },
+    )
     .await
-    .map_err(|error| match error {
-        kube::runtime::finalizer::Error::ApplyFailed(inner)
-        | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner,
-        other => Error::Finalizer(other.to_string()),
-    });
-    ctx.metrics.reconcile_finished(
-        KIND,
-        started.elapsed(),
-        result.as_ref().err().map(Error::reason),
-    );
-    if result.is_ok() {
-        ctx.record_success(&key);
-    }
-    result
 }
 
 pub fn error_policy(registry: Arc<VirtualRegistry>, error: &Error, ctx: Arc<Context>) -> Requeue {
-    let attempt = ctx.record_failure(&object_key(&registry));
-    tracing::warn!(
-        kind = "VirtualRegistry",
-        namespace = registry.namespace().unwrap_or_default(),
-        name = registry.name_any(),
-        reason = error.reason(),
-        %error,
-        "reconcile failed"
-    );
-    Requeue::requeue(retry_delay(
-        error,
-        attempt.saturating_sub(1),
-        ctx.config.resync,
-    ))
-}
-
-fn object_key(registry: &VirtualRegistry) -> String {
-    format!(
-        "{KIND}/{}/{}",
-        registry.namespace().unwrap_or_default(),
-        registry.name_any()
-    )
+    reconciler::error_policy(registry, error, ctx)
 }
 
 async fn apply(

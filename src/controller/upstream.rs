@@ -2,22 +2,21 @@
 //! through) → validate → the `sync::upstream` engine → status and Events.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, Resource, ResourceExt};
 
 use super::connection::{gitlab_client, read_secret, secret_key};
 use super::status::{apply_status, now, publish, publish_actions};
-use super::{Context, Error, Result, error::retry_delay};
+use super::{Context, Error, Result, reconciler};
 use crate::cleanup::parse_duration;
 use crate::crd::conditions::{self, ConditionUpdate, READY, SYNCED, Status};
 use crate::crd::upstream::{AppliedCredentials, ConnectivityCheckResult};
 use crate::crd::{
-    DeletionPolicy, FINALIZER, PURGE_CACHE_REQUESTED_AT, RECONCILE_REQUESTED_AT, Upstream,
-    UpstreamStatus, VirtualRegistry,
+    DeletionPolicy, PURGE_CACHE_REQUESTED_AT, RECONCILE_REQUESTED_AT, Upstream, UpstreamStatus,
+    VirtualRegistry,
 };
 use crate::gitlab::{PathOrId, UpstreamCredentials};
 use crate::sync::upstream::{
@@ -26,60 +25,18 @@ use crate::sync::upstream::{
 };
 use crate::sync::{self, Mode};
 
-const KIND: &str = "Upstream";
-
 pub async fn reconcile(upstream: Arc<Upstream>, ctx: Arc<Context>) -> Result<Requeue> {
-    let started = Instant::now();
-    ctx.metrics.reconcile_started(KIND);
-    let namespace = upstream.namespace().unwrap_or_default();
-    let api: Api<Upstream> = Api::namespaced(ctx.client.clone(), &namespace);
-    let key = object_key(&upstream);
-    let result = finalizer(&api, FINALIZER, upstream, |event| async {
-        match event {
-            Finalizer::Apply(upstream) => apply(&upstream, &ctx, &api).await,
-            Finalizer::Cleanup(upstream) => cleanup(&upstream, &ctx).await,
-        }
-    })
+    reconciler::reconcile(
+        upstream,
+        ctx,
+        |upstream, ctx, api| async move { apply(&upstream, &ctx, &api).await },
+        |upstream, ctx| async move { cleanup(&upstream, &ctx).await },
+    )
     .await
-    .map_err(|error| match error {
-        kube::runtime::finalizer::Error::ApplyFailed(inner)
-        | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner,
-        other => Error::Finalizer(other.to_string()),
-    });
-    ctx.metrics.reconcile_finished(
-        KIND,
-        started.elapsed(),
-        result.as_ref().err().map(Error::reason),
-    );
-    if result.is_ok() {
-        ctx.record_success(&key);
-    }
-    result
 }
 
 pub fn error_policy(upstream: Arc<Upstream>, error: &Error, ctx: Arc<Context>) -> Requeue {
-    let attempt = ctx.record_failure(&object_key(&upstream));
-    tracing::warn!(
-        kind = "Upstream",
-        namespace = upstream.namespace().unwrap_or_default(),
-        name = upstream.name_any(),
-        reason = error.reason(),
-        %error,
-        "reconcile failed"
-    );
-    Requeue::requeue(retry_delay(
-        error,
-        attempt.saturating_sub(1),
-        ctx.config.resync,
-    ))
-}
-
-fn object_key(upstream: &Upstream) -> String {
-    format!(
-        "{KIND}/{}/{}",
-        upstream.namespace().unwrap_or_default(),
-        upstream.name_any()
-    )
+    reconciler::error_policy(upstream, error, ctx)
 }
 
 async fn apply(upstream: &Upstream, ctx: &Context, api: &Api<Upstream>) -> Result<Requeue> {
