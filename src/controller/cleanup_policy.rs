@@ -15,11 +15,11 @@ use kube::runtime::reflector::Store;
 use kube::{Api, ResourceExt};
 
 use super::connection::gitlab_client;
-use super::status::{apply_status, now, publish, publish_actions};
+use super::status::{apply_status, mark_suspended, now, publish, publish_actions};
 use super::{Context, Error, Result, reconciler};
 use crate::cleanup::{InUseIndex, Schedule, parse_duration};
 use crate::crd::cleanup_policy::{CleanupPolicyStatus, RunOutcome, RunSummary};
-use crate::crd::conditions::{self, ConditionUpdate, READY, SYNCED, Status};
+use crate::crd::conditions::{self, ConditionUpdate, SYNCED};
 use crate::crd::{CleanupPolicy, CleanupStrategy, RUN_REQUESTED_AT, Upstream};
 use crate::gitlab::{ContainerExpirationPolicyUpdate, PathOrId};
 use crate::sync::cleanup::{
@@ -140,16 +140,10 @@ async fn apply(policy: &CleanupPolicy, ctx: &Context, api: &Api<CleanupPolicy>) 
     let stamp = now();
     if policy.spec.suspend {
         status.next_run_time = None;
-        conditions::set_condition(
+        mark_suspended(
             &mut status.conditions,
-            ConditionUpdate::new(
-                READY,
-                Status::False,
-                "Suspended",
-                "spec.suspend is true: no run is scheduled",
-            ),
             generation,
-            &stamp,
+            "spec.suspend is true: no run is scheduled",
         );
         apply_status(api, policy, policy.status.as_ref(), &status).await?;
         return Ok(Requeue::await_change());

@@ -6,13 +6,14 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use kube::runtime::controller::Action as Requeue;
-use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 
 use super::connection::gitlab_client;
-use super::status::{apply_status, now, publish, publish_actions};
+use super::status::{
+    apply_status, mark_failed, mark_suspended, now, publish_actions, publish_outcome,
+};
 use super::{Context, Error, Result, reconciler};
-use crate::crd::conditions::{self, ConditionUpdate, READY, SYNCED, Status, UPSTREAMS_RESOLVED};
+use crate::crd::conditions::{self, SYNCED, UPSTREAMS_RESOLVED};
 use crate::crd::virtual_registry::RegistryUpstreamStatus;
 use crate::crd::{
     DeletionPolicy, PURGE_CACHE_REQUESTED_AT, RECONCILE_REQUESTED_AT, Upstream, VirtualRegistry,
@@ -48,16 +49,10 @@ async fn apply(
     if registry.spec.suspend {
         let mut status = current.clone();
         status.observed_generation = generation;
-        conditions::set_condition(
+        mark_suspended(
             &mut status.conditions,
-            ConditionUpdate::new(
-                READY,
-                Status::False,
-                "Suspended",
-                "spec.suspend is true: nothing is sent to GitLab",
-            ),
             generation,
-            &now(),
+            "spec.suspend is true: nothing is sent to GitLab",
         );
         apply_status(api, registry, registry.status.as_ref(), &status).await?;
         return Ok(Requeue::await_change());
@@ -74,32 +69,16 @@ async fn apply(
         Ok(outcome) => {
             let status = status_from_outcome(registry, &current, &outcome);
             apply_status(api, registry, registry.status.as_ref(), &status).await?;
-            publish_actions(ctx, registry, &outcome.actions).await;
+            publish_outcome(ctx, registry, &outcome.actions, outcome.error.as_ref()).await;
             if let Some(error) = outcome.error {
-                publish(
-                    ctx,
-                    registry,
-                    EventType::Warning,
-                    error.reason(),
-                    &error.message(),
-                )
-                .await;
                 return Err(Error::Sync(error));
             }
             Ok(Requeue::requeue(ctx.config.resync))
         }
         Err(error) => {
             let mut status = current.clone();
-            let now = now();
             status.observed_generation = generation;
-            conditions::set_condition(
-                &mut status.conditions,
-                ConditionUpdate::new(SYNCED, false, error.reason(), error.message()),
-                generation,
-                &now,
-            );
-            let ready = conditions::ready_summary(&status.conditions, &[SYNCED]);
-            conditions::set_condition(&mut status.conditions, ready, generation, &now);
+            mark_failed(&mut status.conditions, &error, generation);
             apply_status(api, registry, registry.status.as_ref(), &status).await?;
             Err(error)
         }

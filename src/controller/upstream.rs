@@ -9,10 +9,10 @@ use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 
 use super::connection::{gitlab_client, read_secret, secret_key};
-use super::status::{apply_status, now, publish, publish_actions};
+use super::status::{apply_status, mark_failed, mark_suspended, now, publish, publish_outcome};
 use super::{Context, Error, Result, reconciler};
 use crate::cleanup::parse_duration;
-use crate::crd::conditions::{self, ConditionUpdate, READY, SYNCED, Status};
+use crate::crd::conditions::{self, SYNCED};
 use crate::crd::upstream::{AppliedCredentials, ConnectivityCheckResult};
 use crate::crd::{
     DeletionPolicy, PURGE_CACHE_REQUESTED_AT, RECONCILE_REQUESTED_AT, Upstream, UpstreamStatus,
@@ -51,16 +51,8 @@ async fn apply(upstream: &Upstream, ctx: &Context, api: &Api<Upstream>) -> Resul
         Ok(outcome) => {
             let status = status_from_outcome(upstream, &current, &outcome);
             apply_status(api, upstream, upstream.status.as_ref(), &status).await?;
-            publish_actions(ctx, upstream, &outcome.actions).await;
+            publish_outcome(ctx, upstream, &outcome.actions, outcome.error.as_ref()).await;
             if let Some(error) = outcome.error {
-                publish(
-                    ctx,
-                    upstream,
-                    EventType::Warning,
-                    error.reason(),
-                    &error.message(),
-                )
-                .await;
                 return Err(Error::Sync(error));
             }
             let next = outcome
@@ -70,16 +62,8 @@ async fn apply(upstream: &Upstream, ctx: &Context, api: &Api<Upstream>) -> Resul
         }
         Err(error) => {
             let mut status = current.clone();
-            let now = now();
-            conditions::set_condition(
-                &mut status.conditions,
-                ConditionUpdate::new(SYNCED, false, error.reason(), error.message()),
-                generation,
-                &now,
-            );
-            let ready = conditions::ready_summary(&status.conditions, &[SYNCED]);
-            conditions::set_condition(&mut status.conditions, ready, generation, &now);
             status.observed_generation = generation;
+            mark_failed(&mut status.conditions, &error, generation);
             apply_status(api, upstream, upstream.status.as_ref(), &status).await?;
             Err(error)
         }
@@ -236,16 +220,10 @@ pub fn status_from_outcome(
 fn suspended_status(current: &UpstreamStatus, generation: Option<i64>) -> UpstreamStatus {
     let mut status = current.clone();
     status.observed_generation = generation;
-    conditions::set_condition(
+    mark_suspended(
         &mut status.conditions,
-        ConditionUpdate::new(
-            READY,
-            Status::False,
-            "Suspended",
-            "spec.suspend is true: nothing is sent to GitLab",
-        ),
         generation,
-        &now(),
+        "spec.suspend is true: nothing is sent to GitLab",
     );
     status
 }
@@ -274,6 +252,7 @@ async fn cleanup(upstream: &Upstream, ctx: &Context) -> Result<Requeue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::conditions::{ConditionUpdate, READY};
     use crate::crd::virtual_registry::VirtualRegistryStatus;
     use crate::crd::{LocalObjectReference, VirtualRegistrySpec};
 
