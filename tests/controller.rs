@@ -3,6 +3,7 @@
 //! server-side apply (only when the status changed), Events, deletion policies, suspend and
 //! a missing connection.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -1048,6 +1049,234 @@ async fn missed_slots_run_once() {
             last.contains("T03:00:00") && last > three_days_ago.as_str(),
             "{status}"
         );
+    })
+    .await;
+}
+
+// ---- Leader election ---------------------------------------------------------------------
+
+/// A Lease as a fake apiserver keeps it, with the field manager that owns `holderIdentity`
+/// (server-side apply refuses to take it from another manager: 409 Conflict).
+#[derive(Default)]
+struct FakeLease {
+    lease: Option<Value>,
+    holder_owner: Option<String>,
+    version: u64,
+    /// Requests per instance, to know the standby has looked.
+    requests_by: BTreeMap<&'static str, u64>,
+}
+
+fn lease_path() -> String {
+    format!("/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases")
+}
+
+fn answer_lease(state: &Mutex<FakeLease>, request: &Seen) -> (u16, Value) {
+    let mut fake = state.lock().expect("lease");
+    let name_path = format!("{}/{}", lease_path(), controller::runtime::LEASE_NAME);
+    let manager = request
+        .query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("fieldManager="))
+        .unwrap_or_default()
+        .to_owned();
+    match (request.method.as_str(), request.path.as_str()) {
+        ("GET", path) if path == name_path => match &fake.lease {
+            Some(lease) => (200, lease.clone()),
+            None => not_found("lease"),
+        },
+        ("POST", path) if path == lease_path() => {
+            if fake.lease.is_some() {
+                return (
+                    409,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": "exists"}),
+                );
+            }
+            fake.version += 1;
+            let mut lease = request.body.clone();
+            lease["metadata"]["resourceVersion"] = json!(fake.version.to_string());
+            lease["metadata"]["namespace"] = json!(NAMESPACE);
+            fake.lease = Some(lease.clone());
+            (201, lease)
+        }
+        ("PATCH", path) if path == name_path => {
+            let Some(mut lease) = fake.lease.clone() else {
+                return not_found("lease");
+            };
+            let patch_spec = request.body["spec"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
+            let apply = request.content_type.starts_with("application/apply-patch");
+            let current_holder = lease["spec"]["holderIdentity"].as_str().map(str::to_owned);
+            let wanted_holder = patch_spec
+                .get("holderIdentity")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            if apply
+                && current_holder.is_some()
+                && wanted_holder != current_holder
+                && fake.holder_owner.as_deref() != Some(manager.as_str())
+            {
+                return (
+                    409,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
+                                    "message": "Apply failed with 1 conflict: conflict with another manager: .spec.holderIdentity"}),
+                );
+            }
+            for (field, value) in patch_spec {
+                if field == "holderIdentity" {
+                    fake.holder_owner = (!value.is_null()).then(|| manager.clone());
+                }
+                if value.is_null() {
+                    if let Some(spec) = lease["spec"].as_object_mut() {
+                        spec.remove(&field);
+                    }
+                } else {
+                    lease["spec"][field] = value;
+                }
+            }
+            fake.version += 1;
+            lease["metadata"]["resourceVersion"] = json!(fake.version.to_string());
+            fake.lease = Some(lease.clone());
+            (200, lease)
+        }
+        _ => not_found("object"),
+    }
+}
+
+/// A kube client whose apiserver is the shared fake Lease.
+fn lease_client(state: Arc<Mutex<FakeLease>>, instance: &'static str) -> kube::Client {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    tokio::spawn(async move {
+        while let Some((request, send)) = handle.next_request().await {
+            let (parts, body) = request.into_parts();
+            let bytes = body.collect_bytes().await.expect("body");
+            let seen = Seen {
+                method: parts.method.as_str().to_owned(),
+                path: parts.uri.path().to_owned(),
+                query: parts.uri.query().unwrap_or_default().to_owned(),
+                content_type: parts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned(),
+                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            };
+            *state
+                .lock()
+                .expect("lease")
+                .requests_by
+                .entry(instance)
+                .or_default() += 1;
+            let (status, answer) = answer_lease(&state, &seen);
+            send.send_response(
+                Response::builder()
+                    .status(status)
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(serde_json::to_vec(&answer).expect("json")))
+                    .expect("response"),
+            );
+        }
+    });
+    kube::Client::new(service, NAMESPACE)
+}
+
+fn holder(state: &Mutex<FakeLease>) -> Option<String> {
+    state
+        .lock()
+        .expect("lease")
+        .lease
+        .as_ref()
+        .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned))
+}
+
+#[tokio::test]
+async fn of_two_instances_only_one_holds_the_lease_until_it_lets_go() {
+    guarded(async {
+        let state: Arc<Mutex<FakeLease>> = Arc::default();
+        let first = controller::runtime::acquire_lease(
+            lease_client(state.clone(), "first"),
+            NAMESPACE,
+            "first",
+        )
+        .await
+        .expect("the first instance gets the lease");
+        assert_eq!(holder(&state).as_deref(), Some("first"));
+
+        let second = tokio::spawn(controller::runtime::acquire_lease(
+            lease_client(state.clone(), "second"),
+            NAMESPACE,
+            "second",
+        ));
+        // The second instance reads the lease (twice: set up, then its first lock attempt) and
+        // finds it held.
+        while state
+            .lock()
+            .expect("lease")
+            .requests_by
+            .get("second")
+            .copied()
+            .unwrap_or(0)
+            < 2
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            !second.is_finished(),
+            "the standby must not hold the lease while the leader does"
+        );
+        assert_eq!(holder(&state).as_deref(), Some("first"));
+
+        // The leader stops: dropping its receiver releases the lease and the standby takes it.
+        drop(first);
+        let second = second
+            .await
+            .expect("joined")
+            .expect("the standby gets the lease");
+        assert!(*second.borrow());
+        assert_eq!(holder(&state).as_deref(), Some("second"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn two_instances_starting_together_elect_exactly_one() {
+    guarded(async {
+        let state: Arc<Mutex<FakeLease>> = Arc::default();
+        let a = tokio::spawn(controller::runtime::acquire_lease(
+            lease_client(state.clone(), "a"),
+            NAMESPACE,
+            "a",
+        ));
+        let b = tokio::spawn(controller::runtime::acquire_lease(
+            lease_client(state.clone(), "b"),
+            NAMESPACE,
+            "b",
+        ));
+        while holder(&state).is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Let both finish their first attempts, then exactly the holder has returned.
+        while ["a", "b"].iter().any(|i| {
+            state
+                .lock()
+                .expect("lease")
+                .requests_by
+                .get(i)
+                .copied()
+                .unwrap_or(0)
+                < 3
+        }) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let leader = holder(&state).expect("a holder");
+        let (won, lost) = if leader == "a" { (a, b) } else { (b, a) };
+        let receiver = won.await.expect("joined").expect("the holder acquired");
+        assert!(*receiver.borrow());
+        assert!(!lost.is_finished(), "the other instance stands by");
+        assert_eq!(holder(&state), Some(leader));
+        lost.abort();
     })
     .await;
 }

@@ -104,6 +104,32 @@ async fn serve_readiness(State(state): State<ServerState>) -> (StatusCode, &'sta
     }
 }
 
+/// Name of the Lease the replicas compete for.
+pub const LEASE_NAME: &str = "gitlab-registry-operator";
+
+/// Waits until this instance holds the Lease. The receiver turns false if the lease is lost;
+/// dropping it releases the lease (so a stopping leader hands over at once).
+pub async fn acquire_lease(
+    client: Client,
+    namespace: &str,
+    identity: &str,
+) -> Result<tokio::sync::watch::Receiver<bool>, Error> {
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client, LEASE_NAME)
+        .with_namespace(namespace)
+        .with_identity(identity)
+        .with_duration(15)
+        .with_grace(5)
+        .build()
+        .await
+        .map_err(|error| Error::LeaderElection(error.to_string()))?;
+    let (mut leader, _task) = manager.watch().await;
+    leader
+        .wait_for(|is_leader| *is_leader)
+        .await
+        .map_err(|error| Error::LeaderElection(error.to_string()))?;
+    Ok(leader)
+}
+
 /// Runs until SIGTERM/SIGINT (then drains and returns `Ok`) or until the lease is lost.
 pub async fn run(config: OperatorConfig, options: RuntimeOptions) -> Result<(), Error> {
     run_until(config, options, shutdown_signal()).await
@@ -152,25 +178,11 @@ pub async fn run_until(
             .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
         // A standby is healthy and ready: it only waits for the lease.
         health.set_ready(true);
-        let manager = kube_lease_manager::LeaseManagerBuilder::new(
-            client.clone(),
-            "gitlab-registry-operator",
-        )
-        .with_namespace(namespace.clone())
-        .with_identity(identity.clone())
-        .with_duration(15)
-        .with_grace(5)
-        .build()
-        .await
-        .map_err(|error| Error::LeaderElection(error.to_string()))?;
-        let (mut leader, _task) = manager.watch().await;
-        tracing::info!(%identity, %namespace, "waiting for the lease gitlab-registry-operator");
-        tokio::select! {
-            acquired = leader.wait_for(|is_leader| *is_leader) => {
-                acquired.map_err(|error| Error::LeaderElection(error.to_string()))?;
-            }
+        tracing::info!(%identity, %namespace, "waiting for the lease {LEASE_NAME}");
+        let leader = tokio::select! {
+            leader = acquire_lease(client.clone(), &namespace, &identity) => leader?,
             () = shutdown.clone() => return Ok(()),
-        }
+        };
         tracing::info!(%identity, "acquired the lease: reconciling");
         health.set_ready(false);
         lost_lease = Some(leader);
