@@ -53,6 +53,8 @@ pub enum Error {
     LeaderElection(String),
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("a shared reflector store has no subscriber channel")]
+    SharedStore,
 }
 
 /// Readiness shared with `/readyz`.
@@ -103,6 +105,9 @@ async fn serve_readiness(State(state): State<ServerState>) -> (StatusCode, &'sta
         (StatusCode::SERVICE_UNAVAILABLE, "caches not synced yet")
     }
 }
+
+/// Objects a slow subscriber may fall behind by before the watch waits for it.
+const SUBSCRIBER_BUFFER: usize = 1024;
 
 /// Name of the Lease the replicas compete for.
 pub const LEASE_NAME: &str = "gitlab-registry-operator";
@@ -195,14 +200,19 @@ pub async fn run_until(
 
     // Each kind's own stream fills the store the other kind reads, and passes only the events
     // its controller must act on (see `triggers`).
-    let (registry_store, registry_writer) = reflector::store();
-    let (upstream_store, upstream_writer) = reflector::store();
+    // Shared stores: a subscriber sees an object only after the store holds it, so a
+    // registry triggered by an Upstream's new id reads that id from the Upstream store (two
+    // separate watches could deliver the trigger before the store caught up).
+    let (registry_store, registry_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
+    let (upstream_store, upstream_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
+    let registry_changes = registry_writer.subscribe().ok_or(Error::SharedStore)?;
+    let upstream_changes = upstream_writer.subscribe().ok_or(Error::SharedStore)?;
     let registry_events = watcher(
         registries_api.clone(),
         watcher::Config::default().any_semantic(),
     )
     .default_backoff()
-    .reflect(registry_writer)
+    .reflect_shared(registry_writer)
     .applied_objects()
     .predicate_filter(triggers::spec_or_intent, Default::default());
     let upstream_events = watcher(
@@ -210,7 +220,7 @@ pub async fn run_until(
         watcher::Config::default().any_semantic(),
     )
     .default_backoff()
-    .reflect(upstream_writer)
+    .reflect_shared(upstream_writer)
     .applied_objects()
     .predicate_filter(triggers::spec_or_intent, Default::default());
     let registry_controller = Controller::for_stream(registry_events, registry_store.clone());
@@ -262,15 +272,9 @@ pub async fn run_until(
     // An Upstream change (a new GitLab id, above all) requeues the registries that list it.
     let registries_listing = registry_store.clone();
     let registry_controller = registry_controller
-        .watches_stream(
-            watcher(
-                upstreams_api.clone(),
-                watcher::Config::default().any_semantic(),
-            )
-            .default_backoff()
-            .applied_objects()
-            .predicate_filter(triggers::upstream_identity, Default::default()),
-            move |upstream: Upstream| {
+        .watches_shared_stream(
+            triggers::changed_only(upstream_changes, triggers::upstream_identity),
+            move |upstream: Arc<Upstream>| {
                 let namespace = upstream.namespace();
                 let name = upstream.name_any();
                 registries_listing
@@ -308,12 +312,9 @@ pub async fn run_until(
     // A registry change (its GitLab id, above all) requeues the upstreams it lists; a Secret
     // change requeues the upstreams whose credentials or token it holds.
     let upstream_controller = upstream_controller
-        .watches_stream(
-            watcher(registries_api, watcher::Config::default().any_semantic())
-                .default_backoff()
-                .applied_objects()
-                .predicate_filter(triggers::registry_identity, Default::default()),
-            |registry: VirtualRegistry| {
+        .watches_shared_stream(
+            triggers::changed_only(registry_changes, triggers::registry_identity),
+            |registry: Arc<VirtualRegistry>| {
                 let namespace = registry.namespace().unwrap_or_default();
                 registry
                     .spec
