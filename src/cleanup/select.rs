@@ -31,6 +31,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::hash::BuildHasherDefault;
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -483,6 +484,28 @@ fn keep_names_kept_elsewhere(
     changed
 }
 
+/// Hashes a digest by its last 16 bytes only. Digests are content hashes (`sha256:<hex>`), so
+/// their tails are already uniformly spread; equality is still decided on the whole string by
+/// the set, so this only makes the shared-digest pass cheaper, never less exact.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl std::hash::Hasher for DigestHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let tail = &bytes[bytes.len().saturating_sub(16)..];
+        for chunk in tail.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// Turns into `Keep(SharedDigest)` every deletion whose digest a kept tag also has (a tag kept
 /// here adds no digest that was not already kept). Returns whether anything changed.
 fn keep_shared_digests(
@@ -490,12 +513,14 @@ fn keep_shared_digests(
     ordered_candidates: &[usize],
     verdicts: &mut [Verdict],
 ) -> bool {
-    let kept_digests: HashSet<&str> = tags
-        .iter()
-        .zip(verdicts.iter())
-        .filter(|(_, verdict)| !verdict.is_delete())
-        .filter_map(|(tag, _)| tag.manifest_digest())
-        .collect();
+    let mut kept_digests: HashSet<&str, BuildHasherDefault<DigestHasher>> =
+        HashSet::with_capacity_and_hasher(tags.len(), BuildHasherDefault::default());
+    kept_digests.extend(
+        tags.iter()
+            .zip(verdicts.iter())
+            .filter(|(_, verdict)| !verdict.is_delete())
+            .filter_map(|(tag, _)| tag.manifest_digest()),
+    );
     if kept_digests.is_empty() {
         return false;
     }
