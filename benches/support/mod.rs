@@ -247,6 +247,20 @@ impl Fleet {
         &self.registries[index]
     }
 
+    /// The GitLab ids of the Upstreams registry `index` lists, in declared order, as far as
+    /// their statuses know them.
+    pub fn declared_upstream_ids(&self, index: usize) -> Vec<Option<i64>> {
+        self.listed_upstreams[index]
+            .iter()
+            .map(|u| {
+                self.upstreams[*u]
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.upstream_id)
+            })
+            .collect()
+    }
+
     pub fn upstream(&self, index: usize) -> &Upstream {
         &self.upstreams[index]
     }
