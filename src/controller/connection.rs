@@ -16,6 +16,17 @@ pub struct SecretValue {
     pub resource_version: String,
 }
 
+/// Reads Secret `name` in `namespace` (the object's own: there is no other).
+pub async fn read_secret(ctx: &Context, namespace: &str, name: &str) -> Result<Secret> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    api.get_opt(name)
+        .await?
+        .ok_or_else(|| Error::SecretNotFound {
+            namespace: namespace.into(),
+            name: name.into(),
+        })
+}
+
 /// Reads `key` of Secret `name` in `namespace`.
 pub async fn read_secret_key(
     ctx: &Context,
@@ -23,15 +34,7 @@ pub async fn read_secret_key(
     name: &str,
     key: &str,
 ) -> Result<SecretValue> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let secret = api
-        .get_opt(name)
-        .await?
-        .ok_or_else(|| Error::SecretNotFound {
-            namespace: namespace.into(),
-            name: name.into(),
-        })?;
-    secret_key(&secret, namespace, key)
+    secret_key(&read_secret(ctx, namespace, name).await?, namespace, key)
 }
 
 /// Reads `key` of an already fetched Secret (`data`, or `stringData` as written in a manifest).

@@ -111,6 +111,9 @@ impl Context {
     /// A client configuration with the operator's CA, rate and metrics settings.
     pub fn client_config(&self, url: Url, token: SecretString) -> ClientConfig {
         let mut config = ClientConfig::new(url, token);
+        // A longer wait than this is handed back as RateLimited and becomes a requeue, so a
+        // worker is never held by one object's Retry-After.
+        config.max_retry_after = Duration::from_secs(10);
         config.extra_ca_pem = self.config.gitlab_ca_pem.clone();
         config.requests_per_second = self.config.gitlab_requests_per_second;
         config.metrics = Some(self.metrics.clone() as Arc<dyn RequestObserver>);

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod registry;
 pub mod runtime;
 pub mod status;
+pub mod triggers;
 pub mod upstream;
 
 pub use context::{Context, OperatorConfig};

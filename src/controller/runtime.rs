@@ -15,12 +15,12 @@ use axum::routing::get;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, WatchStreamExt as _, reflector, watcher};
 use kube::{Api, Client, ResourceExt};
 
 use super::context::{Context, OperatorConfig};
 use super::metrics::Metrics;
-use super::{registry, upstream};
+use super::{registry, triggers, upstream};
 use crate::crd::{Upstream, VirtualRegistry};
 
 /// Settings of `run` besides the operator config.
@@ -104,6 +104,17 @@ async fn serve_readiness(State(state): State<ServerState>) -> (StatusCode, &'sta
 
 /// Runs until SIGTERM/SIGINT (then drains and returns `Ok`) or until the lease is lost.
 pub async fn run(config: OperatorConfig, options: RuntimeOptions) -> Result<(), Error> {
+    run_until(config, options, shutdown_signal()).await
+}
+
+/// Runs until `shutdown` completes (then drains in-flight reconciles and returns `Ok`) or
+/// until the lease is lost. Tests and embedders stop it with their own future.
+pub async fn run_until(
+    config: OperatorConfig,
+    options: RuntimeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let client = Client::try_default()
         .await
         .map_err(|error| Error::NoCluster(error.to_string()))?;
@@ -153,7 +164,7 @@ pub async fn run(config: OperatorConfig, options: RuntimeOptions) -> Result<(), 
             acquired = leader.wait_for(|is_leader| *is_leader) => {
                 acquired.map_err(|error| Error::LeaderElection(error.to_string()))?;
             }
-            () = shutdown_signal() => return Ok(()),
+            () = shutdown.clone() => return Ok(()),
         }
         tracing::info!(%identity, "acquired the lease: reconciling");
         health.set_ready(false);
@@ -165,16 +176,28 @@ pub async fn run(config: OperatorConfig, options: RuntimeOptions) -> Result<(), 
     let upstreams_api: Api<Upstream> = scoped_api(&client, options.watch_namespace.as_deref());
     let secrets_api: Api<Secret> = scoped_api(&client, options.watch_namespace.as_deref());
 
-    let registry_controller = Controller::new(
+    // Each kind's own stream fills the store the other kind reads, and passes only the events
+    // its controller must act on (see `triggers`).
+    let (registry_store, registry_writer) = reflector::store();
+    let (upstream_store, upstream_writer) = reflector::store();
+    let registry_events = watcher(
         registries_api.clone(),
         watcher::Config::default().any_semantic(),
-    );
-    let upstream_controller = Controller::new(
+    )
+    .default_backoff()
+    .reflect(registry_writer)
+    .applied_objects()
+    .predicate_filter(triggers::spec_or_intent, Default::default());
+    let upstream_events = watcher(
         upstreams_api.clone(),
         watcher::Config::default().any_semantic(),
-    );
-    let registry_store = registry_controller.store();
-    let upstream_store = upstream_controller.store();
+    )
+    .default_backoff()
+    .reflect(upstream_writer)
+    .applied_objects()
+    .predicate_filter(triggers::spec_or_intent, Default::default());
+    let registry_controller = Controller::for_stream(registry_events, registry_store.clone());
+    let upstream_controller = Controller::for_stream(upstream_events, upstream_store.clone());
     let context = Arc::new(Context::new(
         client.clone(),
         config,
@@ -186,9 +209,14 @@ pub async fn run(config: OperatorConfig, options: RuntimeOptions) -> Result<(), 
     // An Upstream change (a new GitLab id, above all) requeues the registries that list it.
     let registries_listing = registry_store.clone();
     let registry_controller = registry_controller
-        .watches(
-            upstreams_api.clone(),
-            watcher::Config::default(),
+        .watches_stream(
+            watcher(
+                upstreams_api.clone(),
+                watcher::Config::default().any_semantic(),
+            )
+            .default_backoff()
+            .applied_objects()
+            .predicate_filter(triggers::upstream_identity, Default::default()),
             move |upstream: Upstream| {
                 let namespace = upstream.namespace();
                 let name = upstream.name_any();
@@ -223,13 +251,15 @@ pub async fn run(config: OperatorConfig, options: RuntimeOptions) -> Result<(), 
                     .collect::<Vec<_>>()
             }
         })
-        .shutdown_on_signal();
+        .graceful_shutdown_on(shutdown.clone());
     // A registry change (its GitLab id, above all) requeues the upstreams it lists; a Secret
     // change requeues the upstreams whose credentials or token it holds.
     let upstream_controller = upstream_controller
-        .watches(
-            registries_api,
-            watcher::Config::default(),
+        .watches_stream(
+            watcher(registries_api, watcher::Config::default().any_semantic())
+                .default_backoff()
+                .applied_objects()
+                .predicate_filter(triggers::registry_identity, Default::default()),
             |registry: VirtualRegistry| {
                 let namespace = registry.namespace().unwrap_or_default();
                 registry
@@ -265,7 +295,7 @@ pub async fn run(config: OperatorConfig, options: RuntimeOptions) -> Result<(), 
                     .collect::<Vec<_>>()
             }
         })
-        .shutdown_on_signal();
+        .graceful_shutdown_on(shutdown.clone());
 
     let readiness = {
         let health = health.clone();

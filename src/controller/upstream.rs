@@ -9,7 +9,7 @@ use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, Resource, ResourceExt};
 
-use super::connection::{gitlab_client, read_secret_key};
+use super::connection::{gitlab_client, read_secret, secret_key};
 use super::status::{apply_status, now, publish, publish_actions};
 use super::{Context, Error, Result, error::retry_delay};
 use crate::cleanup::parse_duration;
@@ -129,10 +129,9 @@ async fn dereference_and_sync(upstream: &Upstream, ctx: &Context) -> Result<Upst
     let credentials = match &upstream.spec.credentials_secret_ref {
         None => None,
         Some(reference) => {
-            let username =
-                read_secret_key(ctx, &namespace, &reference.name, &reference.username_key).await?;
-            let password =
-                read_secret_key(ctx, &namespace, &reference.name, &reference.password_key).await?;
+            let secret = read_secret(ctx, &namespace, &reference.name).await?;
+            let username = secret_key(&secret, &namespace, &reference.username_key)?;
+            let password = secret_key(&secret, &namespace, &reference.password_key)?;
             use secrecy::ExposeSecret;
             Some(ResolvedCredentials {
                 credentials: UpstreamCredentials::new(

@@ -269,7 +269,8 @@ pub struct ContainerRepository {
     pub size: Option<i64>,
 }
 
-/// A tag as listed.
+/// A tag as listed. GitLab with the registry metadata database also lists the details
+/// fields; without it (and in the documented shape) only `name`, `path` and `location`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tag {
     pub name: String,
@@ -277,6 +278,12 @@ pub struct Tag {
     pub path: String,
     #[serde(default)]
     pub location: String,
+    /// Manifest digest, when the list carries details.
+    #[serde(default)]
+    pub digest: Option<String>,
+    /// Manifest creation time, when the list carries details.
+    #[serde(default)]
+    pub created_at: Option<Timestamp>,
 }
 
 /// A tag with its manifest details (`GET .../tags/:tag_name`).

@@ -6,6 +6,7 @@
 //! write. The controller, `apply` and `plan` all drive these same engines; nothing here knows
 //! about Kubernetes.
 
+pub mod cleanup;
 pub mod registry;
 pub mod upstream;
 

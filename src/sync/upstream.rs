@@ -232,21 +232,26 @@ async fn sync(
             if url_changed {
                 update.url = Some(desired.url.clone());
             }
-            update.credentials = Some(match &desired.credentials {
-                Some(resolved) => resolved.credentials.clone(),
+            update.credentials = match &desired.credentials {
+                Some(resolved) => Some(resolved.credentials.clone()),
+                // A url change without credentials makes GitLab clear the stored ones: that
+                // is the removal, and the PATCH carries only what changed.
+                None if url_changed => None,
                 // Removing credentials: GitLab takes both fields or none, so both go empty.
-                None => UpstreamCredentials::new("", String::new().into()),
-            });
+                None => Some(UpstreamCredentials::new("", String::new().into())),
+            };
             changes.extend(connection_changes);
         }
     }
 
     if !update.is_empty() {
-        let sends_credentials = update.credentials.is_some();
+        // Credentials sent, or cleared by GitLab with a url change: either way GitLab now
+        // holds the declared ones.
+        let credentials_applied = update.credentials.is_some() || update.url.is_some();
         if writes {
             client.update_upstream(remote.id, &update).await?;
         }
-        if sends_credentials {
+        if credentials_applied {
             outcome.applied_credentials = desired.credentials.as_ref().map(|c| c.version.clone());
         }
         outcome.actions.push(

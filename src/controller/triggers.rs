@@ -1,0 +1,110 @@
+//! Which watch events start a reconcile. A status write by the operator itself must not, or
+//! every reconcile would cause a second one (and a second round of GitLab reads): the kinds'
+//! own streams pass only changes of the spec (generation), of our one-shot annotations, of
+//! finalizers and of deletion; the cross-kind streams pass only what the other side reads.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+
+use kube::Resource;
+
+use crate::crd::{
+    PURGE_CACHE_REQUESTED_AT, RECONCILE_REQUESTED_AT, RUN_REQUESTED_AT, Upstream, VirtualRegistry,
+};
+
+fn hash_of(value: impl Hash) -> Option<u64> {
+    let mut hasher = DefaultHasher::new();
+    value.hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+/// A change the object's own controller must act on.
+pub fn spec_or_intent<K: Resource>(object: &K) -> Option<u64> {
+    let meta = object.meta();
+    let annotation = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key)).cloned();
+    hash_of((
+        meta.generation,
+        annotation(RECONCILE_REQUESTED_AT),
+        annotation(PURGE_CACHE_REQUESTED_AT),
+        annotation(RUN_REQUESTED_AT),
+        &meta.finalizers,
+        meta.deletion_timestamp.is_some(),
+    ))
+}
+
+/// What a registry reads from an Upstream: whether it exists, is leaving, and its GitLab id.
+pub fn upstream_identity(upstream: &Upstream) -> Option<u64> {
+    hash_of((
+        upstream.status.as_ref().and_then(|s| s.upstream_id),
+        upstream.meta().deletion_timestamp.is_some(),
+    ))
+}
+
+/// What an Upstream reads from a registry: its GitLab id, group and listed upstreams.
+pub fn registry_identity(registry: &VirtualRegistry) -> Option<u64> {
+    hash_of((
+        registry.status.as_ref().and_then(|s| s.registry_id),
+        &registry.spec.group,
+        registry
+            .spec
+            .upstreams
+            .iter()
+            .map(|u| u.name.as_str())
+            .collect::<Vec<_>>(),
+        registry.meta().deletion_timestamp.is_some(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::upstream::UpstreamStatus;
+
+    fn upstream() -> Upstream {
+        serde_saphyr::from_str(
+            "apiVersion: gitlabregistry.io/v1alpha1\nkind: Upstream\nmetadata: {name: u, namespace: n, generation: 1}\nspec: {group: g, url: 'https://quay.io'}\n",
+        )
+        .expect("valid")
+    }
+
+    #[test]
+    fn status_writes_do_not_trigger_but_spec_and_intent_do() {
+        let base = upstream();
+        let mut status_only = base.clone();
+        status_only.status = Some(UpstreamStatus {
+            observed_generation: Some(1),
+            ..Default::default()
+        });
+        assert_eq!(spec_or_intent(&base), spec_or_intent(&status_only));
+
+        let mut edited = base.clone();
+        edited.metadata.generation = Some(2);
+        assert_ne!(spec_or_intent(&base), spec_or_intent(&edited));
+
+        let mut requested = base.clone();
+        requested.metadata.annotations =
+            Some([(PURGE_CACHE_REQUESTED_AT.to_string(), "now".to_string())].into());
+        assert_ne!(spec_or_intent(&base), spec_or_intent(&requested));
+
+        let mut finalized = base.clone();
+        finalized.metadata.finalizers = Some(vec![crate::crd::FINALIZER.into()]);
+        assert_ne!(spec_or_intent(&base), spec_or_intent(&finalized));
+    }
+
+    #[test]
+    fn registries_only_hear_about_upstream_ids() {
+        let base = upstream();
+        let mut checked = base.clone();
+        checked.status = Some(UpstreamStatus {
+            last_handled_reconcile_at: Some("x".into()),
+            ..Default::default()
+        });
+        assert_eq!(upstream_identity(&base), upstream_identity(&checked));
+        let mut created = base.clone();
+        created.status = Some(UpstreamStatus {
+            upstream_id: Some(7),
+            ..Default::default()
+        });
+        assert_ne!(upstream_identity(&base), upstream_identity(&created));
+    }
+}

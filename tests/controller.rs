@@ -1,0 +1,794 @@
+//! The Upstream and VirtualRegistry reconcilers against a mocked Kubernetes API server
+//! (kube-rs's tower-test pattern) and the GitLab simulator: finalizers, status patches by
+//! server-side apply (only when the status changed), Events, deletion policies, suspend and
+//! a missing connection.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gitlab_registry_operator::controller::context::DefaultConnection;
+use gitlab_registry_operator::controller::metrics::Metrics;
+use gitlab_registry_operator::controller::{self, Context, OperatorConfig};
+use gitlab_registry_operator::crd::{Upstream, VirtualRegistry};
+use gitlab_registry_operator::sim::upstream_stub::{StubBehaviour, UpstreamStub};
+use gitlab_registry_operator::sim::{Seed, SimConfig, SimHandle, Simulator};
+use http::{Request, Response};
+use kube::client::Body;
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::reflector::store;
+use kube::runtime::watcher;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+
+const TOKEN: &str = "controller-token";
+const NAMESPACE: &str = "team";
+const FINALIZER: &str = "gitlabregistry.io/finalizer";
+const RESYNC: Duration = Duration::from_secs(600);
+const UPSTREAMS_PATH: &str = "/apis/gitlabregistry.io/v1alpha1/namespaces/team/upstreams";
+const REGISTRIES_PATH: &str = "/apis/gitlabregistry.io/v1alpha1/namespaces/team/virtualregistries";
+const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/team/events";
+
+type ApiServerHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// Hang guard only: nothing asserts on time.
+async fn guarded<F: std::future::Future<Output = ()>>(test: F) {
+    tokio::time::timeout(Duration::from_secs(120), test)
+        .await
+        .expect("test finished within the hang guard");
+}
+
+/// One request the operator sent to the Kubernetes API.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    query: String,
+    content_type: String,
+    body: Value,
+}
+
+impl Seen {
+    fn is(&self, method: &str, path: &str) -> bool {
+        self.method == method && self.path == path
+    }
+}
+
+/// The mocked apiserver: answers every request the way the apiserver would for these
+/// tests (objects echoed back, Secrets from a fixed list, 404 otherwise) and records it.
+struct ApiServer {
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl ApiServer {
+    fn start(mut handle: ApiServerHandle, secrets: Vec<Value>) -> Self {
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Some((request, send)) = handle.next_request().await {
+                let (parts, body) = request.into_parts();
+                let bytes = body.collect_bytes().await.expect("request body");
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let path = parts.uri.path().to_owned();
+                let request = Seen {
+                    method: parts.method.as_str().to_owned(),
+                    query: parts.uri.query().unwrap_or_default().to_owned(),
+                    content_type: parts
+                        .headers
+                        .get(http::header::CONTENT_TYPE)
+                        .and_then(|value| value.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    path,
+                    body,
+                };
+                let (status, answer) = answer(&request, &secrets);
+                log.lock().expect("log").push(request);
+                let response = Response::builder()
+                    .status(status)
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(serde_json::to_vec(&answer).expect("json")))
+                    .expect("response");
+                send.send_response(response);
+            }
+        });
+        Self { seen }
+    }
+
+    fn take(&self) -> Vec<Seen> {
+        std::mem::take(&mut *self.seen.lock().expect("log"))
+    }
+}
+
+fn not_found(what: &str) -> (u16, Value) {
+    (
+        404,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": format!("{what} not found"), "reason": "NotFound", "code": 404}),
+    )
+}
+
+fn answer(request: &Seen, secrets: &[Value]) -> (u16, Value) {
+    if request.method == "GET"
+        && let Some(name) = request
+            .path
+            .strip_prefix(&format!("/api/v1/namespaces/{NAMESPACE}/secrets/"))
+    {
+        return secrets
+            .iter()
+            .find(|secret| secret["metadata"]["name"] == name)
+            .map_or_else(|| not_found("secret"), |secret| (200, secret.clone()));
+    }
+    if request.method == "POST" && request.path == EVENTS_PATH {
+        return (201, request.body.clone());
+    }
+    if request.method == "PATCH" && request.path.starts_with("/apis/gitlabregistry.io/") {
+        // The object after the patch: enough of it for the client to decode.
+        let kind = if request.path.contains("/upstreams/") {
+            "Upstream"
+        } else {
+            "VirtualRegistry"
+        };
+        let name = request
+            .path
+            .split('/')
+            .nth(7)
+            .unwrap_or_default()
+            .to_owned();
+        let spec = if kind == "Upstream" {
+            json!({"group": "my-org", "url": "https://example.org"})
+        } else {
+            json!({"group": "my-org"})
+        };
+        return (
+            200,
+            json!({"apiVersion": "gitlabregistry.io/v1alpha1", "kind": kind,
+                   "metadata": {"name": name, "namespace": NAMESPACE, "resourceVersion": "2"},
+                   "spec": spec}),
+        );
+    }
+    not_found("object")
+}
+
+struct Env {
+    sim: SimHandle,
+    api: ApiServer,
+    ctx: Arc<Context>,
+    registries: store::Writer<VirtualRegistry>,
+    upstreams: store::Writer<Upstream>,
+}
+
+fn seed() -> Seed {
+    Seed::parse("groups:\n  - {id: 100, full_path: my-org}\n").expect("seed")
+}
+
+impl Env {
+    async fn start() -> Self {
+        Self::with(true, Vec::new()).await
+    }
+
+    async fn with(default_connection: bool, secrets: Vec<Value>) -> Self {
+        let sim = Simulator::start(
+            SimConfig {
+                allow_local_network: true,
+                ..SimConfig::with_token(TOKEN)
+            },
+            seed(),
+        )
+        .await
+        .expect("simulator");
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "default");
+        let api = ApiServer::start(handle, secrets);
+        let config = OperatorConfig {
+            default_gitlab: default_connection.then(|| DefaultConnection {
+                url: sim.base_url().parse().expect("url"),
+                token: SecretString::from(TOKEN),
+            }),
+            resync: RESYNC,
+            ..OperatorConfig::default()
+        };
+        let (registry_store, registries) = store::store::<VirtualRegistry>();
+        let (upstream_store, upstreams) = store::store::<Upstream>();
+        let ctx = Arc::new(Context::new(
+            client,
+            config,
+            Arc::new(Metrics::default()),
+            registry_store,
+            upstream_store,
+        ));
+        Self {
+            sim,
+            api,
+            ctx,
+            registries,
+            upstreams,
+        }
+    }
+
+    fn know_registry(&mut self, registry: &VirtualRegistry) {
+        self.registries
+            .apply_watcher_event(&watcher::Event::Apply(registry.clone()));
+    }
+
+    fn know_upstream(&mut self, upstream: &Upstream) {
+        self.upstreams
+            .apply_watcher_event(&watcher::Event::Apply(upstream.clone()));
+    }
+
+    /// A registry in GitLab, and its object (with that id in status) in the store.
+    fn registry_listing(&mut self, upstream: &str) -> i64 {
+        let id = self
+            .sim
+            .with_state(|state| state.create_registry(100, "cache", None))
+            .expect("registry")
+            .id as i64;
+        let registry = registry_object(&[upstream], Some(id), &[FINALIZER]);
+        self.know_registry(&registry);
+        id
+    }
+
+    async fn reconcile_upstream(&self, upstream: &Upstream) -> controller::Result<Requeue> {
+        controller::upstream::reconcile(Arc::new(upstream.clone()), self.ctx.clone()).await
+    }
+
+    async fn reconcile_registry(&self, registry: &VirtualRegistry) -> controller::Result<Requeue> {
+        controller::registry::reconcile(Arc::new(registry.clone()), self.ctx.clone()).await
+    }
+}
+
+fn upstream_object(url: &str, finalizers: &[&str], extra_spec: Value) -> Upstream {
+    let mut spec = json!({"group": "my-org", "url": url});
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra_spec.as_object()) {
+        spec.extend(extra.clone());
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "gitlabregistry.io/v1alpha1",
+        "kind": "Upstream",
+        "metadata": {"name": "dockerhub", "namespace": NAMESPACE, "uid": "uid-dockerhub",
+                     "generation": 3, "resourceVersion": "1", "finalizers": finalizers},
+        "spec": spec,
+    }))
+    .expect("Upstream")
+}
+
+fn registry_object(upstreams: &[&str], id: Option<i64>, finalizers: &[&str]) -> VirtualRegistry {
+    let list: Vec<Value> = upstreams.iter().map(|name| json!({"name": name})).collect();
+    let mut object = json!({
+        "apiVersion": "gitlabregistry.io/v1alpha1",
+        "kind": "VirtualRegistry",
+        "metadata": {"name": "cache", "namespace": NAMESPACE, "uid": "uid-cache",
+                     "generation": 1, "resourceVersion": "1", "finalizers": finalizers},
+        "spec": {"group": "my-org", "upstreams": list},
+    });
+    if let Some(id) = id {
+        object["status"] = json!({"registryId": id});
+    }
+    serde_json::from_value(object).expect("VirtualRegistry")
+}
+
+fn deleting<K: kube::Resource>(mut object: K) -> K {
+    object.meta_mut().deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
+    );
+    object
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|list| list.iter().find(|c| c["type"] == type_))
+        .unwrap_or_else(|| panic!("condition {type_} in {status}"))
+}
+
+fn status_patches(seen: &[Seen], collection: &str) -> Vec<Seen> {
+    seen.iter()
+        .filter(|s| {
+            s.method == "PATCH" && s.path.starts_with(collection) && s.path.ends_with("/status")
+        })
+        .cloned()
+        .collect()
+}
+
+fn event_reasons(seen: &[Seen]) -> Vec<String> {
+    seen.iter()
+        .filter(|s| s.is("POST", EVENTS_PATH))
+        .map(|s| s.body["reason"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn assert_finalizer_patch(seen: &Seen, path: &str, op: &str) {
+    assert!(seen.is("PATCH", path), "{seen:?}");
+    assert_eq!(seen.content_type, "application/json-patch+json");
+    let operations = seen.body.as_array().expect("JSON patch");
+    assert!(
+        operations.iter().any(|o| o["op"] == op),
+        "{op} in {}",
+        seen.body
+    );
+    if op == "add" {
+        let added = operations.iter().find(|o| o["op"] == "add").expect("add");
+        assert!(
+            added["value"] == json!([FINALIZER]) || added["value"] == json!(FINALIZER),
+            "{}",
+            seen.body
+        );
+    }
+}
+
+// ---- Upstream ----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_new_upstream_first_gets_the_finalizer_and_nothing_else() {
+    guarded(async {
+        let env = Env::start().await;
+        let upstream = upstream_object("https://registry-1.docker.io", &[], json!({}));
+        let requeue = env.reconcile_upstream(&upstream).await.expect("reconciled");
+        assert_eq!(requeue, Requeue::await_change());
+        let seen = env.api.take();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_finalizer_patch(&seen[0], &format!("{UPSTREAMS_PATH}/dockerhub"), "add");
+        assert!(
+            env.sim.request_counts().is_empty(),
+            "GitLab is not called yet"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_upstream_is_created_with_one_status_patch_and_an_event_and_then_left_alone() {
+    guarded(async {
+        let mut env = Env::start().await;
+        let stub = UpstreamStub::start(StubBehaviour::default())
+            .await
+            .expect("stub");
+        let registry_id = env.registry_listing("dockerhub");
+        let upstream = upstream_object(&stub.url(), &[FINALIZER], json!({}));
+        env.know_upstream(&upstream);
+
+        let requeue = env.reconcile_upstream(&upstream).await.expect("reconciled");
+        assert_eq!(requeue, Requeue::requeue(RESYNC));
+        let snapshot = env.sim.snapshot();
+        assert_eq!(snapshot.upstreams.len(), 1);
+        let created = &snapshot.upstreams[0];
+        assert_eq!(created.url, stub.url());
+        assert_eq!(snapshot.associations[0].registry_id as i64, registry_id);
+
+        let seen = env.api.take();
+        let patches = status_patches(&seen, UPSTREAMS_PATH);
+        assert_eq!(patches.len(), 1, "{seen:?}");
+        let patch = &patches[0];
+        assert_eq!(patch.path, format!("{UPSTREAMS_PATH}/dockerhub/status"));
+        assert_eq!(patch.content_type, "application/apply-patch+yaml");
+        assert!(
+            patch
+                .query
+                .contains("fieldManager=gitlab-registry-operator"),
+            "{}",
+            patch.query
+        );
+        assert!(patch.query.contains("force=true"), "{}", patch.query);
+        assert_eq!(patch.body["apiVersion"], "gitlabregistry.io/v1alpha1");
+        assert_eq!(patch.body["kind"], "Upstream");
+        let status = &patch.body["status"];
+        assert_eq!(status["upstreamId"], json!(created.id));
+        assert_eq!(status["groupId"], json!(100));
+        assert_eq!(status["observedGeneration"], json!(3));
+        assert_eq!(status["lastConnectivityCheck"]["success"], json!(true));
+        for type_ in ["Ready", "Synced", "Reachable"] {
+            let condition = condition(status, type_);
+            assert_eq!(condition["status"], "True", "{condition}");
+            assert_eq!(condition["observedGeneration"], json!(3));
+        }
+        assert_eq!(event_reasons(&seen), ["Created"]);
+        let event = seen
+            .iter()
+            .find(|s| s.is("POST", EVENTS_PATH))
+            .expect("event");
+        assert_eq!(event.body["regarding"]["name"], "dockerhub");
+        assert_eq!(event.body["regarding"]["kind"], "Upstream");
+        assert_eq!(event.body["type"], "Normal");
+        // Nothing else went to the apiserver.
+        assert_eq!(seen.len(), 2, "{seen:?}");
+
+        // The next reconcile sees that status: GitLab in line, status equal, nothing sent.
+        let mut current = upstream.clone();
+        current.status = Some(serde_json::from_value(status.clone()).expect("status"));
+        env.sim.reset_request_counts();
+        let requeue = env.reconcile_upstream(&current).await.expect("reconciled");
+        assert_ne!(
+            requeue,
+            Requeue::await_change(),
+            "requeued for the next check"
+        );
+        let seen = env.api.take();
+        assert!(seen.is_empty(), "no status patch, no event: {seen:?}");
+        assert_eq!(env.sim.write_count(), 0, "{:?}", env.sim.request_counts());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn upstream_deletion_with_policy_delete_deletes_in_gitlab_then_drops_the_finalizer() {
+    guarded(async {
+        let mut env = Env::start().await;
+        let stub = UpstreamStub::start(StubBehaviour::default())
+            .await
+            .expect("stub");
+        env.registry_listing("dockerhub");
+        let upstream = upstream_object(&stub.url(), &[FINALIZER], json!({}));
+        env.know_upstream(&upstream);
+        env.reconcile_upstream(&upstream).await.expect("created");
+        let seen = env.api.take();
+        let status = status_patches(&seen, UPSTREAMS_PATH)[0].body["status"].clone();
+        let id = status["upstreamId"].as_i64().expect("id");
+
+        let mut current = deleting(upstream);
+        current.status = Some(serde_json::from_value(status).expect("status"));
+        let requeue = env.reconcile_upstream(&current).await.expect("cleaned up");
+        assert_eq!(requeue, Requeue::await_change());
+        assert_eq!(
+            env.sim
+                .request_count("DELETE", "/virtual_registries/container/upstreams/:id"),
+            1
+        );
+        assert!(
+            env.sim
+                .snapshot()
+                .upstreams
+                .iter()
+                .all(|u| u.id as i64 != id)
+        );
+        let seen = env.api.take();
+        assert_eq!(event_reasons(&seen), ["Deleted"]);
+        let last = seen.last().expect("finalizer patch");
+        assert_finalizer_patch(last, &format!("{UPSTREAMS_PATH}/dockerhub"), "remove");
+        assert!(status_patches(&seen, UPSTREAMS_PATH).is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn upstream_deletion_with_policy_orphan_leaves_gitlab_alone() {
+    guarded(async {
+        let mut env = Env::start().await;
+        let stub = UpstreamStub::start(StubBehaviour::default())
+            .await
+            .expect("stub");
+        env.registry_listing("dockerhub");
+        let upstream = upstream_object(
+            &stub.url(),
+            &[FINALIZER],
+            json!({"deletionPolicy": "Orphan"}),
+        );
+        env.know_upstream(&upstream);
+        env.reconcile_upstream(&upstream).await.expect("created");
+        let seen = env.api.take();
+        let status = status_patches(&seen, UPSTREAMS_PATH)[0].body["status"].clone();
+
+        env.sim.reset_request_counts();
+        let mut current = deleting(upstream);
+        current.status = Some(serde_json::from_value(status).expect("status"));
+        env.reconcile_upstream(&current).await.expect("cleaned up");
+        assert!(
+            env.sim.request_counts().is_empty(),
+            "{:?}",
+            env.sim.request_counts()
+        );
+        assert_eq!(env.sim.snapshot().upstreams.len(), 1);
+        let seen = env.api.take();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_finalizer_patch(&seen[0], &format!("{UPSTREAMS_PATH}/dockerhub"), "remove");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_suspended_upstream_calls_nothing_and_says_so() {
+    guarded(async {
+        let mut env = Env::start().await;
+        env.registry_listing("dockerhub");
+        env.sim.reset_request_counts();
+        let upstream = upstream_object(
+            "https://registry-1.docker.io",
+            &[FINALIZER],
+            json!({"suspend": true}),
+        );
+        let requeue = env.reconcile_upstream(&upstream).await.expect("reconciled");
+        assert_eq!(requeue, Requeue::await_change());
+        assert!(
+            env.sim.request_counts().is_empty(),
+            "{:?}",
+            env.sim.request_counts()
+        );
+        let seen = env.api.take();
+        let patches = status_patches(&seen, UPSTREAMS_PATH);
+        assert_eq!(patches.len(), 1, "{seen:?}");
+        let ready = condition(&patches[0].body["status"], "Ready");
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "Suspended");
+
+        // Same again with that status: nothing at all.
+        let mut current = upstream.clone();
+        current.status =
+            Some(serde_json::from_value(patches[0].body["status"].clone()).expect("status"));
+        env.reconcile_upstream(&current).await.expect("reconciled");
+        assert!(env.api.take().is_empty());
+        assert!(env.sim.request_counts().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_missing_connection_is_reported_and_retried_slowly() {
+    guarded(async {
+        let env = Env::with(false, Vec::new()).await;
+        let upstream = upstream_object("https://registry-1.docker.io", &[FINALIZER], json!({}));
+        let error = env
+            .reconcile_upstream(&upstream)
+            .await
+            .expect_err("no connection");
+        assert_eq!(error.reason(), "ConnectionMissing");
+        let seen = env.api.take();
+        let patches = status_patches(&seen, UPSTREAMS_PATH);
+        assert_eq!(patches.len(), 1, "{seen:?}");
+        let status = &patches[0].body["status"];
+        let synced = condition(status, "Synced");
+        assert_eq!(synced["status"], "False");
+        assert_eq!(synced["reason"], "ConnectionMissing");
+        let ready = condition(status, "Ready");
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "ConnectionMissing");
+        let requeue =
+            controller::upstream::error_policy(Arc::new(upstream), &error, env.ctx.clone());
+        assert_eq!(requeue, Requeue::requeue(RESYNC));
+        assert!(env.sim.request_counts().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn credentials_come_from_a_secret_in_the_objects_namespace() {
+    guarded(async {
+        let secret = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "dockerhub-login", "namespace": NAMESPACE, "resourceVersion": "41"},
+            "data": {"username": "cm9ib3Q=", "password": "czNjcmV0"},
+        });
+        let mut env = Env::with(true, vec![secret]).await;
+        let stub = UpstreamStub::start(StubBehaviour::requiring("robot", "s3cret"))
+            .await
+            .expect("stub");
+        env.registry_listing("dockerhub");
+        let upstream = upstream_object(
+            &stub.url(),
+            &[FINALIZER],
+            json!({"credentialsSecretRef": {"name": "dockerhub-login"}}),
+        );
+        env.reconcile_upstream(&upstream).await.expect("reconciled");
+        let seen = env.api.take();
+        assert!(seen.iter().any(|s| s.is("GET", &format!("/api/v1/namespaces/{NAMESPACE}/secrets/dockerhub-login"))));
+        let status = &status_patches(&seen, UPSTREAMS_PATH)[0].body["status"];
+        assert_eq!(
+            status["appliedCredentials"],
+            json!({"secretName": "dockerhub-login", "resourceVersion": "41"})
+        );
+        assert_eq!(condition(status, "Reachable")["status"], "True");
+        let text = serde_json::to_string(&seen.iter().map(|s| &s.body).collect::<Vec<_>>())
+            .expect("json");
+        assert!(!text.contains("s3cret"), "no password in status or events");
+        let snapshot = env.sim.snapshot();
+        assert_eq!(snapshot.upstreams[0].username.as_deref(), Some("robot"));
+        assert!(snapshot.upstreams[0].password.is_some());
+
+        // A missing Secret is SecretNotFound, not a GitLab call.
+        env.sim.reset_request_counts();
+        let mut other = upstream_object(
+            &stub.url(),
+            &[FINALIZER],
+            json!({"credentialsSecretRef": {"name": "absent"}}),
+        );
+        other.metadata.name = Some("quay".into());
+        let error = env.reconcile_upstream(&other).await.expect_err("no secret");
+        assert_eq!(error.reason(), "SecretNotFound");
+        assert!(env.sim.request_counts().is_empty());
+        let seen = env.api.take();
+        let status = &status_patches(&seen, UPSTREAMS_PATH)[0].body["status"];
+        assert_eq!(condition(status, "Synced")["reason"], "SecretNotFound");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_upstream_without_a_registry_waits() {
+    guarded(async {
+        let env = Env::start().await;
+        let upstream = upstream_object("https://registry-1.docker.io", &[FINALIZER], json!({}));
+        env.reconcile_upstream(&upstream).await.expect("reconciled");
+        assert_eq!(env.sim.write_count(), 0);
+        let seen = env.api.take();
+        let status = &status_patches(&seen, UPSTREAMS_PATH)[0].body["status"];
+        let ready = condition(status, "Ready");
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "WaitingForRegistry");
+    })
+    .await;
+}
+
+// ---- VirtualRegistry ---------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_registry_is_created_and_reports_its_pull_prefix() {
+    guarded(async {
+        let env = Env::start().await;
+        let registry = registry_object(&[], None, &[FINALIZER]);
+        env.reconcile_registry(&registry).await.expect("reconciled");
+        let snapshot = env.sim.snapshot();
+        assert_eq!(snapshot.registries.len(), 1);
+        let id = snapshot.registries[0].id;
+        let seen = env.api.take();
+        let patches = status_patches(&seen, REGISTRIES_PATH);
+        assert_eq!(patches.len(), 1, "{seen:?}");
+        let status = &patches[0].body["status"];
+        assert_eq!(status["registryId"], json!(id));
+        assert_eq!(
+            status["pullPrefix"],
+            json!(format!(
+                "{}/virtual_registries/container/{id}",
+                env.sim.address()
+            ))
+        );
+        assert_eq!(condition(status, "Ready")["status"], "True");
+        assert_eq!(event_reasons(&seen), ["Created"]);
+
+        let mut current = registry.clone();
+        current.status = Some(serde_json::from_value(status.clone()).expect("status"));
+        env.sim.reset_request_counts();
+        env.reconcile_registry(&current).await.expect("reconciled");
+        assert!(env.api.take().is_empty());
+        assert_eq!(env.sim.write_count(), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn registry_deletion_keeps_upstreams_whose_objects_remain() {
+    guarded(async {
+        let mut env = Env::start().await;
+        let kept_stub = UpstreamStub::start(StubBehaviour::default())
+            .await
+            .expect("stub");
+        let gone_stub = UpstreamStub::start(StubBehaviour::default())
+            .await
+            .expect("stub");
+        let registry_id = env.registry_listing("dockerhub");
+        let (kept, gone) = env.sim.with_state(|state| {
+            let new = |name: &str, url: String| gitlab_registry_operator::sim::state::NewUpstream {
+                name: name.into(),
+                url,
+                ..Default::default()
+            };
+            let kept = state
+                .create_upstream(registry_id as u64, new("dockerhub", kept_stub.url()), true)
+                .expect("kept")
+                .0
+                .id;
+            let gone = state
+                .create_upstream(registry_id as u64, new("old", gone_stub.url()), true)
+                .expect("gone")
+                .0
+                .id;
+            (kept, gone)
+        });
+        let mut upstream = upstream_object(&kept_stub.url(), &[FINALIZER], json!({}));
+        upstream.status =
+            Some(serde_json::from_value(json!({"upstreamId": kept})).expect("status"));
+        env.know_upstream(&upstream);
+
+        let registry = deleting(registry_object(
+            &["dockerhub"],
+            Some(registry_id),
+            &[FINALIZER],
+        ));
+        env.reconcile_registry(&registry).await.expect("cleaned up");
+        let snapshot = env.sim.snapshot();
+        assert!(snapshot.registries.is_empty());
+        let left: Vec<u64> = snapshot.upstreams.iter().map(|u| u.id).collect();
+        assert_eq!(left, [kept], "the declared one survives, {gone} cascaded");
+        let seen = env.api.take();
+        assert_finalizer_patch(
+            seen.last().expect("finalizer patch"),
+            &format!("{REGISTRIES_PATH}/cache"),
+            "remove",
+        );
+        let mut reasons = event_reasons(&seen);
+        reasons.sort();
+        assert_eq!(reasons, ["Deleted", "Disassociated"]);
+
+        // Orphan: GitLab untouched.
+        let registry_id = env
+            .sim
+            .with_state(|state| state.create_registry(100, "cache", None))
+            .expect("registry")
+            .id as i64;
+        let mut orphan = deleting(registry_object(&[], Some(registry_id), &[FINALIZER]));
+        orphan.spec.deletion_policy = gitlab_registry_operator::crd::DeletionPolicy::Orphan;
+        env.sim.reset_request_counts();
+        env.reconcile_registry(&orphan).await.expect("cleaned up");
+        assert!(env.sim.request_counts().is_empty());
+        assert_eq!(env.sim.snapshot().registries.len(), 1);
+        let seen = env.api.take();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_finalizer_patch(&seen[0], &format!("{REGISTRIES_PATH}/cache"), "remove");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_refused_connection_test_is_a_warning_event_and_a_synced_false_status() {
+    guarded(async {
+        let mut env = Env::start().await;
+        let stub = UpstreamStub::start(StubBehaviour::status(401))
+            .await
+            .expect("stub");
+        env.registry_listing("dockerhub");
+        let upstream = upstream_object(&stub.url(), &[FINALIZER], json!({}));
+        let requeue = env.reconcile_upstream(&upstream).await.expect("reconciled");
+        assert_ne!(requeue, Requeue::await_change(), "tested again later");
+        assert!(env.sim.snapshot().upstreams.is_empty(), "not created");
+        let seen = env.api.take();
+        let status = &status_patches(&seen, UPSTREAMS_PATH)[0].body["status"];
+        let synced = condition(status, "Synced");
+        assert_eq!(synced["status"], "False");
+        assert_eq!(synced["reason"], "ConnectivityTestFailed");
+        assert!(
+            synced["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("Error: 401 - Unauthorized")),
+            "{synced}"
+        );
+        assert_eq!(condition(status, "Reachable")["reason"], "Unauthorized");
+        assert_eq!(condition(status, "Ready")["status"], "False");
+        let event = seen
+            .iter()
+            .find(|s| s.is("POST", EVENTS_PATH))
+            .expect("event");
+        assert_eq!(event.body["reason"], "ConnectivityTestFailed");
+        assert_eq!(event.body["type"], "Warning");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_gitlab_rate_limit_requeues_after_gitlabs_delay() {
+    guarded(async {
+        let env = Env::start().await;
+        env.sim
+            .inject_fault(gitlab_registry_operator::sim::FaultSpec {
+                once: vec![gitlab_registry_operator::sim::OneShotFault {
+                    count: 1,
+                    method: Some("GET".into()),
+                    route: Some("/groups/:id/-/virtual_registries/container/registries".into()),
+                    fault: gitlab_registry_operator::sim::FaultAction::RateLimited {
+                        retry_after_seconds: 900,
+                    },
+                }],
+                ..Default::default()
+            });
+        let registry = registry_object(&[], None, &[FINALIZER]);
+        let error = env
+            .reconcile_registry(&registry)
+            .await
+            .expect_err("rate limited");
+        assert_eq!(error.reason(), "RateLimited");
+        let seen = env.api.take();
+        let status = &status_patches(&seen, REGISTRIES_PATH)[0].body["status"];
+        assert_eq!(condition(status, "Synced")["reason"], "RateLimited");
+        assert!(event_reasons(&seen).contains(&"RateLimited".to_owned()));
+        let requeue =
+            controller::registry::error_policy(Arc::new(registry), &error, env.ctx.clone());
+        assert_eq!(requeue, Requeue::requeue(Duration::from_secs(900)));
+        assert!(env.sim.snapshot().registries.is_empty());
+    })
+    .await;
+}

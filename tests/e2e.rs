@@ -1,0 +1,221 @@
+//! End to end against a real cluster (from `KUBECONFIG`): installs `crds/`, runs the
+//! controllers in this process against a GitLab simulator, applies `examples/` into a fresh
+//! namespace, waits for `Ready`, edits, deletes, and checks GitLab's state through the
+//! simulator. Skipped, with the reason printed, when no cluster is reachable (as in CI here).
+
+use std::time::Duration;
+
+use gitlab_registry_operator::controller::context::{DefaultConnection, OperatorConfig};
+use gitlab_registry_operator::controller::runtime::{RuntimeOptions, run_until};
+use gitlab_registry_operator::crd::{self, Upstream, VirtualRegistry};
+use gitlab_registry_operator::sim::{Seed, SimConfig, Simulator};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+/// A client for the cluster in `KUBECONFIG`, or why there is none.
+async fn cluster() -> Result<Client, String> {
+    if std::env::var_os("KUBECONFIG").is_none() {
+        return Err("KUBECONFIG is not set".into());
+    }
+    let client = Client::try_default()
+        .await
+        .map_err(|e| format!("no usable kubeconfig: {e}"))?;
+    match tokio::time::timeout(Duration::from_secs(5), client.apiserver_version()).await {
+        Ok(Ok(_)) => Ok(client),
+        Ok(Err(error)) => Err(format!("the cluster does not answer: {error}")),
+        Err(_) => Err("the cluster did not answer within 5 s".into()),
+    }
+}
+
+async fn wait_for<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..120 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn is_ready<K: serde::Serialize>(object: &K) -> bool {
+    let value = serde_json::to_value(object).unwrap_or_default();
+    value["status"]["conditions"]
+        .as_array()
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn examples_become_ready_then_follow_edits_and_deletion() {
+    let client = match cluster().await {
+        Ok(client) => client,
+        Err(reason) => {
+            println!("SKIPPED e2e: {reason}");
+            return;
+        }
+    };
+
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for (_, definition) in crd::all() {
+        crds.patch(
+            &definition.name_any(),
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(&definition),
+        )
+        .await
+        .expect("CRD applied");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let sim = Simulator::start(SimConfig::embedded_demo(), Seed::demo())
+        .await
+        .expect("simulator");
+    let namespace = format!("gro-e2e-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("namespace"),
+        )
+        .await
+        .expect("namespace created");
+
+    let config = OperatorConfig {
+        default_gitlab: Some(DefaultConnection {
+            url: sim.base_url().parse().expect("url"),
+            token: sim.config().token.clone(),
+        }),
+        resync: Duration::from_secs(30),
+        ..OperatorConfig::default()
+    };
+    let options = RuntimeOptions {
+        metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+        leader_election: false,
+        leader_election_namespace: None,
+        watch_namespace: Some(namespace.clone()),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(run_until(config, options, async move {
+        let _ = stopped.await;
+    }));
+
+    // Apply every example into the namespace.
+    let text: String = [
+        "secret-dockerhub-credentials.yaml",
+        "upstream-dockerhub.yaml",
+        "upstream-quay.yaml",
+        "virtualregistry.yaml",
+    ]
+    .iter()
+    .map(|file| {
+        std::fs::read_to_string(format!("{}/examples/{file}", env!("CARGO_MANIFEST_DIR")))
+            .expect("example")
+    })
+    .collect::<Vec<_>>()
+    .join("\n---\n");
+    let documents: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).expect("yaml");
+    let discovery = kube::Discovery::new(client.clone())
+        .run()
+        .await
+        .expect("discovery");
+    for document in documents.into_iter().filter(|d| !d.is_null()) {
+        let object: kube::api::DynamicObject = serde_json::from_value(document).expect("object");
+        let gvk = kube::api::GroupVersionKind::try_from(object.types.as_ref().expect("types"))
+            .expect("gvk");
+        let (resource, _) = discovery.resolve_gvk(&gvk).expect("known kind");
+        let api: Api<kube::api::DynamicObject> =
+            Api::namespaced_with(client.clone(), &namespace, &resource);
+        api.patch(
+            &object.name_any(),
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(&object),
+        )
+        .await
+        .expect("applied");
+    }
+
+    let registries: Api<VirtualRegistry> = Api::namespaced(client.clone(), &namespace);
+    let upstreams: Api<Upstream> = Api::namespaced(client.clone(), &namespace);
+    wait_for("docker-cache Ready", || async {
+        registries
+            .get("docker-cache")
+            .await
+            .is_ok_and(|r| is_ready(&r))
+    })
+    .await;
+    wait_for("upstreams Ready", || async {
+        upstreams.get("dockerhub").await.is_ok_and(|u| is_ready(&u))
+            && upstreams.get("quay").await.is_ok_and(|u| is_ready(&u))
+    })
+    .await;
+    let registry = registries.get("docker-cache").await.expect("registry");
+    let status = registry.status.expect("status");
+    assert_eq!(
+        status
+            .upstreams
+            .iter()
+            .map(|u| u.name.as_str())
+            .collect::<Vec<_>>(),
+        ["dockerhub", "quay"]
+    );
+
+    // Edit: reverse the order; GitLab follows.
+    registries
+        .patch(
+            "docker-cache",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"upstreams": [{"name": "quay"}, {"name": "dockerhub"}]}}),
+            ),
+        )
+        .await
+        .expect("edited");
+    wait_for("reordered in GitLab", || async {
+        registries.get("docker-cache").await.is_ok_and(|r| {
+            r.status.is_some_and(|s| {
+                s.upstreams
+                    .first()
+                    .is_some_and(|u| u.name == "quay" && u.position == 1)
+            })
+        })
+    })
+    .await;
+
+    // Delete the registry: GitLab's registry goes, the declared upstreams survive.
+    registries
+        .delete("docker-cache", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    wait_for("registry gone", || async {
+        registries
+            .get_opt("docker-cache")
+            .await
+            .is_ok_and(|r| r.is_none())
+    })
+    .await;
+    let state = serde_json::to_value(sim.snapshot()).expect("state");
+    assert!(
+        state["registries"].as_array().is_none_or(|r| r.is_empty()),
+        "{state:#}"
+    );
+    assert!(
+        state.to_string().contains("https://quay.io"),
+        "quay survived: {state:#}"
+    );
+
+    let _ = namespaces
+        .delete(&namespace, &DeleteParams::default())
+        .await;
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(30), operator).await;
+}
