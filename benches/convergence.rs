@@ -6,9 +6,9 @@
 //! `cargo bench --bench convergence`
 //!
 //! The objects are driven as `run` drives them (see `support`): one task per object, no
-//! concurrency limit, every status patch requeueing the object and the objects the
-//! controllers' `watches` map it to — so registries are created, which requeues their
-//! Upstreams (created through a registry), which requeues the registries (associations).
+//! concurrency limit, watch events filtered by the controller's predicates — so a registry's
+//! new GitLab id requeues its Upstreams (created through a registry), and an Upstream's new
+//! id requeues the registries listing it (associations).
 //!
 //! CleanupPolicies of strategy `Operator` (one per group, project targets) become Ready
 //! from their spec alone (rules compiled, schedule parsed, next run computed): they send no
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use gitlab_registry_operator::cleanup::{CompiledRules, RuleSpec, Schedule};
 use gitlab_registry_operator::gitlab::GitLabClient;
-use support::{Fleet, ObjectKey, RequestTally};
+use support::{Fleet, ObjectKey, RequestTally, Requeues};
 use tokio::sync::Notify;
 
 const GROUPS: usize = 20;
@@ -87,11 +87,10 @@ impl Driver {
                     driver.trigger(key);
                 });
             }
-            if reconciled.patched {
-                let requeued = support::lock(&self.fleet).requeued_by_patch(key);
-                for other in requeued {
-                    self.trigger(other);
-                }
+            let requeued =
+                support::lock(&self.fleet).requeued_by(key, &reconciled, Requeues::Predicates);
+            for other in requeued {
+                self.trigger(other);
             }
             {
                 let fleet = support::lock(&self.fleet);

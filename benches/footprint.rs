@@ -58,7 +58,10 @@ const QUIET_BEFORE_IDLE: Duration = Duration::from_secs(10);
 struct ApiState {
     objects: Mutex<BTreeMap<String, BTreeMap<String, Value>>>,
     resource_version: Mutex<u64>,
-    events: broadcast::Sender<(String, Value)>,
+    events: broadcast::Sender<(u64, String, Value)>,
+    /// Every change, for watches that start from an older resourceVersion (as the apiserver
+    /// replays them): without it, a patch between a list and its watch would be lost.
+    history: Mutex<Vec<(u64, String, Value)>>,
     status_patches: Mutex<u64>,
     last_patch: Mutex<Instant>,
     unknown_requests: Mutex<Vec<String>>,
@@ -87,8 +90,17 @@ fn kind_of(plural: &str) -> &'static str {
 }
 
 #[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct ListQuery {
     watch: Option<String>,
+    resource_version: Option<String>,
+}
+
+fn watch_line(object: &Value) -> Bytes {
+    let mut line =
+        serde_json::to_vec(&json!({"type": "MODIFIED", "object": object})).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
 }
 
 async fn list_or_watch(
@@ -119,18 +131,34 @@ async fn list_or_watch(
         }))
         .into_response();
     }
+    let since: u64 = query
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // Subscribe before reading the history so that nothing falls between the two.
     let receiver = state.events.subscribe();
-    let stream = futures::stream::unfold(receiver, move |mut receiver| {
+    let replay: Vec<Bytes> = lock(&state.history)
+        .iter()
+        .filter(|(version, changed, _)| *version > since && *changed == plural)
+        .map(|(_, _, object)| watch_line(object))
+        .collect();
+    let replayed_up_to = lock(&state.history)
+        .iter()
+        .map(|(version, _, _)| *version)
+        .max()
+        .unwrap_or(since)
+        .max(since);
+    let replay = futures::stream::iter(replay.into_iter().map(Ok::<_, Infallible>));
+    let live = futures::stream::unfold(receiver, move |mut receiver| {
         let plural = plural.clone();
         async move {
             loop {
                 match receiver.recv().await {
-                    Ok((changed, object)) if changed == plural => {
-                        let mut line =
-                            serde_json::to_vec(&json!({"type": "MODIFIED", "object": object}))
-                                .unwrap_or_default();
-                        line.push(b'\n');
-                        return Some((Ok::<_, Infallible>(Bytes::from(line)), receiver));
+                    Ok((version, changed, object))
+                        if changed == plural && version > replayed_up_to =>
+                    {
+                        return Some((Ok::<_, Infallible>(watch_line(&object)), receiver));
                     }
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(broadcast::error::RecvError::Closed) => return None,
@@ -138,6 +166,7 @@ async fn list_or_watch(
             }
         }
     });
+    let stream = futures::StreamExt::chain(replay, live);
     Response::builder()
         .header("content-type", "application/json")
         .body(Body::from_stream(stream))
@@ -152,7 +181,6 @@ async fn patch_status(
     let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
         return StatusCode::BAD_REQUEST.into_response();
     };
-    let version = state.next_version();
     let updated = {
         let mut objects = lock(&state.objects);
         let Some(object) = objects
@@ -161,13 +189,19 @@ async fn patch_status(
         else {
             return StatusCode::NOT_FOUND.into_response();
         };
+        let version = state.next_version();
         object["status"] = patch.get("status").cloned().unwrap_or(Value::Null);
         object["metadata"]["resourceVersion"] = json!(version.to_string());
-        object.clone()
+        let updated = object.clone();
+        // Recorded and sent under the objects lock, so versions reach watchers in order.
+        lock(&state.history).push((version, plural.clone(), updated.clone()));
+        let _ = state
+            .events
+            .send((version, plural.clone(), updated.clone()));
+        updated
     };
     *lock(&state.status_patches) += 1;
     *lock(&state.last_patch) = Instant::now();
-    let _ = state.events.send((plural, updated.clone()));
     axum::Json(updated).into_response()
 }
 
@@ -353,6 +387,7 @@ async fn main() {
         objects: Mutex::new(objects),
         resource_version: Mutex::new(1),
         events,
+        history: Mutex::new(Vec::new()),
         status_patches: Mutex::new(0),
         last_patch: Mutex::new(Instant::now()),
         unknown_requests: Mutex::new(Vec::new()),
@@ -416,8 +451,9 @@ async fn main() {
     let http = reqwest::Client::new();
     let readyz = format!("http://{metrics_address}/readyz");
     let mut ready_after = None;
+    let mut rss_at_ready = None;
     let mut all_ready_after = None;
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
         if ready_after.is_none()
             && http
@@ -427,6 +463,7 @@ async fn main() {
                 .is_ok_and(|r| r.status().is_success())
         {
             ready_after = Some(started.elapsed());
+            rss_at_ready = process_usage(pid, ticks_per_second()).map(|(rss, _)| rss);
         }
         if ready_count(&state) == object_count {
             all_ready_after = Some(started.elapsed());
@@ -464,15 +501,38 @@ async fn main() {
         ),
         None => println!("footprint.startup_to_ready_ms = not reached"),
     }
+    if let Some(rss_kib) = rss_at_ready {
+        println!(
+            "footprint.rss_at_ready_mib = {:.1} (VmRSS when /readyz first answered 200, before the reconciles)",
+            rss_kib as f64 / 1024.0
+        );
+    }
     match all_ready_after {
         Some(elapsed) => println!(
             "footprint.startup_to_all_objects_ready_ms = {:.0} (every object Ready=True, adopting existing GitLab state)",
             elapsed.as_secs_f64() * 1000.0
         ),
-        None => println!(
-            "footprint.startup_to_all_objects_ready_ms = not reached ({} of {object_count} Ready)",
-            ready_count(&state)
-        ),
+        None => {
+            println!(
+                "footprint.startup_to_all_objects_ready_ms = not reached ({} of {object_count} Ready)",
+                ready_count(&state)
+            );
+            for object in lock(&state.objects)
+                .values()
+                .flat_map(|o| o.values())
+                .take(2000)
+            {
+                let ready = object["status"]["conditions"]
+                    .as_array()
+                    .and_then(|c| c.iter().find(|c| c["type"] == "Ready").cloned());
+                if ready.as_ref().is_none_or(|r| r["status"] != "True") {
+                    eprintln!(
+                        "not ready: {} {}/{}: {ready:?}",
+                        object["kind"], object["metadata"]["namespace"], object["metadata"]["name"]
+                    );
+                }
+            }
+        }
     }
     match (before, after) {
         (Some((_, cpu_before)), Some((rss_kib, cpu_after))) => {

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use gitlab_registry_operator::gitlab::PathOrId;
 use jiff::{SignedDuration, Timestamp};
-use support::{Fleet, RequestTally};
+use support::{Fleet, RequestTally, Requeues};
 
 const GROUPS: usize = 20;
 const REGISTRIES_PER_GROUP: usize = 5;
@@ -29,7 +29,7 @@ async fn main() {
     let sim = support::start_simulator(Duration::ZERO, GROUPS).await;
     let client = support::client_for(&sim);
 
-    for watch_requeues in [true, false] {
+    for requeues in [Requeues::Predicates, Requeues::EveryStatusWrite] {
         sim.reset_request_counts();
         // A fresh fleet in fresh groups would need new groups; reuse the converged GitLab
         // state instead: the second fleet adopts what the first created (reads only).
@@ -42,27 +42,25 @@ async fn main() {
         for key in support::lock(&fleet).keys() {
             support::schedule(&mut queue, key, start);
         }
-        support::run_virtual(&fleet, &client, &mut queue, start, true).await;
+        support::run_virtual(&fleet, &client, &mut queue, start, requeues).await;
         assert!(
             support::lock(&fleet).all_ready(),
             "the fleet converges before the hour starts"
         );
 
         sim.reset_request_counts();
-        let runs =
-            support::run_virtual(&fleet, &client, &mut queue, start + HOUR, watch_requeues).await;
+        let runs = support::run_virtual(&fleet, &client, &mut queue, start + HOUR, requeues).await;
         let counts = sim.request_counts();
         let tally = RequestTally::from_counts(&counts);
         let fleet = support::lock(&fleet);
         let objects = fleet.object_count() as f64;
         let upstreams = fleet.upstream_count() as f64;
         let registries = fleet.registry_count() as f64;
-        let prefix = if watch_requeues {
-            "steady_state"
-        } else {
-            "steady_state.timer_only"
+        let prefix = match requeues {
+            Requeues::Predicates => "steady_state",
+            Requeues::EveryStatusWrite => "steady_state.without_watch_predicates",
         };
-        if watch_requeues {
+        if requeues == Requeues::Predicates {
             println!(
                 "steady_state.objects = {} ({} VirtualRegistries, {} Upstreams in {GROUPS} groups; resync 10m, connectivityCheck.interval 10m)",
                 fleet.object_count(),
@@ -71,8 +69,8 @@ async fn main() {
             );
         } else {
             println!(
-                "# timer_only: the same hour with status-only watch events not requeueing (a generation \
-                 predicate on the own-kind watch, and the Upstream->registry mapper firing only on an upstreamId change)"
+                "# without_watch_predicates: the same hour with every status write requeueing the object and \
+                 the mapped objects, as `run` was wired before controller::triggers (for comparison)"
             );
         }
         println!(

@@ -1,14 +1,18 @@
 //! Shared by the benches: a simulator with a GitLab client for it, and a stand-in for the
 //! `run` process's two controllers that drives the real `sync` engines through the real
-//! controller glue (`controller::{registry,upstream}::{build_request,status_from_outcome}`).
+//! controller glue (`controller::{registry,upstream}::{build_request,status_from_outcome}`
+//! and the watch predicates of `controller::triggers`).
 //!
 //! What the stand-in keeps from kube-rs's `Controller` as `run` wires it:
 //! - status is carried between reconciles (known ids, applied credentials, last connection
 //!   test) exactly as the controller writes it, and a status equal to the current one is not
 //!   patched;
-//! - a patched status is a watch event (the watchers use no generation predicate): it
-//!   requeues the object itself and, through the `watches` mappers, the Upstreams a
-//!   registry lists or the registries that list an Upstream;
+//! - a status patch is a watch event, filtered as `run` filters it ([`Requeues::Predicates`]):
+//!   the own-kind stream passes only spec/intent changes (so never the operator's own status
+//!   write), the Upstream → registry stream only a changed `upstreamId`, the registry →
+//!   Upstream stream only a changed `registryId`/group/list. [`Requeues::EveryStatusWrite`]
+//!   models the wiring before those predicates (every status write requeued the object and
+//!   the mapped objects), for comparison;
 //! - one scheduled run per object, the earliest wins; a trigger while the object runs makes
 //!   it run once more afterwards; no concurrency limit (the controller's default);
 //! - requeue after success: registries at the resync, Upstreams at the earlier of the resync
@@ -116,11 +120,22 @@ pub struct Fleet {
     listing_registries: Vec<Vec<usize>>,
 }
 
+/// Which watch events requeue objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requeues {
+    /// As `run` filters them (`controller::triggers`).
+    Predicates,
+    /// Every status write requeues the object and the mapped objects (no predicates).
+    EveryStatusWrite,
+}
+
 /// What one reconcile did, for the driver.
 #[derive(Debug, Clone)]
 pub struct Reconciled {
     /// A status patch was sent (a watch event follows).
     pub patched: bool,
+    /// The patch changed what the other kind's controller watches (`controller::triggers`).
+    pub identity_changed: bool,
     pub requeue_after: Duration,
     pub failed: bool,
 }
@@ -211,9 +226,22 @@ impl Fleet {
         self.registries.len() + self.upstreams.len()
     }
 
-    /// What a status patch of `key` requeues: itself and the mapped objects of the other kind.
-    pub fn requeued_by_patch(&self, key: ObjectKey) -> Vec<ObjectKey> {
-        let mut requeued = vec![key];
+    /// What a reconcile's status patch requeues.
+    pub fn requeued_by(
+        &self,
+        key: ObjectKey,
+        reconciled: &Reconciled,
+        requeues: Requeues,
+    ) -> Vec<ObjectKey> {
+        if !reconciled.patched {
+            return Vec::new();
+        }
+        let mut requeued = Vec::new();
+        match requeues {
+            Requeues::Predicates if !reconciled.identity_changed => return requeued,
+            Requeues::Predicates => {}
+            Requeues::EveryStatusWrite => requeued.push(key),
+        }
         match key {
             ObjectKey::Registry(registry) => requeued.extend(
                 self.listed_upstreams[registry]
@@ -292,12 +320,15 @@ pub async fn reconcile(
                 gitlab_registry_operator::sync::registry::reconcile(client, &request).await;
             let mut fleet = lock(fleet);
             let registry = &mut fleet.registries[index];
+            let identity_before = controller::triggers::registry_identity(registry);
             let current = registry.status.clone().unwrap_or_default();
             let status = controller::registry::status_from_outcome(registry, &current, &outcome);
             let patched = registry.status.as_ref() != Some(&status);
             registry.status = Some(status);
             Reconciled {
                 patched,
+                identity_changed: controller::triggers::registry_identity(registry)
+                    != identity_before,
                 requeue_after: after(outcome.error.as_ref(), RESYNC),
                 failed: outcome.error.is_some(),
             }
@@ -317,6 +348,7 @@ pub async fn reconcile(
                 gitlab_registry_operator::sync::upstream::reconcile(client, &request).await;
             let mut fleet = lock(fleet);
             let upstream = &mut fleet.upstreams[index];
+            let identity_before = controller::triggers::upstream_identity(upstream);
             let current = upstream.status.clone().unwrap_or_default();
             let status = controller::upstream::status_from_outcome(upstream, &current, &outcome);
             let patched = upstream.status.as_ref() != Some(&status);
@@ -324,6 +356,8 @@ pub async fn reconcile(
             let next = outcome.next_check_in.map_or(RESYNC, |d| d.min(RESYNC));
             Reconciled {
                 patched,
+                identity_changed: controller::triggers::upstream_identity(upstream)
+                    != identity_before,
                 requeue_after: after(outcome.error.as_ref(), next),
                 failed: outcome.error.is_some(),
             }
@@ -350,13 +384,12 @@ pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// `start` until the queue holds nothing due at or before `until`. Returns the reconciles run.
 ///
 /// `queue` holds one due time per object (the earliest wins, as in kube-rs's scheduler).
-/// With `watch_requeues` false a status patch requeues nothing: timers only.
 pub async fn run_virtual(
     fleet: &Mutex<Fleet>,
     client: &GitLabClient,
     queue: &mut BTreeMap<ObjectKey, Timestamp>,
     until: Timestamp,
-    watch_requeues: bool,
+    requeues: Requeues,
 ) -> u64 {
     let mut runs = 0;
     loop {
@@ -371,11 +404,9 @@ pub async fn run_virtual(
         runs += 1;
         let requeue_at = due + reconciled.requeue_after;
         schedule(queue, key, requeue_at);
-        if reconciled.patched && watch_requeues {
-            let requeued = lock(fleet).requeued_by_patch(key);
-            for other in requeued {
-                schedule(queue, other, due);
-            }
+        let requeued = lock(fleet).requeued_by(key, &reconciled, requeues);
+        for other in requeued {
+            schedule(queue, other, due);
         }
     }
 }
