@@ -469,6 +469,10 @@ async fn main() {
             all_ready_after = Some(started.elapsed());
             break;
         }
+        // Stuck: ready, but nothing patched for a while (the rest waits for the resync).
+        if ready_after.is_some() && lock(&state.last_patch).elapsed() > QUIET_BEFORE_IDLE {
+            break;
+        }
         if let Ok(Some(exit)) = child.try_wait() {
             eprintln!("the operator exited early: {exit}");
             break;
@@ -527,8 +531,11 @@ async fn main() {
                     .and_then(|c| c.iter().find(|c| c["type"] == "Ready").cloned());
                 if ready.as_ref().is_none_or(|r| r["status"] != "True") {
                     eprintln!(
-                        "not ready: {} {}/{}: {ready:?}",
-                        object["kind"], object["metadata"]["namespace"], object["metadata"]["name"]
+                        "not ready: {} {}/{}: {}",
+                        object["kind"],
+                        object["metadata"]["namespace"],
+                        object["metadata"]["name"],
+                        ready.map(|r| r["message"].to_string()).unwrap_or_default()
                     );
                 }
             }
