@@ -208,6 +208,7 @@ fn main() -> ExitCode {
                 metrics_addr: args.metrics_addr,
                 leader_election: args.leader_election,
                 leader_election_namespace: args.leader_election_namespace,
+                leader_election_identity: None,
                 watch_namespace: args.watch_namespace,
             };
             match tokio_runtime().block_on(runtime::run(config, options)) {

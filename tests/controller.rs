@@ -3,6 +3,7 @@
 //! server-side apply (only when the status changed), Events, deletion policies, suspend and
 //! a missing connection.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -125,6 +126,8 @@ fn answer(request: &Seen, secrets: &[Value]) -> (u16, Value) {
         // The object after the patch: enough of it for the client to decode.
         let kind = if request.path.contains("/upstreams/") {
             "Upstream"
+        } else if request.path.contains("/cleanuppolicies/") {
+            "CleanupPolicy"
         } else {
             "VirtualRegistry"
         };
@@ -136,6 +139,8 @@ fn answer(request: &Seen, secrets: &[Value]) -> (u16, Value) {
             .to_owned();
         let spec = if kind == "Upstream" {
             json!({"group": "my-org", "url": "https://example.org"})
+        } else if kind == "CleanupPolicy" {
+            json!({"target": {"containerRepositories": {"project": "my-org/app"}}, "rules": {"nameRegexDelete": ".*"}})
         } else {
             json!({"group": "my-org"})
         };
@@ -789,6 +794,489 @@ async fn a_gitlab_rate_limit_requeues_after_gitlabs_delay() {
             controller::registry::error_policy(Arc::new(registry), &error, env.ctx.clone());
         assert_eq!(requeue, Requeue::requeue(Duration::from_secs(900)));
         assert!(env.sim.snapshot().registries.is_empty());
+    })
+    .await;
+}
+
+// ---- CleanupPolicy -----------------------------------------------------------------------
+
+const POLICIES_PATH: &str = "/apis/gitlabregistry.io/v1alpha1/namespaces/team/cleanuppolicies";
+
+/// A project with one repository: `latest`, `main` and ten old numbered tags.
+fn cleanup_seed() -> Seed {
+    let old = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24 * 60);
+    let mut tags = vec![
+        json!({"name": "latest", "digest": format!("sha256:{}", "a".repeat(64)), "created_at": old.to_string()}),
+        json!({"name": "main", "digest": format!("sha256:{}", "b".repeat(64)), "created_at": old.to_string()}),
+    ];
+    for n in 0..10 {
+        let created = old - jiff::SignedDuration::from_hours(n);
+        tags.push(json!({"name": format!("1.0.{n}"), "digest": format!("sha256:{n:064}"), "created_at": created.to_string()}));
+    }
+    let seed = json!({
+        "groups": [{"id": 100, "full_path": "my-org"}],
+        "projects": [{"id": 200, "path_with_namespace": "my-org/app",
+                      "repositories": [{"id": 300, "name": "", "tags": tags}]}],
+    });
+    Seed::parse(&seed.to_string()).expect("seed")
+}
+
+fn policy_object(
+    annotations: Value,
+    status: Value,
+    keep_in_use: bool,
+) -> gitlab_registry_operator::crd::CleanupPolicy {
+    serde_json::from_value(json!({
+        "apiVersion": "gitlabregistry.io/v1alpha1",
+        "kind": "CleanupPolicy",
+        "metadata": {"name": "nightly", "namespace": NAMESPACE, "uid": "uid-nightly", "generation": 1,
+                     "resourceVersion": "1", "finalizers": [FINALIZER], "annotations": annotations,
+                     "creationTimestamp": jiff::Timestamp::now().to_string()},
+        "spec": {"schedule": "0 3 * * *", "target": {"containerRepositories": {"project": "my-org/app"}},
+                 "rules": {"nameRegexDelete": ".*", "nameRegexKeep": "main", "keepN": 3},
+                 "safety": {"keepInUse": keep_in_use}},
+        "status": status,
+    }))
+    .expect("CleanupPolicy")
+}
+
+async fn cleanup_env(pods_synced: Option<bool>) -> (SimHandle, ApiServer, Arc<Context>) {
+    let sim = Simulator::start(
+        SimConfig {
+            tag_list_details: true,
+            ..SimConfig::with_token(TOKEN)
+        },
+        cleanup_seed(),
+    )
+    .await
+    .expect("simulator");
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let api = ApiServer::start(handle, Vec::new());
+    let config = OperatorConfig {
+        default_gitlab: Some(DefaultConnection {
+            url: sim.base_url().parse().expect("url"),
+            token: SecretString::from(TOKEN),
+        }),
+        resync: RESYNC,
+        ..OperatorConfig::default()
+    };
+    let (registry_store, _) = store::store::<VirtualRegistry>();
+    let (upstream_store, _) = store::store::<Upstream>();
+    let mut ctx = Context::new(
+        kube::Client::new(service, "default"),
+        config,
+        Arc::new(Metrics::default()),
+        registry_store,
+        upstream_store,
+    );
+    if let Some(synced) = pods_synced {
+        let (pod_store, _) = store::store::<k8s_openapi::api::core::v1::Pod>();
+        ctx = ctx.with_pods(controller::cleanup_policy::PodImages {
+            store: pod_store,
+            synced: Arc::new(std::sync::atomic::AtomicBool::new(synced)),
+        });
+    }
+    (sim, api, Arc::new(ctx))
+}
+
+/// The tags GitLab lists for the repository, by name.
+async fn tag_names(sim: &SimHandle) -> Vec<String> {
+    let tags: Vec<Value> = reqwest::Client::new()
+        .get(format!(
+            "{}/projects/200/registry/repositories/300/tags?per_page=100",
+            sim.api_url()
+        ))
+        .header("PRIVATE-TOKEN", TOKEN)
+        .send()
+        .await
+        .expect("listed")
+        .json()
+        .await
+        .expect("json");
+    let mut names: Vec<String> = tags
+        .iter()
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn a_policy_not_yet_due_calls_nothing_and_schedules_the_next_run() {
+    guarded(async {
+        let (sim, api, ctx) = cleanup_env(Some(true)).await;
+        let policy = policy_object(json!({}), json!(null), true);
+        let requeue = controller::cleanup_policy::reconcile(Arc::new(policy), ctx)
+            .await
+            .expect("reconciled");
+        assert_ne!(requeue, Requeue::await_change());
+        assert!(
+            sim.request_counts().is_empty(),
+            "no GitLab request before the slot: {:?}",
+            sim.request_counts()
+        );
+        let patches = status_patches(&api.take(), POLICIES_PATH);
+        assert_eq!(patches.len(), 1);
+        let status = &patches[0].body["status"];
+        assert!(
+            status["nextRunTime"]
+                .as_str()
+                .is_some_and(|t| t.contains("T03:00:00")),
+            "{status}"
+        );
+        assert_eq!(condition(status, "Ready")["status"], "True");
+        assert!(status.get("lastRun").is_none());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_run_request_runs_once_reports_and_deletes_exactly_what_the_rules_select() {
+    guarded(async {
+        let (sim, api, ctx) = cleanup_env(Some(true)).await;
+        let policy = policy_object(
+            json!({"gitlabregistry.io/run-requested-at": "2026-11-23T10:00:00Z"}),
+            json!(null),
+            false,
+        );
+        controller::cleanup_policy::reconcile(Arc::new(policy), ctx.clone())
+            .await
+            .expect("reconciled");
+        // latest and main kept; of the ten numbered tags the three newest (1.0.0..1.0.2) survive.
+        assert_eq!(
+            tag_names(&sim).await,
+            ["1.0.0", "1.0.1", "1.0.2", "latest", "main"]
+        );
+        let seen = api.take();
+        let patches = status_patches(&seen, POLICIES_PATH);
+        assert_eq!(patches.len(), 1);
+        let status = &patches[0].body["status"];
+        assert_eq!(status["lastRun"]["tagsDeleted"], 7, "{status}");
+        assert_eq!(status["lastRun"]["outcome"], "Succeeded");
+        assert_eq!(status["lastRun"]["dryRun"], false);
+        assert_eq!(status["lastHandledRunRequest"], "2026-11-23T10:00:00Z");
+        assert!(
+            event_reasons(&seen).contains(&"CleanupCompleted".to_string()),
+            "{:?}",
+            event_reasons(&seen)
+        );
+
+        // The same request value again: no second run.
+        sim.reset_request_counts();
+        let handled = policy_object(
+            json!({"gitlabregistry.io/run-requested-at": "2026-11-23T10:00:00Z"}),
+            status.clone(),
+            false,
+        );
+        controller::cleanup_policy::reconcile(Arc::new(handled), ctx)
+            .await
+            .expect("reconciled");
+        assert!(
+            sim.request_counts().is_empty(),
+            "{:?}",
+            sim.request_counts()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn keep_in_use_before_the_pod_cache_synced_deletes_nothing() {
+    guarded(async {
+        let (sim, api, ctx) = cleanup_env(Some(false)).await;
+        let before = tag_names(&sim).await;
+        assert_eq!(before.len(), 12);
+        sim.reset_request_counts();
+        let policy = policy_object(
+            json!({"gitlabregistry.io/run-requested-at": "1"}),
+            json!(null),
+            true,
+        );
+        controller::cleanup_policy::reconcile(Arc::new(policy), ctx)
+            .await
+            .expect("reconciled");
+        assert!(
+            sim.request_counts()
+                .keys()
+                .all(|route| !route.starts_with("DELETE")),
+            "{:?}",
+            sim.request_counts()
+        );
+        assert_eq!(tag_names(&sim).await, before);
+        assert!(
+            sim.request_counts()
+                .keys()
+                .all(|route| !route.starts_with("DELETE")),
+            "{:?}",
+            sim.request_counts()
+        );
+        let status = &status_patches(&api.take(), POLICIES_PATH)[0].body["status"];
+        assert_eq!(status["lastRun"]["outcome"], "Partial", "{status}");
+        assert!(
+            status["lastRun"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("Pod cache")),
+            "{status}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn missed_slots_run_once() {
+    guarded(async {
+        let (sim, api, ctx) = cleanup_env(Some(true)).await;
+        let three_days_ago =
+            (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(72)).to_string();
+        let policy = policy_object(
+            json!({}),
+            json!({"lastScheduleTime": three_days_ago}),
+            false,
+        );
+        controller::cleanup_policy::reconcile(Arc::new(policy), ctx)
+            .await
+            .expect("reconciled");
+        let deletes: u64 = sim
+            .request_counts()
+            .iter()
+            .filter(|(r, _)| r.starts_with("DELETE"))
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(deletes, 7, "one run, not three");
+        let status = &status_patches(&api.take(), POLICIES_PATH)[0].body["status"];
+        let last = status["lastScheduleTime"].as_str().expect("recorded");
+        assert!(
+            last.contains("T03:00:00") && last > three_days_ago.as_str(),
+            "{status}"
+        );
+    })
+    .await;
+}
+
+// ---- Leader election ---------------------------------------------------------------------
+
+/// A Lease as a fake apiserver keeps it, with the field manager that owns `holderIdentity`
+/// (server-side apply refuses to take it from another manager: 409 Conflict).
+#[derive(Default)]
+struct FakeLease {
+    lease: Option<Value>,
+    holder_owner: Option<String>,
+    version: u64,
+    /// Requests per instance, to know the standby has looked.
+    requests_by: BTreeMap<&'static str, u64>,
+}
+
+fn lease_path() -> String {
+    format!("/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases")
+}
+
+fn answer_lease(state: &Mutex<FakeLease>, request: &Seen) -> (u16, Value) {
+    let mut fake = state.lock().expect("lease");
+    let name_path = format!("{}/{}", lease_path(), controller::runtime::LEASE_NAME);
+    let manager = request
+        .query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("fieldManager="))
+        .unwrap_or_default()
+        .to_owned();
+    match (request.method.as_str(), request.path.as_str()) {
+        ("GET", path) if path == name_path => match &fake.lease {
+            Some(lease) => (200, lease.clone()),
+            None => not_found("lease"),
+        },
+        ("POST", path) if path == lease_path() => {
+            if fake.lease.is_some() {
+                return (
+                    409,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": "exists"}),
+                );
+            }
+            fake.version += 1;
+            let mut lease = request.body.clone();
+            lease["metadata"]["resourceVersion"] = json!(fake.version.to_string());
+            lease["metadata"]["namespace"] = json!(NAMESPACE);
+            fake.lease = Some(lease.clone());
+            (201, lease)
+        }
+        ("PATCH", path) if path == name_path => {
+            let Some(mut lease) = fake.lease.clone() else {
+                return not_found("lease");
+            };
+            let patch_spec = request.body["spec"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
+            let apply = request.content_type.starts_with("application/apply-patch");
+            let current_holder = lease["spec"]["holderIdentity"].as_str().map(str::to_owned);
+            let wanted_holder = patch_spec
+                .get("holderIdentity")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            if apply
+                && current_holder.is_some()
+                && wanted_holder != current_holder
+                && fake.holder_owner.as_deref() != Some(manager.as_str())
+            {
+                return (
+                    409,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
+                                    "message": "Apply failed with 1 conflict: conflict with another manager: .spec.holderIdentity"}),
+                );
+            }
+            for (field, value) in patch_spec {
+                if field == "holderIdentity" {
+                    fake.holder_owner = (!value.is_null()).then(|| manager.clone());
+                }
+                if value.is_null() {
+                    if let Some(spec) = lease["spec"].as_object_mut() {
+                        spec.remove(&field);
+                    }
+                } else {
+                    lease["spec"][field] = value;
+                }
+            }
+            fake.version += 1;
+            lease["metadata"]["resourceVersion"] = json!(fake.version.to_string());
+            fake.lease = Some(lease.clone());
+            (200, lease)
+        }
+        _ => not_found("object"),
+    }
+}
+
+/// A kube client whose apiserver is the shared fake Lease.
+fn lease_client(state: Arc<Mutex<FakeLease>>, instance: &'static str) -> kube::Client {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    tokio::spawn(async move {
+        while let Some((request, send)) = handle.next_request().await {
+            let (parts, body) = request.into_parts();
+            let bytes = body.collect_bytes().await.expect("body");
+            let seen = Seen {
+                method: parts.method.as_str().to_owned(),
+                path: parts.uri.path().to_owned(),
+                query: parts.uri.query().unwrap_or_default().to_owned(),
+                content_type: parts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned(),
+                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            };
+            *state
+                .lock()
+                .expect("lease")
+                .requests_by
+                .entry(instance)
+                .or_default() += 1;
+            let (status, answer) = answer_lease(&state, &seen);
+            send.send_response(
+                Response::builder()
+                    .status(status)
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(serde_json::to_vec(&answer).expect("json")))
+                    .expect("response"),
+            );
+        }
+    });
+    kube::Client::new(service, NAMESPACE)
+}
+
+fn holder(state: &Mutex<FakeLease>) -> Option<String> {
+    state
+        .lock()
+        .expect("lease")
+        .lease
+        .as_ref()
+        .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned))
+}
+
+#[tokio::test]
+async fn of_two_instances_only_one_holds_the_lease_until_it_lets_go() {
+    guarded(async {
+        let state: Arc<Mutex<FakeLease>> = Arc::default();
+        let first = controller::runtime::acquire_lease(
+            lease_client(state.clone(), "first"),
+            NAMESPACE,
+            "first",
+        )
+        .await
+        .expect("the first instance gets the lease");
+        assert_eq!(holder(&state).as_deref(), Some("first"));
+
+        let second = tokio::spawn(controller::runtime::acquire_lease(
+            lease_client(state.clone(), "second"),
+            NAMESPACE,
+            "second",
+        ));
+        // The second instance reads the lease (twice: set up, then its first lock attempt) and
+        // finds it held.
+        while state
+            .lock()
+            .expect("lease")
+            .requests_by
+            .get("second")
+            .copied()
+            .unwrap_or(0)
+            < 2
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            !second.is_finished(),
+            "the standby must not hold the lease while the leader does"
+        );
+        assert_eq!(holder(&state).as_deref(), Some("first"));
+
+        // The leader stops: dropping its receiver releases the lease and the standby takes it.
+        drop(first);
+        let second = second
+            .await
+            .expect("joined")
+            .expect("the standby gets the lease");
+        assert!(*second.borrow());
+        assert_eq!(holder(&state).as_deref(), Some("second"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn two_instances_starting_together_elect_exactly_one() {
+    guarded(async {
+        let state: Arc<Mutex<FakeLease>> = Arc::default();
+        let a = tokio::spawn(controller::runtime::acquire_lease(
+            lease_client(state.clone(), "a"),
+            NAMESPACE,
+            "a",
+        ));
+        let b = tokio::spawn(controller::runtime::acquire_lease(
+            lease_client(state.clone(), "b"),
+            NAMESPACE,
+            "b",
+        ));
+        while holder(&state).is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Let both finish their first attempts, then exactly the holder has returned.
+        while ["a", "b"].iter().any(|i| {
+            state
+                .lock()
+                .expect("lease")
+                .requests_by
+                .get(i)
+                .copied()
+                .unwrap_or(0)
+                < 3
+        }) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let leader = holder(&state).expect("a holder");
+        let (won, lost) = if leader == "a" { (a, b) } else { (b, a) };
+        let receiver = won.await.expect("joined").expect("the holder acquired");
+        assert!(*receiver.borrow());
+        assert!(!lost.is_finished(), "the other instance stands by");
+        assert_eq!(holder(&state), Some(leader));
+        lost.abort();
     })
     .await;
 }

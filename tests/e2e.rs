@@ -102,6 +102,7 @@ async fn examples_become_ready_then_follow_edits_and_deletion() {
         metrics_addr: "127.0.0.1:0".parse().expect("addr"),
         leader_election: false,
         leader_election_namespace: None,
+        leader_election_identity: None,
         watch_namespace: Some(namespace.clone()),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -218,4 +219,133 @@ async fn examples_become_ready_then_follow_edits_and_deletion() {
         .await;
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(30), operator).await;
+}
+
+/// Two operator instances with leader election: only the Lease holder reconciles; when it
+/// stops, the other takes over and the objects stay in line.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_leader_reconciles_and_a_standby_takes_over() {
+    let client = match cluster().await {
+        Ok(client) => client,
+        Err(reason) => {
+            println!("SKIPPED e2e leader election: {reason}");
+            return;
+        }
+    };
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for (_, definition) in crd::all() {
+        crds.patch(
+            &definition.name_any(),
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(&definition),
+        )
+        .await
+        .expect("CRD applied");
+    }
+    let sim = Simulator::start(SimConfig::embedded_demo(), Seed::demo())
+        .await
+        .expect("simulator");
+    let namespace = format!("gro-e2e-lease-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("namespace"),
+        )
+        .await
+        .expect("namespace created");
+    let start = |identity: &str| {
+        let config = OperatorConfig {
+            default_gitlab: Some(DefaultConnection {
+                url: sim.base_url().parse().expect("url"),
+                token: sim.config().token.clone(),
+            }),
+            resync: Duration::from_secs(30),
+            ..OperatorConfig::default()
+        };
+        let options = RuntimeOptions {
+            metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+            leader_election: true,
+            leader_election_namespace: Some(namespace.clone()),
+            leader_election_identity: Some(identity.to_string()),
+            watch_namespace: Some(namespace.clone()),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run_until(config, options, async move {
+            let _ = stopped.await;
+        }));
+        (stop, task)
+    };
+    let (stop_first, first) = start("first");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (stop_second, second) = start("second");
+
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), &namespace);
+    let holder = || async {
+        leases
+            .get_opt("gitlab-registry-operator")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|lease| lease.spec.and_then(|spec| spec.holder_identity))
+    };
+    wait_for("a lease holder", || async { holder().await.is_some() }).await;
+    assert_eq!(holder().await.as_deref(), Some("first"));
+
+    let registries: Api<VirtualRegistry> = Api::namespaced(client.clone(), &namespace);
+    let registry: VirtualRegistry = serde_json::from_value(json!({
+        "apiVersion": "gitlabregistry.io/v1alpha1", "kind": "VirtualRegistry",
+        "metadata": {"name": "lease-cache"}, "spec": {"group": "my-org"}
+    }))
+    .expect("registry");
+    registries
+        .create(&PostParams::default(), &registry)
+        .await
+        .expect("created");
+    wait_for("lease-cache Ready under the first leader", || async {
+        registries
+            .get("lease-cache")
+            .await
+            .is_ok_and(|r| is_ready(&r))
+    })
+    .await;
+    assert!(!second.is_finished(), "the standby keeps waiting");
+
+    // The leader goes; the standby takes the lease and keeps reconciling.
+    let _ = stop_first.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(30), first).await;
+    wait_for("the standby to take the lease", || async {
+        holder().await.as_deref() == Some("second")
+    })
+    .await;
+    registries
+        .patch(
+            "lease-cache",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"description": "after failover"}})),
+        )
+        .await
+        .expect("edited");
+    wait_for("the edit reaches GitLab through the new leader", || async {
+        serde_json::to_value(sim.snapshot())
+            .is_ok_and(|state| state.to_string().contains("after failover"))
+    })
+    .await;
+
+    let _ = registries
+        .delete("lease-cache", &DeleteParams::default())
+        .await;
+    wait_for("registry gone", || async {
+        registries
+            .get_opt("lease-cache")
+            .await
+            .is_ok_and(|r| r.is_none())
+    })
+    .await;
+    let _ = namespaces
+        .delete(&namespace, &DeleteParams::default())
+        .await;
+    let _ = stop_second.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(30), second).await;
 }

@@ -60,8 +60,7 @@ fn stdout(output: &Output) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn apply_then_plan_reports_no_change_and_plan_only_reads() {
     let sim = simulator().await;
-    let dir = registry_examples(&temp_dir("converge"));
-    let dir_arg = dir.to_string_lossy().into_owned();
+    let dir_arg = examples().to_string_lossy().into_owned();
 
     let output = tokio::task::block_in_place(|| run(Some(&sim), &["apply", "-f", &dir_arg]));
     assert_eq!(
@@ -72,8 +71,15 @@ async fn apply_then_plan_reports_no_change_and_plan_only_reads() {
         String::from_utf8_lossy(&output.stderr)
     );
     let text = stdout(&output);
+    for line in text.lines().skip(1).take_while(|line| !line.is_empty()) {
+        assert_eq!(
+            line.split_whitespace().nth(1),
+            Some("True"),
+            "every object Ready: {text}"
+        );
+    }
     assert!(
-        text.contains("VirtualRegistry/default/docker-cache  True"),
+        text.contains("VirtualRegistry/default/docker-cache"),
         "{text}"
     );
     assert!(
@@ -110,7 +116,6 @@ async fn apply_then_plan_reports_no_change_and_plan_only_reads() {
         .filter(|(route, _)| !route.starts_with("GET ") && !route.ends_with("/test"))
         .collect();
     assert!(writes.is_empty(), "steady-state apply wrote: {writes:?}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -313,4 +318,57 @@ async fn sim_command_serves_the_api_as_the_readme_shows() {
         .status();
     let status = tokio::task::block_in_place(|| child.wait()).expect("exits");
     assert!(status.success(), "sim exits 0 on SIGTERM: {status:?}");
+}
+
+/// Every command documents itself; `run --help` lists the flags the Helm chart passes.
+#[test]
+fn help_texts_describe_every_command_and_flag() {
+    let top = stdout(&run(None, &["--help"]));
+    for command in ["run", "crds", "apply", "plan", "sim"] {
+        assert!(top.contains(command), "{command} in --help: {top}");
+    }
+    let run_help = stdout(&run(None, &["run", "--help"]));
+    for flag in [
+        "--gitlab-url",
+        "--gitlab-ca-file",
+        "--resync",
+        "--metrics-addr",
+        "--leader-election",
+        "--leader-election-namespace",
+        "--log-format",
+        "--watch-namespace",
+    ] {
+        assert!(run_help.contains(flag), "{flag} in run --help: {run_help}");
+    }
+    assert!(
+        !run_help.contains("--gitlab-token"),
+        "the token is taken from the environment only"
+    );
+    let plan_help = stdout(&run(None, &["plan", "--help"]));
+    assert!(
+        plan_help.contains("--filename") && plan_help.contains("--output"),
+        "{plan_help}"
+    );
+    let sim_help = stdout(&run(None, &["sim", "--help"]));
+    assert!(
+        sim_help.contains("--allow-local-network") && sim_help.contains("--seed"),
+        "{sim_help}"
+    );
+}
+
+/// `run` without a cluster says what to do instead of panicking.
+#[test]
+fn run_without_a_cluster_explains_how_to_fix_it() {
+    let output = Command::new(BINARY)
+        .args(["run", "--metrics-addr", "127.0.0.1:0"])
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(1));
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        error.contains("cannot reach Kubernetes") && error.contains("KUBECONFIG"),
+        "{error}"
+    );
 }

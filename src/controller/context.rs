@@ -80,6 +80,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub registries: Store<VirtualRegistry>,
     pub upstreams: Store<Upstream>,
+    /// The images Pods run (`keepInUse`); `None` when Pods are not watched.
+    pub pods: Option<super::cleanup_policy::PodImages>,
     /// Consecutive failures per object, for backoff; cleared on success.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -104,8 +106,15 @@ impl Context {
             metrics,
             registries,
             upstreams,
+            pods: None,
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Lets cleanups see the images Pods run (`keepInUse`).
+    pub fn with_pods(mut self, pods: super::cleanup_policy::PodImages) -> Self {
+        self.pods = Some(pods);
+        self
     }
 
     /// A client configuration with the operator's CA, rate and metrics settings.

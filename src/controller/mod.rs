@@ -3,10 +3,12 @@
 //! what the apiserver cannot (validate), hands resolved inputs to a `sync` engine, and writes
 //! the outcome back as status (only when it changed) and Events. No GitLab rule lives here.
 
+pub mod cleanup_policy;
 pub mod connection;
 pub mod context;
 pub mod error;
 pub mod metrics;
+pub mod reconciler;
 pub mod registry;
 pub mod runtime;
 pub mod status;

@@ -4,21 +4,20 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Instant;
 
 use kube::runtime::controller::Action as Requeue;
-use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, Resource, ResourceExt};
 
 use super::connection::gitlab_client;
-use super::status::{apply_status, now, publish, publish_actions};
-use super::{Context, Error, Result, error::retry_delay};
-use crate::crd::conditions::{self, ConditionUpdate, READY, SYNCED, Status, UPSTREAMS_RESOLVED};
+use super::status::{
+    apply_status, mark_failed, mark_suspended, now, publish_actions, publish_outcome,
+};
+use super::{Context, Error, Result, reconciler};
+use crate::crd::conditions::{self, SYNCED, UPSTREAMS_RESOLVED};
 use crate::crd::virtual_registry::RegistryUpstreamStatus;
 use crate::crd::{
-    DeletionPolicy, FINALIZER, PURGE_CACHE_REQUESTED_AT, RECONCILE_REQUESTED_AT, Upstream,
-    VirtualRegistry, VirtualRegistryStatus,
+    DeletionPolicy, PURGE_CACHE_REQUESTED_AT, RECONCILE_REQUESTED_AT, Upstream, VirtualRegistry,
+    VirtualRegistryStatus,
 };
 use crate::gitlab::PathOrId;
 use crate::sync::registry::{
@@ -26,53 +25,18 @@ use crate::sync::registry::{
 };
 use crate::sync::{self, Mode};
 
-const KIND: &str = "VirtualRegistry";
-
 pub async fn reconcile(registry: Arc<VirtualRegistry>, ctx: Arc<Context>) -> Result<Requeue> {
-    let started = Instant::now();
-    ctx.metrics.reconcile_started(KIND);
-    let namespace = registry.namespace().unwrap_or_default();
-    let api: Api<VirtualRegistry> = Api::namespaced(ctx.client.clone(), &namespace);
-    let key = object_key(&registry);
-    let result = finalizer(&api, FINALIZER, registry, |event| async {
-        match event {
-            Finalizer::Apply(registry) => apply(&registry, &ctx, &api).await,
-            Finalizer::Cleanup(registry) => cleanup(&registry, &ctx).await,
-        }
-    })
+    reconciler::reconcile(
+        registry,
+        ctx,
+        |registry, ctx, api| async move { apply(&registry, &ctx, &api).await },
+        |registry, ctx| async move { cleanup(&registry, &ctx).await },
+    )
     .await
-    .map_err(|error| match error {
-        kube::runtime::finalizer::Error::ApplyFailed(inner)
-        | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner,
-        other => Error::Finalizer(other.to_string()),
-    });
-    ctx.metrics.reconcile_finished(
-        KIND,
-        started.elapsed(),
-        result.as_ref().err().map(Error::reason),
-    );
-    if result.is_ok() {
-        ctx.record_success(&key);
-    }
-    result
 }
 
 pub fn error_policy(registry: Arc<VirtualRegistry>, error: &Error, ctx: Arc<Context>) -> Requeue {
-    let attempt = ctx.record_failure(&object_key(&registry));
-    tracing::warn!(reason = error.reason(), %error, "VirtualRegistry reconcile failed");
-    Requeue::requeue(retry_delay(
-        error,
-        attempt.saturating_sub(1),
-        ctx.config.resync,
-    ))
-}
-
-fn object_key(registry: &VirtualRegistry) -> String {
-    format!(
-        "{KIND}/{}/{}",
-        registry.namespace().unwrap_or_default(),
-        registry.name_any()
-    )
+    reconciler::error_policy(registry, error, ctx)
 }
 
 async fn apply(
@@ -85,16 +49,10 @@ async fn apply(
     if registry.spec.suspend {
         let mut status = current.clone();
         status.observed_generation = generation;
-        conditions::set_condition(
+        mark_suspended(
             &mut status.conditions,
-            ConditionUpdate::new(
-                READY,
-                Status::False,
-                "Suspended",
-                "spec.suspend is true: nothing is sent to GitLab",
-            ),
             generation,
-            &now(),
+            "spec.suspend is true: nothing is sent to GitLab",
         );
         apply_status(api, registry, registry.status.as_ref(), &status).await?;
         return Ok(Requeue::await_change());
@@ -111,32 +69,16 @@ async fn apply(
         Ok(outcome) => {
             let status = status_from_outcome(registry, &current, &outcome);
             apply_status(api, registry, registry.status.as_ref(), &status).await?;
-            publish_actions(ctx, registry, &outcome.actions).await;
+            publish_outcome(ctx, registry, &outcome.actions, outcome.error.as_ref()).await;
             if let Some(error) = outcome.error {
-                publish(
-                    ctx,
-                    registry,
-                    EventType::Warning,
-                    error.reason(),
-                    &error.message(),
-                )
-                .await;
                 return Err(Error::Sync(error));
             }
             Ok(Requeue::requeue(ctx.config.resync))
         }
         Err(error) => {
             let mut status = current.clone();
-            let now = now();
             status.observed_generation = generation;
-            conditions::set_condition(
-                &mut status.conditions,
-                ConditionUpdate::new(SYNCED, false, error.reason(), error.message()),
-                generation,
-                &now,
-            );
-            let ready = conditions::ready_summary(&status.conditions, &[SYNCED]);
-            conditions::set_condition(&mut status.conditions, ready, generation, &now);
+            mark_failed(&mut status.conditions, &error, generation);
             apply_status(api, registry, registry.status.as_ref(), &status).await?;
             Err(error)
         }

@@ -13,15 +13,15 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, WatchStreamExt as _, reflector, watcher};
 use kube::{Api, Client, ResourceExt};
 
 use super::context::{Context, OperatorConfig};
 use super::metrics::Metrics;
-use super::{registry, triggers, upstream};
-use crate::crd::{Upstream, VirtualRegistry};
+use super::{cleanup_policy, registry, triggers, upstream};
+use crate::crd::{CleanupPolicy, Upstream, VirtualRegistry};
 
 /// Settings of `run` besides the operator config.
 #[derive(Clone, Debug)]
@@ -29,6 +29,8 @@ pub struct RuntimeOptions {
     pub metrics_addr: SocketAddr,
     pub leader_election: bool,
     pub leader_election_namespace: Option<String>,
+    /// This instance's name in the Lease (default: POD_NAME, else host and process id).
+    pub leader_election_identity: Option<String>,
     pub watch_namespace: Option<String>,
 }
 
@@ -51,6 +53,8 @@ pub enum Error {
     LeaderElection(String),
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("a shared reflector store has no subscriber channel")]
+    SharedStore,
 }
 
 /// Readiness shared with `/readyz`.
@@ -102,6 +106,35 @@ async fn serve_readiness(State(state): State<ServerState>) -> (StatusCode, &'sta
     }
 }
 
+/// Objects a slow subscriber may fall behind by before the watch waits for it.
+const SUBSCRIBER_BUFFER: usize = 1024;
+
+/// Name of the Lease the replicas compete for.
+pub const LEASE_NAME: &str = "gitlab-registry-operator";
+
+/// Waits until this instance holds the Lease. The receiver turns false if the lease is lost;
+/// dropping it releases the lease (so a stopping leader hands over at once).
+pub async fn acquire_lease(
+    client: Client,
+    namespace: &str,
+    identity: &str,
+) -> Result<tokio::sync::watch::Receiver<bool>, Error> {
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client, LEASE_NAME)
+        .with_namespace(namespace)
+        .with_identity(identity)
+        .with_duration(15)
+        .with_grace(5)
+        .build()
+        .await
+        .map_err(|error| Error::LeaderElection(error.to_string()))?;
+    let (mut leader, _task) = manager.watch().await;
+    leader
+        .wait_for(|is_leader| *is_leader)
+        .await
+        .map_err(|error| Error::LeaderElection(error.to_string()))?;
+    Ok(leader)
+}
+
 /// Runs until SIGTERM/SIGINT (then drains and returns `Ok`) or until the lease is lost.
 pub async fn run(config: OperatorConfig, options: RuntimeOptions) -> Result<(), Error> {
     run_until(config, options, shutdown_signal()).await
@@ -143,29 +176,18 @@ pub async fn run_until(
             .clone()
             .or_else(|| std::env::var("POD_NAMESPACE").ok())
             .unwrap_or_else(|| "default".into());
-        let identity = std::env::var("POD_NAME")
-            .unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id()));
+        let identity = options
+            .leader_election_identity
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok())
+            .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
         // A standby is healthy and ready: it only waits for the lease.
         health.set_ready(true);
-        let manager = kube_lease_manager::LeaseManagerBuilder::new(
-            client.clone(),
-            "gitlab-registry-operator",
-        )
-        .with_namespace(namespace.clone())
-        .with_identity(identity.clone())
-        .with_duration(15)
-        .with_grace(5)
-        .build()
-        .await
-        .map_err(|error| Error::LeaderElection(error.to_string()))?;
-        let (mut leader, _task) = manager.watch().await;
-        tracing::info!(%identity, %namespace, "waiting for the lease gitlab-registry-operator");
-        tokio::select! {
-            acquired = leader.wait_for(|is_leader| *is_leader) => {
-                acquired.map_err(|error| Error::LeaderElection(error.to_string()))?;
-            }
+        tracing::info!(%identity, %namespace, "waiting for the lease {LEASE_NAME}");
+        let leader = tokio::select! {
+            leader = acquire_lease(client.clone(), &namespace, &identity) => leader?,
             () = shutdown.clone() => return Ok(()),
-        }
+        };
         tracing::info!(%identity, "acquired the lease: reconciling");
         health.set_ready(false);
         lost_lease = Some(leader);
@@ -178,14 +200,19 @@ pub async fn run_until(
 
     // Each kind's own stream fills the store the other kind reads, and passes only the events
     // its controller must act on (see `triggers`).
-    let (registry_store, registry_writer) = reflector::store();
-    let (upstream_store, upstream_writer) = reflector::store();
+    // Shared stores: a subscriber sees an object only after the store holds it, so a
+    // registry triggered by an Upstream's new id reads that id from the Upstream store (two
+    // separate watches could deliver the trigger before the store caught up).
+    let (registry_store, registry_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
+    let (upstream_store, upstream_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
+    let registry_changes = registry_writer.subscribe().ok_or(Error::SharedStore)?;
+    let upstream_changes = upstream_writer.subscribe().ok_or(Error::SharedStore)?;
     let registry_events = watcher(
         registries_api.clone(),
         watcher::Config::default().any_semantic(),
     )
     .default_backoff()
-    .reflect(registry_writer)
+    .reflect_shared(registry_writer)
     .applied_objects()
     .predicate_filter(triggers::spec_or_intent, Default::default());
     let upstream_events = watcher(
@@ -193,31 +220,61 @@ pub async fn run_until(
         watcher::Config::default().any_semantic(),
     )
     .default_backoff()
-    .reflect(upstream_writer)
+    .reflect_shared(upstream_writer)
     .applied_objects()
     .predicate_filter(triggers::spec_or_intent, Default::default());
     let registry_controller = Controller::for_stream(registry_events, registry_store.clone());
     let upstream_controller = Controller::for_stream(upstream_events, upstream_store.clone());
-    let context = Arc::new(Context::new(
-        client.clone(),
-        config,
-        metrics.clone(),
-        registry_store.clone(),
-        upstream_store.clone(),
-    ));
+    // Pods, stripped to their images, for keepInUse; readiness is tracked so that a run
+    // before the first full list deletes nothing.
+    let pods_api: Api<Pod> = scoped_api(&client, options.watch_namespace.as_deref());
+    let (pod_store, pod_writer) = reflector::store();
+    let pods_synced = Arc::new(AtomicBool::new(false));
+    let pod_reflector = watcher(pods_api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(cleanup_policy::keep_only_images)
+        .reflect(pod_writer)
+        .for_each(|_| std::future::ready(()));
+    tokio::spawn({
+        let (store, synced) = (pod_store.clone(), pods_synced.clone());
+        async move {
+            if store.wait_until_ready().await.is_ok() {
+                synced.store(true, Ordering::SeqCst);
+            }
+        }
+    });
+    let pod_task = tokio::spawn(pod_reflector);
+
+    let policies_api: Api<CleanupPolicy> = scoped_api(&client, options.watch_namespace.as_deref());
+    let (policy_store, policy_writer) = reflector::store();
+    let policy_events = watcher(policies_api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(policy_writer)
+        .applied_objects()
+        .predicate_filter(triggers::spec_or_intent, Default::default());
+    let policy_controller = Controller::for_stream(policy_events, policy_store.clone())
+        .graceful_shutdown_on(shutdown.clone());
+
+    let context = Arc::new(
+        Context::new(
+            client.clone(),
+            config,
+            metrics.clone(),
+            registry_store.clone(),
+            upstream_store.clone(),
+        )
+        .with_pods(cleanup_policy::PodImages {
+            store: pod_store,
+            synced: pods_synced,
+        }),
+    );
 
     // An Upstream change (a new GitLab id, above all) requeues the registries that list it.
     let registries_listing = registry_store.clone();
     let registry_controller = registry_controller
-        .watches_stream(
-            watcher(
-                upstreams_api.clone(),
-                watcher::Config::default().any_semantic(),
-            )
-            .default_backoff()
-            .applied_objects()
-            .predicate_filter(triggers::upstream_identity, Default::default()),
-            move |upstream: Upstream| {
+        .watches_shared_stream(
+            triggers::changed_only(upstream_changes, triggers::upstream_identity),
+            move |upstream: Arc<Upstream>| {
                 let namespace = upstream.namespace();
                 let name = upstream.name_any();
                 registries_listing
@@ -255,12 +312,9 @@ pub async fn run_until(
     // A registry change (its GitLab id, above all) requeues the upstreams it lists; a Secret
     // change requeues the upstreams whose credentials or token it holds.
     let upstream_controller = upstream_controller
-        .watches_stream(
-            watcher(registries_api, watcher::Config::default().any_semantic())
-                .default_backoff()
-                .applied_objects()
-                .predicate_filter(triggers::registry_identity, Default::default()),
-            |registry: VirtualRegistry| {
+        .watches_shared_stream(
+            triggers::changed_only(registry_changes, triggers::registry_identity),
+            |registry: Arc<VirtualRegistry>| {
                 let namespace = registry.namespace().unwrap_or_default();
                 registry
                     .spec
@@ -299,10 +353,15 @@ pub async fn run_until(
 
     let readiness = {
         let health = health.clone();
-        let (registries, upstreams) = (registry_store.clone(), upstream_store.clone());
+        let (registries, upstreams, policies) = (
+            registry_store.clone(),
+            upstream_store.clone(),
+            policy_store.clone(),
+        );
         async move {
             if registries.wait_until_ready().await.is_ok()
                 && upstreams.wait_until_ready().await.is_ok()
+                && policies.wait_until_ready().await.is_ok()
             {
                 tracing::info!("caches synced");
                 health.set_ready(true);
@@ -315,8 +374,16 @@ pub async fn run_until(
     let upstreams = upstream_controller
         .run(upstream::reconcile, upstream::error_policy, context.clone())
         .for_each(|result| async move { log_result(result) });
+    let policies = policy_controller
+        .run(
+            cleanup_policy::reconcile,
+            cleanup_policy::error_policy,
+            context.clone(),
+        )
+        .for_each(|result| async move { log_result(result) });
     let controllers = async {
-        tokio::join!(registries, upstreams, readiness);
+        tokio::join!(registries, upstreams, policies, readiness);
+        pod_task.abort();
     };
     match lost_lease {
         None => controllers.await,
@@ -389,3 +456,70 @@ fn hostname() -> String {
 
 /// The default resync interval as accepted on the command line.
 pub const DEFAULT_RESYNC: Duration = Duration::from_secs(600);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn serve(metrics: Arc<Metrics>, health: Arc<Health>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, health_router(metrics, health)).await;
+        });
+        format!("http://{address}")
+    }
+
+    #[tokio::test]
+    async fn health_readiness_and_metrics_over_http() {
+        let metrics = Arc::new(Metrics::default());
+        let health = Arc::new(Health::default());
+        let base = serve(metrics.clone(), health.clone()).await;
+        let http = reqwest::Client::new();
+
+        let alive = http
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(alive.status(), 200);
+        let not_ready = http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(
+            not_ready.status(),
+            503,
+            "not ready before the caches synced"
+        );
+        health.set_ready(true);
+        let ready = http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(ready.status(), 200);
+
+        metrics.reconcile_started("VirtualRegistry");
+        let exposition = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("answers");
+        assert!(
+            exposition.headers()["content-type"]
+                .to_str()
+                .unwrap_or_default()
+                .starts_with("application/openmetrics-text")
+        );
+        let text = exposition.text().await.expect("text");
+        assert!(
+            text.contains("gitlab_registry_operator_reconciles_total{kind=\"VirtualRegistry\"} 1"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with EOF");
+    }
+}

@@ -3,7 +3,7 @@
 
 use std::fmt::Debug;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{Context, FIELD_MANAGER, Result};
+use crate::crd::conditions::{self, ConditionUpdate, READY, SYNCED, Status};
 use crate::sync::Action;
 
 pub fn now() -> Time {
@@ -73,5 +74,51 @@ where
     };
     if let Err(error) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
         tracing::warn!(%error, reason, "could not publish event");
+    }
+}
+
+/// Marks a reconcile that could not reach its engine (connection, Secret, spec): `Synced`
+/// False with the error's reason and message, and `Ready` following it.
+pub fn mark_failed(conditions: &mut Vec<Condition>, error: &super::Error, generation: Option<i64>) {
+    let stamp = now();
+    conditions::set_condition(
+        conditions,
+        ConditionUpdate::new(SYNCED, false, error.reason(), error.message()),
+        generation,
+        &stamp,
+    );
+    let ready = conditions::ready_summary(conditions, &[SYNCED]);
+    conditions::set_condition(conditions, ready, generation, &stamp);
+}
+
+/// Marks a suspended object: `Ready` False, reason `Suspended`.
+pub fn mark_suspended(conditions: &mut Vec<Condition>, generation: Option<i64>, message: &str) {
+    conditions::set_condition(
+        conditions,
+        ConditionUpdate::new(READY, Status::False, "Suspended", message),
+        generation,
+        &now(),
+    );
+}
+
+/// Events for what an engine did, and a Warning for the error that stopped it, if any.
+pub async fn publish_outcome<K>(
+    ctx: &Context,
+    object: &K,
+    actions: &[Action],
+    error: Option<&crate::sync::Error>,
+) where
+    K: Resource<DynamicType = ()>,
+{
+    publish_actions(ctx, object, actions).await;
+    if let Some(error) = error {
+        publish(
+            ctx,
+            object,
+            EventType::Warning,
+            error.reason(),
+            &error.message(),
+        )
+        .await;
     }
 }

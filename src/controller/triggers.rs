@@ -3,7 +3,12 @@
 //! own streams pass only changes of the spec (generation), of our one-shot annotations, of
 //! finalizers and of deletion; the cross-kind streams pass only what the other side reads.
 
+use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use kube::runtime::reflector::ObjectRef;
 use std::hash::{Hash, Hasher};
 
 use kube::Resource;
@@ -11,6 +16,26 @@ use kube::Resource;
 use crate::crd::{
     PURGE_CACHE_REQUESTED_AT, RECONCILE_REQUESTED_AT, RUN_REQUESTED_AT, Upstream, VirtualRegistry,
 };
+
+/// Passes an object of a shared (subscribed) stream only when `predicate` hashes it
+/// differently from the last time that object passed: the shared-stream counterpart of
+/// kube's `predicate_filter`.
+pub fn changed_only<K>(
+    objects: impl Stream<Item = Arc<K>>,
+    predicate: fn(&K) -> Option<u64>,
+) -> impl Stream<Item = Arc<K>>
+where
+    K: Resource<DynamicType = ()>,
+{
+    let mut last: HashMap<ObjectRef<K>, u64> = HashMap::new();
+    objects.filter(move |object| {
+        let changed = match predicate(object) {
+            Some(hash) => last.insert(ObjectRef::from_obj(object.as_ref()), hash) != Some(hash),
+            None => true,
+        };
+        std::future::ready(changed)
+    })
+}
 
 fn hash_of(value: impl Hash) -> Option<u64> {
     let mut hasher = DefaultHasher::new();
@@ -89,6 +114,29 @@ mod tests {
         let mut finalized = base.clone();
         finalized.metadata.finalizers = Some(vec![crate::crd::FINALIZER.into()]);
         assert_ne!(spec_or_intent(&base), spec_or_intent(&finalized));
+    }
+
+    #[tokio::test]
+    async fn shared_streams_pass_an_object_again_only_when_it_changed() {
+        let base = upstream();
+        let mut created = base.clone();
+        created.status = Some(UpstreamStatus {
+            upstream_id: Some(7),
+            ..Default::default()
+        });
+        let mut checked = created.clone();
+        checked
+            .status
+            .as_mut()
+            .expect("status")
+            .last_handled_reconcile_at = Some("x".into());
+        let passed: Vec<_> = changed_only(
+            futures::stream::iter([base, created.clone(), checked, created].map(Arc::new)),
+            upstream_identity,
+        )
+        .collect()
+        .await;
+        assert_eq!(passed.len(), 2, "the first sighting and the new id only");
     }
 
     #[test]

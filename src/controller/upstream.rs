@@ -2,22 +2,21 @@
 //! through) → validate → the `sync::upstream` engine → status and Events.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, Resource, ResourceExt};
 
 use super::connection::{gitlab_client, read_secret, secret_key};
-use super::status::{apply_status, now, publish, publish_actions};
-use super::{Context, Error, Result, error::retry_delay};
+use super::status::{apply_status, mark_failed, mark_suspended, now, publish, publish_outcome};
+use super::{Context, Error, Result, reconciler};
 use crate::cleanup::parse_duration;
-use crate::crd::conditions::{self, ConditionUpdate, READY, SYNCED, Status};
+use crate::crd::conditions::{self, SYNCED};
 use crate::crd::upstream::{AppliedCredentials, ConnectivityCheckResult};
 use crate::crd::{
-    DeletionPolicy, FINALIZER, PURGE_CACHE_REQUESTED_AT, RECONCILE_REQUESTED_AT, Upstream,
-    UpstreamStatus, VirtualRegistry,
+    DeletionPolicy, PURGE_CACHE_REQUESTED_AT, RECONCILE_REQUESTED_AT, Upstream, UpstreamStatus,
+    VirtualRegistry,
 };
 use crate::gitlab::{PathOrId, UpstreamCredentials};
 use crate::sync::upstream::{
@@ -26,53 +25,18 @@ use crate::sync::upstream::{
 };
 use crate::sync::{self, Mode};
 
-const KIND: &str = "Upstream";
-
 pub async fn reconcile(upstream: Arc<Upstream>, ctx: Arc<Context>) -> Result<Requeue> {
-    let started = Instant::now();
-    ctx.metrics.reconcile_started(KIND);
-    let namespace = upstream.namespace().unwrap_or_default();
-    let api: Api<Upstream> = Api::namespaced(ctx.client.clone(), &namespace);
-    let key = object_key(&upstream);
-    let result = finalizer(&api, FINALIZER, upstream, |event| async {
-        match event {
-            Finalizer::Apply(upstream) => apply(&upstream, &ctx, &api).await,
-            Finalizer::Cleanup(upstream) => cleanup(&upstream, &ctx).await,
-        }
-    })
+    reconciler::reconcile(
+        upstream,
+        ctx,
+        |upstream, ctx, api| async move { apply(&upstream, &ctx, &api).await },
+        |upstream, ctx| async move { cleanup(&upstream, &ctx).await },
+    )
     .await
-    .map_err(|error| match error {
-        kube::runtime::finalizer::Error::ApplyFailed(inner)
-        | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner,
-        other => Error::Finalizer(other.to_string()),
-    });
-    ctx.metrics.reconcile_finished(
-        KIND,
-        started.elapsed(),
-        result.as_ref().err().map(Error::reason),
-    );
-    if result.is_ok() {
-        ctx.record_success(&key);
-    }
-    result
 }
 
 pub fn error_policy(upstream: Arc<Upstream>, error: &Error, ctx: Arc<Context>) -> Requeue {
-    let attempt = ctx.record_failure(&object_key(&upstream));
-    tracing::warn!(reason = error.reason(), %error, "Upstream reconcile failed");
-    Requeue::requeue(retry_delay(
-        error,
-        attempt.saturating_sub(1),
-        ctx.config.resync,
-    ))
-}
-
-fn object_key(upstream: &Upstream) -> String {
-    format!(
-        "{KIND}/{}/{}",
-        upstream.namespace().unwrap_or_default(),
-        upstream.name_any()
-    )
+    reconciler::error_policy(upstream, error, ctx)
 }
 
 async fn apply(upstream: &Upstream, ctx: &Context, api: &Api<Upstream>) -> Result<Requeue> {
@@ -87,16 +51,8 @@ async fn apply(upstream: &Upstream, ctx: &Context, api: &Api<Upstream>) -> Resul
         Ok(outcome) => {
             let status = status_from_outcome(upstream, &current, &outcome);
             apply_status(api, upstream, upstream.status.as_ref(), &status).await?;
-            publish_actions(ctx, upstream, &outcome.actions).await;
+            publish_outcome(ctx, upstream, &outcome.actions, outcome.error.as_ref()).await;
             if let Some(error) = outcome.error {
-                publish(
-                    ctx,
-                    upstream,
-                    EventType::Warning,
-                    error.reason(),
-                    &error.message(),
-                )
-                .await;
                 return Err(Error::Sync(error));
             }
             let next = outcome
@@ -106,16 +62,8 @@ async fn apply(upstream: &Upstream, ctx: &Context, api: &Api<Upstream>) -> Resul
         }
         Err(error) => {
             let mut status = current.clone();
-            let now = now();
-            conditions::set_condition(
-                &mut status.conditions,
-                ConditionUpdate::new(SYNCED, false, error.reason(), error.message()),
-                generation,
-                &now,
-            );
-            let ready = conditions::ready_summary(&status.conditions, &[SYNCED]);
-            conditions::set_condition(&mut status.conditions, ready, generation, &now);
             status.observed_generation = generation;
+            mark_failed(&mut status.conditions, &error, generation);
             apply_status(api, upstream, upstream.status.as_ref(), &status).await?;
             Err(error)
         }
@@ -272,16 +220,10 @@ pub fn status_from_outcome(
 fn suspended_status(current: &UpstreamStatus, generation: Option<i64>) -> UpstreamStatus {
     let mut status = current.clone();
     status.observed_generation = generation;
-    conditions::set_condition(
+    mark_suspended(
         &mut status.conditions,
-        ConditionUpdate::new(
-            READY,
-            Status::False,
-            "Suspended",
-            "spec.suspend is true: nothing is sent to GitLab",
-        ),
         generation,
-        &now(),
+        "spec.suspend is true: nothing is sent to GitLab",
     );
     status
 }
@@ -310,6 +252,7 @@ async fn cleanup(upstream: &Upstream, ctx: &Context) -> Result<Requeue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::conditions::{ConditionUpdate, READY};
     use crate::crd::virtual_registry::VirtualRegistryStatus;
     use crate::crd::{LocalObjectReference, VirtualRegistrySpec};
 

@@ -71,7 +71,9 @@ pub enum FaultAction {
     EndpointRateLimited,
     /// Close the connection without a complete answer.
     Drop,
-    /// Wait this long, then answer normally (longer than a client timeout = a timeout).
+    /// Execute the request, then hold the answer back this long. Longer than a client's
+    /// timeout, this is GitLab's slow answer to a request it did carry out (Puma finishes a
+    /// request whose client has gone): the client sees a timeout, GitLab holds the change.
     Delay { delay_ms: u64 },
 }
 
@@ -92,7 +94,10 @@ pub struct Faults {
 /// What to do with one request.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Decision {
+    /// Wait before the request is handled (latency).
     pub delay: Duration,
+    /// Wait after the request was handled, before answering (a `Delay` fault).
+    pub answer_delay: Duration,
     pub action: Option<FaultAction>,
 }
 
@@ -129,7 +134,7 @@ impl Faults {
     pub fn decide(&mut self, method: &str, route: &str, roll: f64) -> Decision {
         let mut decision = Decision {
             delay: Duration::from_millis(self.latency_ms),
-            action: None,
+            ..Decision::default()
         };
         let matching = self.pending.iter().position(|fault| {
             fault
@@ -147,7 +152,7 @@ impl Faults {
             }
             match action {
                 FaultAction::Delay { delay_ms } => {
-                    decision.delay += Duration::from_millis(delay_ms);
+                    decision.answer_delay = Duration::from_millis(delay_ms);
                 }
                 other => decision.action = Some(other),
             }
@@ -214,14 +219,17 @@ mod tests {
     }
 
     #[test]
-    fn delay_faults_add_to_latency() {
+    fn delay_faults_hold_the_answer_after_the_latency() {
         let mut faults = Faults::new();
         faults.apply(
-            serde_json::from_str(r#"{"once": [{"fault": {"kind": "delay", "delay_ms": 300}}]}"#)
-                .unwrap(),
+            serde_json::from_str(
+                r#"{"latency_ms": 5, "once": [{"fault": {"kind": "delay", "delay_ms": 300}}]}"#,
+            )
+            .unwrap(),
         );
         let decision = faults.decide("GET", "/x", 0.9);
-        assert_eq!(decision.delay, Duration::from_millis(300));
+        assert_eq!(decision.delay, Duration::from_millis(5));
+        assert_eq!(decision.answer_delay, Duration::from_millis(300));
         assert_eq!(decision.action, None);
     }
 }

@@ -479,7 +479,8 @@ async fn unknown_route() -> Response {
 
 // ---- middleware --------------------------------------------------------------------------
 
-/// Counts the request, then applies latency and injected faults.
+/// Counts the request, then applies latency and injected faults; a `Delay` fault holds the
+/// answer of a request already carried out.
 async fn observe(
     AxumState(context): AxumState<RouteContext>,
     request: Request,
@@ -497,7 +498,15 @@ async fn observe(
         tokio::time::sleep(delay).await;
     }
     match decision.action.and_then(fault_response) {
-        None => next.run(request).await,
+        None => {
+            // The request is carried out before a `Delay` holds its answer back, so a client
+            // that times out meanwhile leaves GitLab's change in place, as with real GitLab.
+            let response = next.run(request).await;
+            if !decision.answer_delay.is_zero() {
+                tokio::time::sleep(decision.answer_delay).await;
+            }
+            response
+        }
         Some(response) => response,
     }
 }

@@ -11,7 +11,9 @@ use serde::Serialize;
 use super::manifests::{Manifest, Manifests, environment_variable};
 use crate::controller::connection::secret_key;
 use crate::crd::conditions::{self, SYNCED, Status};
-use crate::crd::{Upstream, VirtualRegistry, conditions::ConditionUpdate};
+use crate::crd::{
+    CleanupPolicy, CleanupStrategy, Upstream, VirtualRegistry, conditions::ConditionUpdate,
+};
 use crate::gitlab::{GitLabClient, PathOrId, UpstreamCredentials};
 use crate::sync::registry::{self, DesiredMember, RegistryOutcome, Resolution};
 use crate::sync::upstream::{self, CredentialsVersion, ResolvedCredentials, UpstreamOutcome};
@@ -326,7 +328,147 @@ pub async fn reconcile_all(
         );
         report.objects.push(object_report);
     }
+
+    for policy in &manifests.cleanup_policies {
+        report
+            .objects
+            .push(cleanup_policy_report(client, policy, manifests, &upstream_ids, mode).await);
+    }
     report
+}
+
+/// Runs a CleanupPolicy once (honouring `dryRun`), or syncs GitLab's own policy. Without a
+/// cluster nothing says which images Pods run: with `keepInUse` the run deletes nothing.
+async fn cleanup_policy_report(
+    client: &GitLabClient,
+    policy: &Manifest<CleanupPolicy>,
+    manifests: &Manifests,
+    upstream_ids: &BTreeMap<(String, String), i64>,
+    mode: Mode,
+) -> ObjectReport {
+    use crate::controller::cleanup_policy::{build_run, run_condition};
+    use crate::sync::cleanup::{DesiredGitLabPolicy, InUse, run_cleanup, sync_gitlab_policy};
+    let namespace = namespace_of(&policy.object);
+    let mut object_report = ObjectReport::new(
+        "CleanupPolicy",
+        namespace.clone(),
+        policy.object.name_any(),
+        &policy.source,
+    );
+    let fail = |report: &mut ObjectReport, reason: &str, message: String| {
+        report.conclude(
+            vec![ConditionUpdate::new(
+                SYNCED,
+                false,
+                reason.to_string(),
+                message,
+            )],
+            &[SYNCED],
+        );
+    };
+    if policy.object.spec.strategy == CleanupStrategy::GitLabPolicy {
+        let project = policy
+            .object
+            .spec
+            .target
+            .container_repositories
+            .as_ref()
+            .and_then(|t| t.project.as_deref());
+        let outcome = match (project, DesiredGitLabPolicy::from_spec(&policy.object.spec)) {
+            (Some(project), Ok(desired)) => {
+                sync_gitlab_policy(client, &PathOrId::parse(project), &desired, mode).await
+            }
+            (None, _) => Err(crate::sync::Error::InvalidSpec(
+                "strategy GitLabPolicy needs a project target".into(),
+            )),
+            (_, Err(error)) => Err(error),
+        };
+        match outcome {
+            Ok(outcome) => {
+                object_report
+                    .actions
+                    .extend(outcome.action.iter().map(ActionView::from));
+                if let Some(next) = outcome.next_run_at {
+                    object_report
+                        .details
+                        .push(format!("GitLab runs it next at {next}"));
+                }
+                object_report.details.extend(outcome.notes);
+                object_report.conclude(
+                    vec![ConditionUpdate::new(
+                        SYNCED,
+                        true,
+                        "Synced",
+                        "GitLab's cleanup policy is in line",
+                    )],
+                    &[SYNCED],
+                );
+            }
+            Err(error) => fail(&mut object_report, error.reason(), error.message()),
+        }
+        return object_report;
+    }
+    // The Upstream objects as the controller would see them: with the ids this pass found.
+    let upstreams: Vec<Upstream> = manifests
+        .upstreams
+        .iter()
+        .map(|u| {
+            let mut upstream = u.object.clone();
+            let id = upstream_ids
+                .get(&(namespace_of(&upstream), upstream.name_any()))
+                .copied();
+            upstream.status = Some(crate::crd::UpstreamStatus {
+                upstream_id: id,
+                ..Default::default()
+            });
+            upstream
+        })
+        .collect();
+    let in_use = InUse::Unavailable(
+        "standalone mode has no cluster to read the images Pods run from".into(),
+    );
+    let run = match build_run(
+        &policy.object,
+        upstreams.iter(),
+        in_use,
+        jiff::Timestamp::now(),
+        mode,
+    ) {
+        Ok(run) => run,
+        Err(error) => {
+            fail(&mut object_report, error.reason(), error.message());
+            return object_report;
+        }
+    };
+    match run_cleanup(client, &run).await {
+        Ok(report) => {
+            let verb = if report.simulated() {
+                "would delete"
+            } else {
+                "deleted"
+            };
+            object_report.details.push(format!(
+                "run: {:?}{}: {} repositories, {} evaluated, {verb} {}, kept {} ({} protected), {} failures",
+                report.outcome,
+                if report.dry_run { " (dry run)" } else { "" },
+                report.repositories,
+                report.tags_evaluated,
+                report.tags_deleted,
+                report.tags_kept,
+                report.tags_protected,
+                report.failures
+            ));
+            if !report.message.is_empty() {
+                object_report.details.push(report.message.clone());
+            }
+            object_report
+                .actions
+                .extend(report.actions().iter().map(ActionView::from));
+            object_report.conclude(vec![run_condition(&report)], &[SYNCED]);
+        }
+        Err(error) => fail(&mut object_report, error.reason(), error.message()),
+    }
+    object_report
 }
 
 fn resolve_members(

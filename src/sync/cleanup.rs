@@ -52,7 +52,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use regex::Regex;
 use tokio::time::{Interval, MissedTickBehavior};
 
@@ -63,7 +62,7 @@ use crate::cleanup::{
 };
 use crate::crd::cleanup_policy::{
     CleanupPolicySpec, DELETED_SAMPLE_SIZE, GitLabCadence, GitLabKeepN, GitLabOlderThan, Limits,
-    RunOutcome, RunSummary, Safety as SpecSafety, TagRules,
+    RunOutcome, Safety as SpecSafety, TagRules,
 };
 use crate::gitlab::{
     self, ContainerExpirationPolicy, ContainerExpirationPolicyUpdate, ContainerRepository,
@@ -234,9 +233,10 @@ pub enum DeletePermission {
 /// repositories with `keepInUse` while the images Pods run are unknown (an upstream cache
 /// does not depend on Pods: its entries are fetched again on the next pull).
 pub fn delete_permission(run: &CleanupRun) -> DeletePermission {
-    if run.dry_run || !run.mode.writes() {
+    if run.dry_run {
         return DeletePermission::Simulated;
     }
+    // Checked before plan mode, so that a plan predicts what apply would really do.
     match (&run.in_use, &run.target) {
         (InUse::Unavailable(reason), CleanupTarget::Project { .. })
         | (InUse::Unavailable(reason), CleanupTarget::Group { .. })
@@ -247,6 +247,7 @@ pub fn delete_permission(run: &CleanupRun) -> DeletePermission {
                  was deleted"
             ))
         }
+        _ if !run.mode.writes() => DeletePermission::Simulated,
         _ => DeletePermission::Live,
     }
 }
@@ -430,26 +431,6 @@ impl CleanupReport {
     /// would have been.
     pub fn simulated(&self) -> bool {
         self.dry_run || !self.mode.writes()
-    }
-
-    /// `status.lastRun`.
-    pub fn to_run_summary(&self, start_time: Timestamp, completion_time: Timestamp) -> RunSummary {
-        let count = |value: usize| i64::try_from(value).unwrap_or(i64::MAX);
-        RunSummary {
-            start_time: Time(start_time),
-            completion_time: Some(Time(completion_time)),
-            outcome: self.outcome,
-            dry_run: self.simulated(),
-            repositories: count(self.repositories),
-            tags_evaluated: count(self.tags_evaluated),
-            tags_deleted: count(self.tags_deleted),
-            tags_kept: count(self.tags_kept),
-            tags_protected: count(self.tags_protected),
-            failures: count(self.failures),
-            deleted_sample: self.deleted_sample.clone(),
-            message: (self.outcome != RunOutcome::Succeeded || !self.notes.is_empty())
-                .then(|| self.message.clone()),
-        }
     }
 
     /// One action per repository with (would-be) deletions, for `apply`/`plan` output and
@@ -1764,49 +1745,6 @@ mod tests {
         })
         .expect_err("not GitLab's");
         assert!(error.message().contains("olderThan"), "{error}");
-    }
-
-    #[test]
-    fn a_report_becomes_the_last_run_status() {
-        let run = run_with(CleanupTarget::Project {
-            project: PathOrId::Id(1),
-            path_regex: None,
-        });
-        let mut report = CleanupReport::new(&run);
-        report.outcome = RunOutcome::Partial;
-        report.repositories = 2;
-        report.tags_evaluated = 30;
-        report.tags_deleted = 12;
-        report.tags_kept = 18;
-        report.tags_protected = 3;
-        report.failures = 1;
-        report.deleted_sample = vec!["acme/app:v1".into()];
-        report.message = "stopped at maxDeletionsPerRun (12)".into();
-        let start: Timestamp = "2026-06-15T03:00:00Z".parse().expect("time");
-        let end: Timestamp = "2026-06-15T03:01:00Z".parse().expect("time");
-        let summary = report.to_run_summary(start, end);
-        assert_eq!(summary.start_time, Time(start));
-        assert_eq!(summary.completion_time, Some(Time(end)));
-        assert_eq!(summary.outcome, RunOutcome::Partial);
-        assert!(!summary.dry_run);
-        assert_eq!(
-            (
-                summary.repositories,
-                summary.tags_evaluated,
-                summary.tags_deleted,
-                summary.tags_kept,
-                summary.tags_protected,
-                summary.failures
-            ),
-            (2, 30, 12, 18, 3, 1)
-        );
-        assert_eq!(summary.deleted_sample, vec!["acme/app:v1".to_owned()]);
-        assert_eq!(
-            summary.message.as_deref(),
-            Some("stopped at maxDeletionsPerRun (12)")
-        );
-        report.mode = Mode::Plan;
-        assert!(report.to_run_summary(start, end).dry_run);
     }
 
     #[test]

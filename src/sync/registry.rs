@@ -193,13 +193,25 @@ async fn sync(
                     &desired.name,
                     desired.description.as_deref(),
                 )
-                .await?;
-            outcome.registry_id = Some(created.id);
-            outcome.actions.push(
-                Action::new("Created", format!("created registry {}", created.id))
-                    .with_changes(changes),
-            );
-            created
+                .await;
+            match created {
+                Ok(created) => {
+                    outcome.registry_id = Some(created.id);
+                    outcome.actions.push(
+                        Action::new("Created", format!("created registry {}", created.id))
+                            .with_changes(changes),
+                    );
+                    created
+                }
+                // Another writer (a second operator instance, someone in the UI) created it
+                // since the lookup: it is there to adopt, the spec is fine.
+                Err(error) if error.is_already_taken("name") => {
+                    adopt_by_name(client, request, outcome)
+                        .await?
+                        .ok_or(Error::GitLab(error))?
+                }
+                Err(error) => return Err(error.into()),
+            }
         }
     };
     outcome.registry_id = Some(remote.id);
@@ -364,7 +376,16 @@ async fn find_remote(
             Err(error) => return Err(error.into()),
         }
     }
-    // Registry names are unique in a group: the one with our name is ours to adopt.
+    adopt_by_name(client, request, outcome).await
+}
+
+/// The group's registry with the declared name, if any. Registry names are unique in a
+/// group: the one with our name is ours to adopt.
+async fn adopt_by_name(
+    client: &GitLabClient,
+    request: &RegistryRequest,
+    outcome: &mut RegistryOutcome,
+) -> Result<Option<VirtualRegistry>> {
     let listed = client.list_registries(&request.desired.group).await?;
     let Some(found) = listed.into_iter().find(|r| r.name == request.desired.name) else {
         return Ok(None);

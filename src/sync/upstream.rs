@@ -380,7 +380,38 @@ async fn create(
         credentials: credentials.cloned(),
     };
     if request.mode.writes() {
-        let created = client.create_upstream(registry_id, &new_upstream).await?;
+        let created = match client.create_upstream(registry_id, &new_upstream).await {
+            Ok(created) => created,
+            // Another writer created the same upstream between our lookup and our POST:
+            // GitLab refuses the duplicate url and credentials; adopt theirs when it is ours
+            // by name and url, else report GitLab's refusal.
+            Err(error)
+                if error
+                    .field_errors()
+                    .is_some_and(|fields| fields.contains_key("group")) =>
+            {
+                let raced = client
+                    .list_group_upstreams_all(&desired.group, Some(&desired.name))
+                    .await?
+                    .into_iter()
+                    .find(|u| u.name == desired.name && u.url == desired.url);
+                let Some(raced) = raced else {
+                    return Err(error.into());
+                };
+                outcome.upstream_id = Some(raced.id);
+                outcome.group_id = Some(raced.group_id);
+                outcome.applied_credentials = None;
+                outcome.actions.push(
+                    Action::new(
+                        "Adopted",
+                        format!("adopted upstream {} created concurrently", raced.id),
+                    )
+                    .read_only(),
+                );
+                return Ok(());
+            }
+            Err(error) => return Err(error.into()),
+        };
         outcome.upstream_id = Some(created.id);
         outcome.group_id = Some(created.group_id);
         outcome.actions.push(

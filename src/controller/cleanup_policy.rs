@@ -1,0 +1,653 @@
+//! The CleanupPolicy controller: keeps the schedule (a missed slot runs once), runs cleanups
+//! through `sync::cleanup` (or syncs GitLab's own policy for strategy `GitLabPolicy`), and
+//! reports every run in `status.lastRun`, an Event and metrics. `keepInUse` reads the Pod
+//! cache; until it is synced, runs delete nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::Store;
+use kube::{Api, ResourceExt};
+
+use super::connection::gitlab_client;
+use super::status::{apply_status, mark_suspended, now, publish, publish_actions};
+use super::{Context, Error, Result, reconciler};
+use crate::cleanup::{InUseIndex, Schedule, parse_duration};
+use crate::crd::cleanup_policy::{CleanupPolicyStatus, RunOutcome, RunSummary};
+use crate::crd::conditions::{self, ConditionUpdate, SYNCED};
+use crate::crd::{CleanupPolicy, CleanupStrategy, RUN_REQUESTED_AT, Upstream};
+use crate::gitlab::{ContainerExpirationPolicyUpdate, PathOrId};
+use crate::sync::cleanup::{
+    CleanupReport, CleanupRun, CleanupTarget, DesiredGitLabPolicy, InUse, RunLimits, Safety,
+    rule_spec, run_cleanup, sync_gitlab_policy,
+};
+use crate::sync::{self, Mode};
+
+/// The images Pods run, for `keepInUse`: the Pod store and whether it has synced.
+#[derive(Clone)]
+pub struct PodImages {
+    pub store: Store<Pod>,
+    pub synced: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PodImages {
+    /// What runs now, or why that is not known.
+    pub fn in_use(&self) -> InUse {
+        if !self.synced.load(std::sync::atomic::Ordering::SeqCst) {
+            return InUse::Unavailable("the Pod cache has not synced yet".into());
+        }
+        InUse::Known(Arc::new(index_pods(
+            self.store.state().iter().map(|p| p.as_ref()),
+        )))
+    }
+}
+
+/// Every image and imageID of every container (init and ephemeral included). Pure.
+pub fn index_pods<'a>(pods: impl Iterator<Item = &'a Pod>) -> InUseIndex {
+    let mut index = InUseIndex::new();
+    for pod in pods {
+        if let Some(spec) = &pod.spec {
+            for image in spec.containers.iter().filter_map(|c| c.image.as_deref()) {
+                index.add(image);
+            }
+            for image in spec
+                .init_containers
+                .iter()
+                .flatten()
+                .filter_map(|c| c.image.as_deref())
+            {
+                index.add(image);
+            }
+            for image in spec
+                .ephemeral_containers
+                .iter()
+                .flatten()
+                .filter_map(|c| c.image.as_deref())
+            {
+                index.add(image);
+            }
+        }
+        if let Some(status) = &pod.status {
+            let statuses = status
+                .container_statuses
+                .iter()
+                .flatten()
+                .chain(status.init_container_statuses.iter().flatten())
+                .chain(status.ephemeral_container_statuses.iter().flatten());
+            for container in statuses {
+                index.add(&container.image);
+                if !container.image_id.is_empty() {
+                    index.add(&container.image_id);
+                }
+            }
+        }
+    }
+    index
+}
+
+/// Strips a Pod to what `keepInUse` reads, so the cache holds images, not whole Pods.
+pub fn keep_only_images(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+    pod.metadata.labels = None;
+    pod.metadata.owner_references = None;
+    if let Some(spec) = pod.spec.as_mut() {
+        let strip = |c: &mut k8s_openapi::api::core::v1::Container| {
+            let image = c.image.take();
+            *c = Default::default();
+            c.image = image;
+        };
+        spec.containers.iter_mut().for_each(strip);
+        spec.init_containers.iter_mut().flatten().for_each(strip);
+        spec.volumes = None;
+        spec.affinity = None;
+        spec.tolerations = None;
+        for container in spec.ephemeral_containers.iter_mut().flatten() {
+            let image = container.image.take();
+            *container = Default::default();
+            container.image = image;
+        }
+    }
+    if let Some(status) = pod.status.as_mut() {
+        status.conditions = None;
+    }
+}
+
+pub async fn reconcile(policy: Arc<CleanupPolicy>, ctx: Arc<Context>) -> Result<Requeue> {
+    reconciler::reconcile(
+        policy,
+        ctx,
+        |policy, ctx, api| async move { apply(&policy, &ctx, &api).await },
+        |policy, ctx| async move { cleanup(&policy, &ctx).await },
+    )
+    .await
+}
+
+pub fn error_policy(policy: Arc<CleanupPolicy>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    reconciler::error_policy(policy, error, ctx)
+}
+
+async fn apply(policy: &CleanupPolicy, ctx: &Context, api: &Api<CleanupPolicy>) -> Result<Requeue> {
+    let current = policy.status.clone().unwrap_or_default();
+    let generation = policy.metadata.generation;
+    let mut status = current.clone();
+    status.observed_generation = generation;
+    let stamp = now();
+    if policy.spec.suspend {
+        status.next_run_time = None;
+        mark_suspended(
+            &mut status.conditions,
+            generation,
+            "spec.suspend is true: no run is scheduled",
+        );
+        apply_status(api, policy, policy.status.as_ref(), &status).await?;
+        return Ok(Requeue::await_change());
+    }
+    let outcome = match policy.spec.strategy {
+        CleanupStrategy::Operator => scheduled_run(policy, ctx, &mut status).await,
+        CleanupStrategy::GitLabPolicy => gitlab_policy(policy, ctx, &mut status).await,
+    };
+    let (synced, requeue, error) = match outcome {
+        Ok((synced, requeue)) => (synced, requeue, None),
+        Err(error) => (
+            ConditionUpdate::new(SYNCED, false, error.reason(), error.message()),
+            ctx.config.resync,
+            Some(error),
+        ),
+    };
+    conditions::set_condition(&mut status.conditions, synced, generation, &stamp);
+    let ready = conditions::ready_summary(&status.conditions, &[SYNCED]);
+    conditions::set_condition(&mut status.conditions, ready, generation, &stamp);
+    apply_status(api, policy, policy.status.as_ref(), &status).await?;
+    match error {
+        Some(error) => Err(error),
+        None => Ok(Requeue::requeue(requeue)),
+    }
+}
+
+/// Runs the cleanup when a slot is due or a run was requested; returns `Synced` and when to
+/// look again.
+async fn scheduled_run(
+    policy: &CleanupPolicy,
+    ctx: &Context,
+    status: &mut CleanupPolicyStatus,
+) -> Result<(ConditionUpdate, Duration)> {
+    let spec = &policy.spec;
+    let schedule = Schedule::parse(&spec.schedule, &spec.time_zone)
+        .map_err(|e| Error::InvalidSpec(e.to_string()))?;
+    let now_instant = Timestamp::now();
+    let created = policy
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(now_instant, |t| t.0);
+    let requested = policy.annotations().get(RUN_REQUESTED_AT).cloned();
+    let run_requested = requested.is_some() && requested != status.last_handled_run_request;
+    let due = schedule.due(
+        status.last_schedule_time.as_ref().map(|t| t.0),
+        created,
+        now_instant,
+    );
+    let slot = match due {
+        crate::cleanup::Due::Now { slot, .. } => Some(slot),
+        _ => None,
+    };
+    let mut synced = ConditionUpdate::new(SYNCED, true, "Scheduled", "waiting for the next slot");
+    if slot.is_some() || run_requested {
+        let upstreams = ctx.upstreams.state();
+        let in_use = if spec.safety.keep_in_use {
+            match &ctx.pods {
+                Some(pods) => pods.in_use(),
+                None => InUse::Unavailable("the operator does not watch Pods".into()),
+            }
+        } else {
+            InUse::Known(Arc::new(InUseIndex::new()))
+        };
+        let run = build_run(
+            policy,
+            upstreams.iter().map(|u| u.as_ref()),
+            in_use,
+            now_instant,
+            Mode::Apply,
+        )?;
+        let namespace = policy.namespace().unwrap_or_default();
+        let client = gitlab_client(ctx, &namespace, spec.gitlab.as_ref()).await?;
+        let started = Timestamp::now();
+        let report = run_cleanup(&client, &run).await?;
+        let finished = Timestamp::now();
+        status.last_run = Some(run_summary(&report, started, finished));
+        if let Some(slot) = slot {
+            status.last_schedule_time = Some(Time(slot));
+        }
+        if run_requested {
+            status.last_handled_run_request = requested;
+        }
+        record_run(ctx, policy, &report).await;
+        synced = run_condition(&report);
+        if let Some(error) = &report.error
+            && error.is_transient()
+        {
+            // The schedule moves on; GitLab's trouble is reported and the next slot retries.
+            tracing::warn!(reason = error.reason(), "cleanup run stopped early");
+        }
+    }
+    let next = schedule.next_after(Timestamp::now());
+    status.next_run_time = next.map(Time);
+    let wait = next
+        .map(|next| next.duration_since(Timestamp::now()).unsigned_abs())
+        .unwrap_or(ctx.config.resync)
+        .min(ctx.config.resync)
+        .max(Duration::from_secs(1));
+    Ok((synced, wait))
+}
+
+/// `status.lastRun` from a run's report.
+pub fn run_summary(
+    report: &CleanupReport,
+    start_time: Timestamp,
+    completion_time: Timestamp,
+) -> RunSummary {
+    let count = |value: usize| i64::try_from(value).unwrap_or(i64::MAX);
+    RunSummary {
+        start_time: Time(start_time),
+        completion_time: Some(Time(completion_time)),
+        outcome: report.outcome,
+        dry_run: report.simulated(),
+        repositories: count(report.repositories),
+        tags_evaluated: count(report.tags_evaluated),
+        tags_deleted: count(report.tags_deleted),
+        tags_kept: count(report.tags_kept),
+        tags_protected: count(report.tags_protected),
+        failures: count(report.failures),
+        deleted_sample: report.deleted_sample.clone(),
+        message: (report.outcome != RunOutcome::Succeeded || !report.notes.is_empty())
+            .then(|| report.message.clone()),
+    }
+}
+
+/// `Synced` after a run: True unless GitLab stopped it.
+pub fn run_condition(report: &CleanupReport) -> ConditionUpdate {
+    match (&report.outcome, &report.error) {
+        (RunOutcome::Failed, Some(error)) => {
+            ConditionUpdate::new(SYNCED, false, error.reason(), report.message.clone())
+        }
+        (RunOutcome::Failed, None) => {
+            ConditionUpdate::new(SYNCED, false, "RunFailed", report.message.clone())
+        }
+        (RunOutcome::Partial, _) => {
+            ConditionUpdate::new(SYNCED, true, "RunPartial", report.message.clone())
+        }
+        (RunOutcome::Succeeded, _) => {
+            ConditionUpdate::new(SYNCED, true, "RunSucceeded", report.message.clone())
+        }
+    }
+}
+
+async fn record_run(ctx: &Context, policy: &CleanupPolicy, report: &CleanupReport) {
+    let metrics = &ctx.metrics;
+    let deleted_outcome = if report.simulated() {
+        "would_delete"
+    } else {
+        "deleted"
+    };
+    metrics.count_tags("evaluated", "none", report.tags_evaluated as u64);
+    metrics.count_tags(deleted_outcome, "none", report.tags_deleted as u64);
+    for (reason, count) in &report.kept_by_reason {
+        metrics.count_tags("kept", reason.as_str(), *count as u64);
+    }
+    let outcome = match report.outcome {
+        RunOutcome::Succeeded => "Succeeded",
+        RunOutcome::Partial => "Partial",
+        RunOutcome::Failed => "Failed",
+    };
+    metrics.count_run(outcome);
+    let (type_, reason) = match report.outcome {
+        RunOutcome::Succeeded => (EventType::Normal, "CleanupCompleted"),
+        RunOutcome::Partial => (EventType::Warning, "CleanupPartial"),
+        RunOutcome::Failed => (EventType::Warning, "CleanupFailed"),
+    };
+    let verb = if report.simulated() {
+        "would delete"
+    } else {
+        "deleted"
+    };
+    let note = format!(
+        "{} repositories, {} tags evaluated, {verb} {}, kept {} ({} protected), {} failures. {}",
+        report.repositories,
+        report.tags_evaluated,
+        report.tags_deleted,
+        report.tags_kept,
+        report.tags_protected,
+        report.failures,
+        report.message
+    );
+    publish(ctx, policy, type_, reason, &note).await;
+}
+
+/// The engine's input from the spec and the Upstreams in the cluster. Pure.
+pub fn build_run<'a>(
+    policy: &CleanupPolicy,
+    upstreams: impl Iterator<Item = &'a Upstream>,
+    in_use: InUse,
+    now: Timestamp,
+    mode: Mode,
+) -> Result<CleanupRun> {
+    let spec = &policy.spec;
+    let invalid = |message: String| Error::InvalidSpec(message);
+    let target = match (
+        &spec.target.container_repositories,
+        &spec.target.upstream_cache,
+    ) {
+        (Some(repositories), None) => match (&repositories.project, &repositories.group) {
+            (Some(project), None) => CleanupTarget::Project {
+                project: PathOrId::parse(project),
+                path_regex: repositories.path_regex.clone(),
+            },
+            (None, Some(group)) => CleanupTarget::Group {
+                group: PathOrId::parse(group),
+                path_regex: repositories.path_regex.clone(),
+            },
+            _ => {
+                return Err(invalid(
+                    "target.containerRepositories needs exactly one of project or group".into(),
+                ));
+            }
+        },
+        (None, Some(cache)) => {
+            let namespace = policy.namespace();
+            let name = &cache.upstream_ref.name;
+            let upstream = upstreams
+                .filter(|u| u.namespace() == namespace)
+                .find(|u| &u.name_any() == name)
+                .ok_or_else(|| {
+                    Error::Sync(sync::Error::InvalidSpec(format!(
+                        "no Upstream named {name:?} in this namespace"
+                    )))
+                })?;
+            let upstream_id = upstream
+                .status
+                .as_ref()
+                .and_then(|s| s.upstream_id)
+                .ok_or_else(|| {
+                    Error::InvalidSpec(format!("Upstream {name:?} has no GitLab id yet"))
+                })?;
+            CleanupTarget::UpstreamCache { upstream_id }
+        }
+        _ => {
+            return Err(invalid(
+                "target needs exactly one of containerRepositories or upstreamCache".into(),
+            ));
+        }
+    };
+    let rules = match &spec.rules {
+        Some(rules) => rule_spec(rules)?,
+        None => Default::default(),
+    };
+    let cache_not_downloaded_for = spec
+        .cache_rules
+        .as_ref()
+        .map(|rules| {
+            parse_duration(&rules.not_downloaded_for)
+                .map_err(|e| invalid(e.in_field("cacheRules.notDownloadedFor").to_string()))
+        })
+        .transpose()?;
+    Ok(CleanupRun {
+        target,
+        rules,
+        cache_not_downloaded_for,
+        safety: Safety::from(&spec.safety),
+        in_use,
+        dry_run: spec.dry_run,
+        limits: RunLimits::from_spec(&spec.limits)?,
+        now,
+        mode,
+    })
+}
+
+async fn gitlab_policy(
+    policy: &CleanupPolicy,
+    ctx: &Context,
+    status: &mut CleanupPolicyStatus,
+) -> Result<(ConditionUpdate, Duration)> {
+    let project = gitlab_policy_project(policy)?;
+    let desired = DesiredGitLabPolicy::from_spec(&policy.spec)?;
+    let namespace = policy.namespace().unwrap_or_default();
+    let client = gitlab_client(ctx, &namespace, policy.spec.gitlab.as_ref()).await?;
+    let outcome = sync_gitlab_policy(&client, &project, &desired, Mode::Apply).await?;
+    status.next_run_time = outcome.next_run_at.map(Time);
+    if let Some(action) = &outcome.action {
+        publish_actions(ctx, policy, std::slice::from_ref(action)).await;
+    }
+    let message = if outcome.notes.is_empty() {
+        format!("GitLab runs the cleanup policy of {project}")
+    } else {
+        outcome.notes.join("; ")
+    };
+    Ok((
+        ConditionUpdate::new(SYNCED, true, "Synced", message),
+        ctx.config.resync,
+    ))
+}
+
+fn gitlab_policy_project(policy: &CleanupPolicy) -> Result<PathOrId> {
+    policy
+        .spec
+        .target
+        .container_repositories
+        .as_ref()
+        .and_then(|t| t.project.as_deref())
+        .map(PathOrId::parse)
+        .ok_or_else(|| {
+            Error::InvalidSpec(
+                "strategy GitLabPolicy needs target.containerRepositories.project".into(),
+            )
+        })
+}
+
+/// On deletion, a GitLab-run policy is switched off: the cleanup was ours to run.
+async fn cleanup(policy: &CleanupPolicy, ctx: &Context) -> Result<Requeue> {
+    if policy.spec.strategy != CleanupStrategy::GitLabPolicy {
+        return Ok(Requeue::await_change());
+    }
+    let Ok(project) = gitlab_policy_project(policy) else {
+        return Ok(Requeue::await_change());
+    };
+    let namespace = policy.namespace().unwrap_or_default();
+    let client = gitlab_client(ctx, &namespace, policy.spec.gitlab.as_ref()).await?;
+    let update = ContainerExpirationPolicyUpdate {
+        enabled: Some(false),
+        ..Default::default()
+    };
+    match client.update_cleanup_policy(&project, &update).await {
+        Ok(_) => {
+            publish(
+                ctx,
+                policy,
+                EventType::Normal,
+                "Disabled",
+                &format!("disabled the GitLab cleanup policy of {project}"),
+            )
+            .await
+        }
+        Err(error) if error.is_not_found() => {}
+        Err(error) => return Err(Error::Sync(error.into())),
+    }
+    Ok(Requeue::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::upstream::UpstreamStatus;
+
+    fn policy(yaml: &str) -> CleanupPolicy {
+        serde_saphyr::from_str(yaml).expect("valid CleanupPolicy")
+    }
+
+    #[test]
+    fn a_report_becomes_the_last_run_status() {
+        let report = CleanupReport {
+            outcome: RunOutcome::Partial,
+            dry_run: false,
+            mode: Mode::Apply,
+            repositories: 2,
+            tags_evaluated: 30,
+            tags_deleted: 12,
+            tags_kept: 18,
+            tags_protected: 3,
+            already_deleted: 0,
+            withheld: 0,
+            failures: 1,
+            deleted_sample: vec!["acme/app:v1".into()],
+            kept_by_reason: Default::default(),
+            message: "stopped at maxDeletionsPerRun (12)".into(),
+            notes: Vec::new(),
+            repository_reports: Vec::new(),
+            error: None,
+            limit_reached: true,
+        };
+        let start: Timestamp = "2026-06-15T03:00:00Z".parse().expect("time");
+        let end: Timestamp = "2026-06-15T03:01:00Z".parse().expect("time");
+        let summary = run_summary(&report, start, end);
+        assert_eq!(summary.start_time, Time(start));
+        assert_eq!(summary.completion_time, Some(Time(end)));
+        assert_eq!(summary.outcome, RunOutcome::Partial);
+        assert!(!summary.dry_run);
+        let counts = (
+            summary.repositories,
+            summary.tags_evaluated,
+            summary.tags_deleted,
+            summary.tags_kept,
+            summary.tags_protected,
+            summary.failures,
+        );
+        assert_eq!(counts, (2, 30, 12, 18, 3, 1));
+        assert_eq!(summary.deleted_sample, vec!["acme/app:v1".to_owned()]);
+        assert_eq!(
+            summary.message.as_deref(),
+            Some("stopped at maxDeletionsPerRun (12)")
+        );
+        let planned = CleanupReport {
+            mode: Mode::Plan,
+            ..report
+        };
+        assert!(run_summary(&planned, start, end).dry_run);
+    }
+
+    #[test]
+    fn pods_index_every_container_kind_and_image_id() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "n"},
+            "spec": {
+                "containers": [{"name": "app", "image": "registry.example.com/my-org/app:1.2"}],
+                "initContainers": [{"name": "init", "image": "registry.example.com/my-org/init:3"}],
+                "ephemeralContainers": [{"name": "debug", "image": "registry.example.com/my-org/debug:4"}]
+            },
+            "status": {"containerStatuses": [{
+                "name": "app", "image": "registry.example.com/my-org/app:1.2", "ready": true, "restartCount": 0,
+                "imageID": "registry.example.com/my-org/app@sha256:1111111111111111111111111111111111111111111111111111111111111111"
+            }]}
+        }))
+        .expect("pod");
+        let mut stripped = pod.clone();
+        keep_only_images(&mut stripped);
+        let index = index_pods([&stripped].into_iter());
+        assert!(index.is_in_use("registry.example.com/my-org/app", "1.2", None));
+        assert!(index.is_in_use("registry.example.com/my-org/init", "3", None));
+        assert!(index.is_in_use("registry.example.com/my-org/debug", "4", None));
+        let digest = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+        assert!(index.is_in_use("registry.example.com/my-org/app", "renamed", Some(digest)));
+        assert!(!index.is_in_use("registry.example.com/my-org/app", "1.3", None));
+    }
+
+    #[test]
+    fn an_upstream_cache_target_resolves_the_upstream_id_in_the_namespace() {
+        let cache = policy(
+            "apiVersion: gitlabregistry.io/v1alpha1\nkind: CleanupPolicy\nmetadata: {name: c, namespace: team}\nspec:\n  target: {upstreamCache: {upstreamRef: {name: dockerhub}}}\n  cacheRules: {notDownloadedFor: 30d}\n",
+        );
+        let mut upstream: Upstream = serde_saphyr::from_str(
+            "apiVersion: gitlabregistry.io/v1alpha1\nkind: Upstream\nmetadata: {name: dockerhub, namespace: team}\nspec: {group: g, url: 'https://registry-1.docker.io'}\n",
+        )
+        .expect("upstream");
+        let in_use = || InUse::Unavailable("test".into());
+        let missing = build_run(
+            &cache,
+            std::iter::empty(),
+            in_use(),
+            Timestamp::UNIX_EPOCH,
+            Mode::Apply,
+        );
+        assert!(missing.is_err_and(|e| e.to_string().contains("no Upstream named")));
+        let pending = build_run(
+            &cache,
+            [&upstream].into_iter(),
+            in_use(),
+            Timestamp::UNIX_EPOCH,
+            Mode::Apply,
+        );
+        assert!(pending.is_err_and(|e| e.to_string().contains("no GitLab id yet")));
+        upstream.status = Some(UpstreamStatus {
+            upstream_id: Some(400),
+            ..Default::default()
+        });
+        let run = build_run(
+            &cache,
+            [&upstream].into_iter(),
+            in_use(),
+            Timestamp::UNIX_EPOCH,
+            Mode::Apply,
+        )
+        .expect("resolves");
+        assert_eq!(
+            run.target,
+            CleanupTarget::UpstreamCache { upstream_id: 400 }
+        );
+        assert_eq!(
+            run.cache_not_downloaded_for,
+            Some(Duration::from_secs(30 * 86400))
+        );
+        let mut other = upstream.clone();
+        other.metadata.namespace = Some("elsewhere".into());
+        assert!(
+            build_run(
+                &cache,
+                [&other].into_iter(),
+                in_use(),
+                Timestamp::UNIX_EPOCH,
+                Mode::Apply
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_project_target_carries_rules_limits_and_safety() {
+        let project = policy(
+            "apiVersion: gitlabregistry.io/v1alpha1\nkind: CleanupPolicy\nmetadata: {name: p, namespace: team}\nspec:\n  dryRun: true\n  target: {containerRepositories: {project: my-org/app, pathRegex: 'my-org/app/.*'}}\n  rules: {nameRegexDelete: '.*', keepN: 3}\n  safety: {keepInUse: false}\n  limits: {maxDeletionsPerRun: 7}\n",
+        );
+        let run = build_run(
+            &project,
+            std::iter::empty(),
+            InUse::Unavailable("x".into()),
+            Timestamp::UNIX_EPOCH,
+            Mode::Apply,
+        )
+        .expect("valid");
+        assert_eq!(
+            run.target,
+            CleanupTarget::Project {
+                project: PathOrId::Path("my-org/app".into()),
+                path_regex: Some("my-org/app/.*".into())
+            }
+        );
+        assert!(run.dry_run);
+        assert_eq!(run.rules.keep_n, Some(3));
+        assert_eq!(run.limits.max_deletions_per_run, 7);
+        assert!(!run.safety.keep_in_use && run.safety.keep_shared_digests);
+    }
+}
