@@ -4,7 +4,8 @@
 //! `cargo bench --bench footprint`
 //!
 //! No kube-apiserver runs here, so the bench serves a small stand-in of one on loopback: the
-//! list and watch endpoints of VirtualRegistries, Upstreams and Secrets (lists in one page,
+//! list and watch endpoints of VirtualRegistries, Upstreams, CleanupPolicies (none), Secrets
+//! and Pods (none) (lists in one page,
 //! watches streaming `MODIFIED` events for every status patch, no bookmarks), status patches
 //! (the sent status replaces the stored one), and Event creation and patches. The 1,000 objects carry the
 //! finalizer already (the stand-in does not implement JSON patches). GitLab is the simulator
@@ -85,6 +86,8 @@ fn kind_of(plural: &str) -> &'static str {
     match plural {
         "virtualregistries" => "VirtualRegistry",
         "upstreams" => "Upstream",
+        "cleanuppolicies" => "CleanupPolicy",
+        "pods" => "Pod",
         _ => "Secret",
     }
 }
@@ -115,8 +118,8 @@ async fn list_or_watch(
             .map(|objects| objects.values().cloned().collect())
             .unwrap_or_default();
         let version = *lock(&state.resource_version);
-        let (api_version, kind) = if plural == "secrets" {
-            ("v1".to_owned(), "SecretList".to_owned())
+        let (api_version, kind) = if plural == "secrets" || plural == "pods" {
+            ("v1".to_owned(), format!("{}List", kind_of(&plural)))
         } else {
             (
                 format!("{GROUP}/{VERSION}"),
@@ -398,6 +401,10 @@ async fn main() {
         .route(
             "/api/v1/secrets",
             get(|state, query| list_or_watch(state, Path("secrets".to_owned()), query)),
+        )
+        .route(
+            "/api/v1/pods",
+            get(|state, query| list_or_watch(state, Path("pods".to_owned()), query)),
         )
         .route(
             &format!("{crd_base}/namespaces/{{namespace}}/{{plural}}/{{name}}/status"),
