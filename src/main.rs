@@ -85,6 +85,10 @@ struct RunArgs {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long)]
     watch_namespace: Option<String>,
+    /// At most this many reconciles of one kind at a time (0: unlimited); bounds GitLab
+    /// request bursts and memory when many objects change at once.
+    #[arg(long, default_value_t = runtime::DEFAULT_MAX_CONCURRENT_RECONCILES)]
+    max_concurrent_reconciles: u16,
     #[command(flatten)]
     logging: LogArgs,
 }
@@ -209,6 +213,7 @@ fn main() -> ExitCode {
                 leader_election: args.leader_election,
                 leader_election_namespace: args.leader_election_namespace,
                 leader_election_identity: None,
+                max_concurrent_reconciles: args.max_concurrent_reconciles,
                 watch_namespace: args.watch_namespace,
             };
             match tokio_runtime().block_on(runtime::run(config, options)) {

@@ -104,6 +104,7 @@ async fn examples_become_ready_then_follow_edits_and_deletion() {
         leader_election_namespace: None,
         leader_election_identity: None,
         watch_namespace: Some(namespace.clone()),
+        max_concurrent_reconciles: 16,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let operator = tokio::spawn(run_until(config, options, async move {
@@ -269,6 +270,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
             leader_election_namespace: Some(namespace.clone()),
             leader_election_identity: Some(identity.to_string()),
             watch_namespace: Some(namespace.clone()),
+            max_concurrent_reconciles: 16,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(run_until(config, options, async move {

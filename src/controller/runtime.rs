@@ -14,6 +14,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::runtime::controller::Config as ControllerConfig;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, WatchStreamExt as _, reflector, watcher};
 use kube::{Api, Client, ResourceExt};
@@ -32,7 +33,13 @@ pub struct RuntimeOptions {
     /// This instance's name in the Lease (default: POD_NAME, else host and process id).
     pub leader_election_identity: Option<String>,
     pub watch_namespace: Option<String>,
+    /// At most this many reconciles of one kind at a time (0: unlimited). Bounds the burst of
+    /// GitLab requests and memory when many objects change at once (start-up, a resync).
+    pub max_concurrent_reconciles: u16,
 }
+
+/// The default of `--max-concurrent-reconciles`.
+pub const DEFAULT_MAX_CONCURRENT_RECONCILES: u16 = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -223,8 +230,12 @@ pub async fn run_until(
     .reflect_shared(upstream_writer)
     .applied_objects()
     .predicate_filter(triggers::spec_or_intent, Default::default());
-    let registry_controller = Controller::for_stream(registry_events, registry_store.clone());
-    let upstream_controller = Controller::for_stream(upstream_events, upstream_store.clone());
+    let controller_config =
+        ControllerConfig::default().concurrency(options.max_concurrent_reconciles);
+    let registry_controller = Controller::for_stream(registry_events, registry_store.clone())
+        .with_config(controller_config.clone());
+    let upstream_controller = Controller::for_stream(upstream_events, upstream_store.clone())
+        .with_config(controller_config.clone());
     // Pods, stripped to their images, for keepInUse; readiness is tracked so that a run
     // before the first full list deletes nothing.
     let pods_api: Api<Pod> = scoped_api(&client, options.watch_namespace.as_deref());
@@ -253,6 +264,7 @@ pub async fn run_until(
         .applied_objects()
         .predicate_filter(triggers::spec_or_intent, Default::default());
     let policy_controller = Controller::for_stream(policy_events, policy_store.clone())
+        .with_config(controller_config)
         .graceful_shutdown_on(shutdown.clone());
 
     let context = Arc::new(
