@@ -141,6 +141,34 @@ pub fn failure_condition(error: &Error) -> ConditionUpdate {
     )
 }
 
+/// Acts on a one-shot purge request once per new value: calls `purge` (unless planning),
+/// records the value as handled and returns the action; `None` when there is nothing to do.
+pub async fn purge_once<F>(
+    requested: Option<&String>,
+    last_handled: &mut Option<String>,
+    mode: Mode,
+    what: String,
+    purge: impl FnOnce() -> F,
+) -> Result<Option<Action>>
+where
+    F: std::future::Future<Output = crate::gitlab::Result<()>>,
+{
+    let Some(requested) = requested else {
+        return Ok(None);
+    };
+    if last_handled.as_ref() == Some(requested) {
+        return Ok(None);
+    }
+    if mode.writes() {
+        purge().await?;
+    }
+    *last_handled = Some(requested.clone());
+    Ok(Some(Action::new(
+        "CachePurged",
+        format!("purged the cache of {what} (request {requested})"),
+    )))
+}
+
 /// Whether an engine may write to GitLab, or only read and report what it would change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

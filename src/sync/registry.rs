@@ -417,20 +417,15 @@ async fn purge_cache_if_requested(
     outcome: &mut RegistryOutcome,
     registry_id: i64,
 ) -> Result<()> {
-    let Some(requested) = &request.purge_cache_request else {
-        return Ok(());
-    };
-    if outcome.last_handled_purge_cache.as_ref() == Some(requested) {
-        return Ok(());
-    }
-    if request.mode.writes() {
-        client.purge_registry_cache(registry_id).await?;
-    }
-    outcome.last_handled_purge_cache = Some(requested.clone());
-    outcome.actions.push(Action::new(
-        "CachePurged",
-        format!("purged the cache of registry {registry_id} (request {requested})"),
-    ));
+    let action = super::purge_once(
+        request.purge_cache_request.as_ref(),
+        &mut outcome.last_handled_purge_cache,
+        request.mode,
+        format!("registry {registry_id}"),
+        || client.purge_registry_cache(registry_id),
+    )
+    .await?;
+    outcome.actions.extend(action);
     Ok(())
 }
 
