@@ -106,20 +106,16 @@ pub struct NewUpstream {
 }
 
 impl NewUpstream {
+    /// The same fields as an update, all of the required ones set.
     pub(crate) fn to_body(&self) -> Value {
-        let mut body = Map::new();
-        body.insert("name".into(), Value::String(self.name.clone()));
-        body.insert("url".into(), Value::String(self.url.clone()));
-        if let Some(description) = &self.description {
-            body.insert("description".into(), Value::String(description.clone()));
+        UpstreamUpdate {
+            name: Some(self.name.clone()),
+            url: Some(self.url.clone()),
+            description: self.description.clone(),
+            cache_validity_hours: self.cache_validity_hours,
+            credentials: self.credentials.clone(),
         }
-        if let Some(hours) = self.cache_validity_hours {
-            body.insert("cache_validity_hours".into(), Value::from(hours));
-        }
-        if let Some(credentials) = &self.credentials {
-            credentials.write_into(&mut body);
-        }
-        Value::Object(body)
+        .to_body()
     }
 }
 
@@ -186,12 +182,11 @@ impl UpstreamTestOverrides {
 }
 
 pub(crate) fn connection_test_body(url: &str, credentials: Option<&UpstreamCredentials>) -> Value {
-    let mut body = Map::new();
-    body.insert("url".into(), Value::String(url.to_owned()));
-    if let Some(credentials) = credentials {
-        credentials.write_into(&mut body);
+    UpstreamTestOverrides {
+        url: Some(url.to_owned()),
+        credentials: credentials.cloned(),
     }
-    Value::Object(body)
+    .to_body()
 }
 
 /// Answer of the upstream connection tests: `{"success":false,"result":"Error: 401 - Unauthorized"}`.

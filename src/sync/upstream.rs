@@ -291,13 +291,7 @@ async fn find_remote(
             Err(error) => return Err(error.into()),
         }
     }
-    let candidates = client
-        .list_group_upstreams_all(&desired.group, Some(&desired.name))
-        .await?;
-    // Upstream names are not unique in GitLab: adopt only on name and url both.
-    let adopted = candidates
-        .into_iter()
-        .find(|upstream| upstream.name == desired.name && upstream.url == desired.url);
+    let adopted = find_adoptable(client, desired).await?;
     if let Some(remote) = &adopted {
         // What GitLab holds as credentials is unknown unless the caller vouches for a version
         // (standalone mode, which keeps no status): with none known, ours are sent once.
@@ -310,6 +304,19 @@ async fn find_remote(
         );
     }
     Ok(adopted)
+}
+
+/// The group's upstream that is ours to adopt. Upstream names are not unique in GitLab:
+/// adopt only on name and url both.
+async fn find_adoptable(
+    client: &GitLabClient,
+    desired: &DesiredUpstream,
+) -> Result<Option<Upstream>> {
+    Ok(client
+        .list_group_upstreams_all(&desired.group, Some(&desired.name))
+        .await?
+        .into_iter()
+        .find(|upstream| upstream.name == desired.name && upstream.url == desired.url))
 }
 
 async fn create(
@@ -390,12 +397,7 @@ async fn create(
                     .field_errors()
                     .is_some_and(|fields| fields.contains_key("group")) =>
             {
-                let raced = client
-                    .list_group_upstreams_all(&desired.group, Some(&desired.name))
-                    .await?
-                    .into_iter()
-                    .find(|u| u.name == desired.name && u.url == desired.url);
-                let Some(raced) = raced else {
+                let Some(raced) = find_adoptable(client, desired).await? else {
                     return Err(error.into());
                 };
                 outcome.upstream_id = Some(raced.id);
