@@ -608,14 +608,34 @@ async fn credentials_come_from_a_secret_in_the_objects_namespace() {
 async fn an_upstream_without_a_registry_waits() {
     guarded(async {
         let env = Env::start().await;
-        let upstream = upstream_object("https://registry-1.docker.io", &[FINALIZER], json!({}));
+        let stub = UpstreamStub::start(StubBehaviour::default())
+            .await
+            .expect("stub");
+        let upstream = upstream_object(&stub.url(), &[FINALIZER], json!({}));
         env.reconcile_upstream(&upstream).await.expect("reconciled");
-        assert_eq!(env.sim.write_count(), 0);
+        // Only the group-level connection test is sent while waiting; nothing is created.
+        let counts = env.sim.request_counts();
+        let writes: Vec<_> = counts
+            .iter()
+            .filter(|(route, _)| !route.starts_with("GET "))
+            .collect();
+        assert_eq!(
+            writes,
+            [(
+                &"POST /groups/:id/-/virtual_registries/container/upstreams/test".to_owned(),
+                &1
+            )]
+        );
         let seen = env.api.take();
         let status = &status_patches(&seen, UPSTREAMS_PATH)[0].body["status"];
         let ready = condition(status, "Ready");
         assert_eq!(ready["status"], "False");
         assert_eq!(ready["reason"], "WaitingForRegistry");
+        // The test and what it tested are in status, for the create to reuse.
+        let check = &status["lastConnectivityCheck"];
+        assert_eq!(check["url"], stub.url());
+        assert_eq!(check["success"], true);
+        assert!(check["time"].is_string(), "{check}");
     })
     .await;
 }

@@ -305,6 +305,7 @@ fn known_after(outcome: &UpstreamOutcome) -> KnownUpstream {
         group_id: outcome.group_id,
         applied_credentials: outcome.applied_credentials.clone(),
         last_check: outcome.last_check.clone(),
+        last_check_configuration: outcome.last_check_configuration.clone(),
         last_handled_purge_cache: outcome.last_handled_purge_cache.clone(),
     }
 }
@@ -533,12 +534,26 @@ async fn upstream_waits_for_a_registry_then_is_created_through_it() {
         assert_eq!(waiting.synced.reason, "WaitingForRegistry");
         assert!(waiting.synced.message.contains("registry"));
         assert_eq!(waiting.upstream_id, None);
-        assert_eq!(env.sim.write_count(), 0);
+        // The group-level test runs while waiting: nothing else is written.
+        assert_eq!(env.count("POST", NEW_UPSTREAM_TEST), 1);
+        assert_eq!(env.sim.write_count(), 1);
+        assert_eq!(
+            waiting
+                .reachable
+                .as_ref()
+                .expect("tested while waiting")
+                .status,
+            Status::True
+        );
         assert!(env.snapshot().upstreams.is_empty());
 
         let registry_id = env.registry("cache").await;
         env.reset();
-        let mut request = request;
+        let mut request = upstream_request(
+            desired("dockerhub", &dockerhub.url()),
+            known_after(&waiting),
+            t0() + minutes(1),
+        );
         request.registry_for_create = Some(registry_id);
         let created = env.reconcile_upstream(&request).await;
         assert!(created.error.is_none(), "{:?}", created.error);
@@ -546,8 +561,10 @@ async fn upstream_waits_for_a_registry_then_is_created_through_it() {
         assert_eq!(created.synced.status, Status::True);
         let reachable = created.reachable.clone().expect("tested before create");
         assert_eq!(reachable.status, Status::True);
-        assert_eq!(env.count("POST", NEW_UPSTREAM_TEST), 1);
+        // The test of this url a minute ago vouches for the create: no second test.
+        assert_eq!(env.count("POST", NEW_UPSTREAM_TEST), 0);
         assert_eq!(env.count("POST", REGISTRY_UPSTREAMS), 1);
+        assert_eq!(created.last_check, waiting.last_check);
         assert_eq!(
             dockerhub.requests().len(),
             1,
@@ -964,6 +981,109 @@ async fn a_gated_create_is_refused_when_the_test_fails() {
             outcome.reachable.as_ref().expect("tested").reason,
             "Forbidden"
         );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_failing_test_shows_before_the_registry_exists_and_is_not_repeated_within_the_interval() {
+    guarded(async {
+        let env = Env::start().await;
+        let broken = UpstreamStub::start(StubBehaviour::status(401))
+            .await
+            .expect("stub");
+        let request = upstream_request(
+            desired("dockerhub", &broken.url()),
+            KnownUpstream::default(),
+            t0(),
+        );
+        let refused = env.reconcile_upstream(&request).await;
+        assert_eq!(refused.synced.reason, "ConnectivityTestFailed");
+        assert!(refused.synced.message.contains("Error: 401 - Unauthorized"));
+        assert_eq!(reasons(&refused.actions), ["ConnectivityTestFailed"]);
+        assert_eq!(env.count("POST", NEW_UPSTREAM_TEST), 1);
+
+        // The registry appears a minute later: the failed test of this url still holds,
+        // nothing is created and GitLab is not asked again (no second Event either).
+        let registry_id = env.registry("cache").await;
+        env.reset();
+        let mut later = upstream_request(
+            desired("dockerhub", &broken.url()),
+            known_after(&refused),
+            t0() + minutes(1),
+        );
+        later.registry_for_create = Some(registry_id);
+        let still = env.reconcile_upstream(&later).await;
+        assert_eq!(still.synced.reason, "ConnectivityTestFailed");
+        assert!(still.actions.is_empty(), "{:?}", still.actions);
+        assert_eq!(env.count("POST", NEW_UPSTREAM_TEST), 0);
+        assert_eq!(env.count("POST", REGISTRY_UPSTREAMS), 0);
+        assert_eq!(still.next_check_in, Some(Duration::from_secs(9 * 60)));
+
+        // A fixed url is a new configuration: tested at once, then created.
+        let working = stub().await;
+        env.reset();
+        let mut fixed = upstream_request(
+            desired("dockerhub", &working.url()),
+            known_after(&still),
+            t0() + minutes(2),
+        );
+        fixed.registry_for_create = Some(registry_id);
+        let created = env.reconcile_upstream(&fixed).await;
+        assert!(created.error.is_none(), "{:?}", created.error);
+        assert_eq!(reasons(&created.actions), ["Created"]);
+        assert_eq!(env.count("POST", NEW_UPSTREAM_TEST), 1);
+        assert_eq!(working.requests().len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_test_of_other_credentials_or_an_expired_test_is_not_reused_for_a_create() {
+    guarded(async {
+        let env = Env::start().await;
+        let dockerhub = stub().await;
+        let waiting = env
+            .reconcile_upstream(&upstream_request(
+                desired("dockerhub", &dockerhub.url()),
+                KnownUpstream::default(),
+                t0(),
+            ))
+            .await;
+        assert_eq!(waiting.synced.reason, "WaitingForRegistry");
+        let registry_id = env.registry("cache").await;
+
+        // Credentials added since the test: tested again with them.
+        env.reset();
+        let mut with_credentials = desired("dockerhub", &dockerhub.url());
+        with_credentials.credentials = Some(credentials("robot", "s3cret", "7"));
+        let mut request = upstream_request(with_credentials, known_after(&waiting), t0());
+        request.registry_for_create = Some(registry_id);
+        let created = env.reconcile_upstream(&request).await;
+        assert!(created.error.is_none(), "{:?}", created.error);
+        assert_eq!(env.count("POST", NEW_UPSTREAM_TEST), 1);
+        assert_eq!(
+            created.last_check_configuration,
+            Some(upstream::TestedConfiguration::of(&request.desired))
+        );
+
+        // A test older than the interval is not reused either.
+        env.reset();
+        let mut other = desired("quay", &format!("{}/quay", dockerhub.url()));
+        other.connectivity_interval = Duration::from_secs(60);
+        let first = env
+            .reconcile_upstream(&upstream_request(
+                other.clone(),
+                KnownUpstream::default(),
+                t0(),
+            ))
+            .await;
+        let mut request = upstream_request(other, known_after(&first), t0() + minutes(2));
+        request.registry_for_create = Some(registry_id);
+        env.reset();
+        let created = env.reconcile_upstream(&request).await;
+        assert!(created.error.is_none(), "{:?}", created.error);
+        assert_eq!(env.count("POST", NEW_UPSTREAM_TEST), 1);
     })
     .await;
 }

@@ -21,7 +21,7 @@ use crate::crd::{
 use crate::gitlab::{PathOrId, UpstreamCredentials};
 use crate::sync::upstream::{
     ConnectivityCheck, CredentialsVersion, DesiredUpstream, KnownUpstream, ResolvedCredentials,
-    UpstreamOutcome, UpstreamRequest,
+    TestedConfiguration, UpstreamOutcome, UpstreamRequest,
 };
 use crate::sync::{self, Mode};
 
@@ -151,6 +151,15 @@ pub fn build_request<'a>(
                     secret_name: applied.secret_name,
                     resource_version: applied.resource_version,
                 }),
+            last_check_configuration: status.last_connectivity_check.as_ref().and_then(|check| {
+                Some(TestedConfiguration {
+                    url: check.url.clone()?,
+                    credentials: check.credentials.as_ref().map(|tested| CredentialsVersion {
+                        secret_name: tested.secret_name.clone(),
+                        resource_version: tested.resource_version.clone(),
+                    }),
+                })
+            }),
             last_check: status
                 .last_connectivity_check
                 .map(|check| ConnectivityCheck {
@@ -198,6 +207,18 @@ pub fn status_from_outcome(
                 time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(check.time),
                 success: check.success,
                 result: check.result.clone(),
+                url: outcome
+                    .last_check_configuration
+                    .as_ref()
+                    .map(|tested| tested.url.clone()),
+                credentials: outcome
+                    .last_check_configuration
+                    .as_ref()
+                    .and_then(|tested| tested.credentials.as_ref())
+                    .map(|tested| AppliedCredentials {
+                        secret_name: tested.secret_name.clone(),
+                        resource_version: tested.resource_version.clone(),
+                    }),
             });
     status.last_handled_purge_cache_at = outcome.last_handled_purge_cache.clone();
     status.last_handled_reconcile_at = upstream.annotations().get(RECONCILE_REQUESTED_AT).cloned();
@@ -349,6 +370,7 @@ mod tests {
                 success: false,
                 result: Some("Error: 401 - Unauthorized".into()),
             }),
+            last_check_configuration: None,
             last_handled_purge_cache: None,
             synced: ConditionUpdate::new(SYNCED, true, "Synced", "ok"),
             reachable: Some(ConditionUpdate::new(

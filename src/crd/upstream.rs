@@ -191,6 +191,12 @@ pub struct ConnectivityCheckResult {
     /// GitLab's result text on failure, e.g. `Error: 401 - Unauthorized`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<String>,
+    /// The url that was tested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The version of the credentials Secret that was tested; absent for an anonymous test.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<AppliedCredentials>,
 }
 
 impl Upstream {

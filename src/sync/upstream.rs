@@ -54,6 +54,23 @@ pub struct ConnectivityCheck {
     pub result: Option<String>,
 }
 
+/// The configuration a connection test was run with: a test of another url or another
+/// version of the credentials says nothing about this one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestedConfiguration {
+    pub url: String,
+    pub credentials: Option<CredentialsVersion>,
+}
+
+impl TestedConfiguration {
+    pub fn of(desired: &DesiredUpstream) -> Self {
+        Self {
+            url: desired.url.clone(),
+            credentials: desired.credentials.as_ref().map(|c| c.version.clone()),
+        }
+    }
+}
+
 /// What the last status knew.
 #[derive(Debug, Clone, Default)]
 pub struct KnownUpstream {
@@ -61,6 +78,8 @@ pub struct KnownUpstream {
     pub group_id: Option<i64>,
     pub applied_credentials: Option<CredentialsVersion>,
     pub last_check: Option<ConnectivityCheck>,
+    /// What `last_check` tested; `None` when unknown (a status written before it was recorded).
+    pub last_check_configuration: Option<TestedConfiguration>,
     pub last_handled_purge_cache: Option<String>,
 }
 
@@ -85,6 +104,7 @@ pub struct UpstreamOutcome {
     pub group_id: Option<i64>,
     pub applied_credentials: Option<CredentialsVersion>,
     pub last_check: Option<ConnectivityCheck>,
+    pub last_check_configuration: Option<TestedConfiguration>,
     pub last_handled_purge_cache: Option<String>,
     pub synced: ConditionUpdate,
     /// `None` until a connection test has run.
@@ -102,6 +122,7 @@ impl UpstreamOutcome {
             group_id: known.group_id,
             applied_credentials: known.applied_credentials.clone(),
             last_check: known.last_check.clone(),
+            last_check_configuration: known.last_check_configuration.clone(),
             last_handled_purge_cache: known.last_handled_purge_cache.clone(),
             synced: ConditionUpdate::new(SYNCED, Status::True, "Synced", "in line with the spec"),
             reachable: None,
@@ -205,7 +226,7 @@ async fn sync(
             if result.success || !desired.gate_changes {
                 // The tested configuration is the one GitLab will hold: it is the current check.
                 *tested_now = true;
-                record_check(outcome, &result, request.now);
+                record_check(outcome, &result, request);
             } else {
                 blocked_by = Some(
                     result
@@ -264,7 +285,7 @@ async fn sync(
             .test_existing_upstream(remote.id, &UpstreamTestOverrides::default())
             .await?;
         *tested_now = true;
-        record_check(outcome, &result, request.now);
+        record_check(outcome, &result, request);
     }
     purge_cache_if_requested(client, request, outcome, remote.id).await
 }
@@ -326,6 +347,41 @@ async fn create(
     tested_now: &mut bool,
 ) -> Result<()> {
     let desired = &request.desired;
+    let credentials = desired.credentials.as_ref().map(|c| &c.credentials);
+    // GitLab tests a configuration at group level, before any registry exists: the test runs
+    // as soon as the upstream is declared, so a wrong url or credentials show while the
+    // registry is still being created, and the create need not wait for a second test. A test
+    // of this url and credentials within the connection-test interval is reused.
+    if request.mode.writes() && !last_check_covers_desired(request, outcome) {
+        let result = client
+            .test_upstream_connection(&desired.group, &desired.url, credentials)
+            .await?;
+        *tested_now = true;
+        record_check(outcome, &result, request);
+    }
+    let covered = last_check_covers_desired(request, outcome);
+    if desired.gate_changes
+        && covered
+        && let Some(check) = outcome.last_check.as_ref().filter(|check| !check.success)
+    {
+        let message = check
+            .result
+            .clone()
+            .unwrap_or_else(|| "connection test failed".into());
+        outcome.synced = ConditionUpdate::new(
+            SYNCED,
+            false,
+            "ConnectivityTestFailed",
+            format!("not created: {message}"),
+        );
+        if *tested_now {
+            outcome.actions.push(
+                Action::new("ConnectivityTestFailed", format!("not created: {message}"))
+                    .read_only(),
+            );
+        }
+        return Ok(());
+    }
     let Some(registry_id) = request.registry_for_create else {
         outcome.synced = ConditionUpdate::new(
             SYNCED,
@@ -336,30 +392,6 @@ async fn create(
         );
         return Ok(());
     };
-    let credentials = desired.credentials.as_ref().map(|c| &c.credentials);
-    if request.mode.writes() {
-        let result = client
-            .test_upstream_connection(&desired.group, &desired.url, credentials)
-            .await?;
-        *tested_now = true;
-        record_check(outcome, &result, request.now);
-        if !result.success && desired.gate_changes {
-            let message = result
-                .result
-                .unwrap_or_else(|| "connection test failed".into());
-            outcome.synced = ConditionUpdate::new(
-                SYNCED,
-                false,
-                "ConnectivityTestFailed",
-                format!("not created: {message}"),
-            );
-            outcome.actions.push(
-                Action::new("ConnectivityTestFailed", format!("not created: {message}"))
-                    .read_only(),
-            );
-            return Ok(());
-        }
-    }
     let mut changes = vec![
         FieldChange::new("name", None::<String>, Some(&desired.name)),
         FieldChange::new("url", None::<String>, Some(&desired.url)),
@@ -478,12 +510,28 @@ fn check_due(request: &UpstreamRequest, outcome: &UpstreamOutcome) -> bool {
     }
 }
 
-fn record_check(outcome: &mut UpstreamOutcome, result: &UpstreamTestResult, now: Timestamp) {
+/// Records a test of the declared configuration: every test this engine runs is of what
+/// the spec declares (an override test of a change, a periodic test once GitLab holds it).
+fn record_check(
+    outcome: &mut UpstreamOutcome,
+    result: &UpstreamTestResult,
+    request: &UpstreamRequest,
+) {
     outcome.last_check = Some(ConnectivityCheck {
-        time: now,
+        time: request.now,
         success: result.success,
         result: result.result.clone(),
     });
+    outcome.last_check_configuration = Some(TestedConfiguration::of(&request.desired));
+}
+
+/// Whether the last test still vouches for the declared configuration: it tested this url
+/// with this version of the credentials, within the connection-test interval.
+fn last_check_covers_desired(request: &UpstreamRequest, outcome: &UpstreamOutcome) -> bool {
+    outcome.last_check.is_some()
+        && !check_due(request, outcome)
+        && outcome.last_check_configuration.as_ref()
+            == Some(&TestedConfiguration::of(&request.desired))
 }
 
 async fn purge_cache_if_requested(
