@@ -85,6 +85,20 @@ async fn apply(
     }
 }
 
+/// Whether an Upstream without a GitLab id is not on its way to one: suspended, or its last
+/// reconcile failed for another reason than waiting for a registry (a failed connection
+/// test, a refusal by GitLab, a missing Secret).
+fn creation_blocked(upstream: &Upstream) -> bool {
+    if upstream.spec.suspend {
+        return true;
+    }
+    upstream
+        .status
+        .as_ref()
+        .and_then(|status| conditions::find(&status.conditions, SYNCED))
+        .is_some_and(|synced| synced.status == "False" && synced.reason != "WaitingForRegistry")
+}
+
 /// The engine's input from the object and the Upstream objects in the cluster. Pure.
 pub fn build_request<'a>(
     registry: &VirtualRegistry,
@@ -101,6 +115,7 @@ pub fn build_request<'a>(
                 None => Resolution::Missing,
                 Some(upstream) => match upstream.status.as_ref().and_then(|s| s.upstream_id) {
                     Some(id) => Resolution::Resolved(id),
+                    None if creation_blocked(upstream) => Resolution::Blocked,
                     None => Resolution::Pending,
                 },
             };
@@ -253,6 +268,47 @@ mod tests {
             ]
         );
         assert_eq!(request.desired.name, "cache");
+    }
+
+    #[test]
+    fn an_upstream_that_failed_or_is_suspended_is_blocked_not_pending() {
+        let mut failed = upstream("dockerhub", "team", None);
+        let now = crate::controller::status::now();
+        let mut status = failed.status.clone().unwrap_or_default();
+        conditions::set_condition(
+            &mut status.conditions,
+            conditions::ConditionUpdate::new(SYNCED, false, "ConnectivityTestFailed", "401"),
+            None,
+            &now,
+        );
+        failed.status = Some(status);
+        let mut waiting = upstream("quay", "team", None);
+        let mut status = waiting.status.clone().unwrap_or_default();
+        conditions::set_condition(
+            &mut status.conditions,
+            conditions::ConditionUpdate::new(SYNCED, false, "WaitingForRegistry", "waiting"),
+            None,
+            &now,
+        );
+        waiting.status = Some(status);
+        let mut suspended = upstream("ghcr", "team", None);
+        suspended.spec.suspend = true;
+        let upstreams = [failed, waiting, suspended];
+        let request = build_request(&registry(), upstreams.iter());
+        let resolutions: Vec<_> = request
+            .desired
+            .members
+            .iter()
+            .map(|m| m.resolution.clone())
+            .collect();
+        assert_eq!(
+            resolutions,
+            vec![
+                Resolution::Blocked,
+                Resolution::Pending,
+                Resolution::Blocked
+            ]
+        );
     }
 
     #[test]

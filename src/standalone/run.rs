@@ -177,7 +177,7 @@ pub async fn reconcile_all(
         let key = (namespace_of(&registry.object), registry.object.name_any());
         // Members all unresolved (Pending): this pass creates the registry but removes no
         // association, since upstream ids are not known yet.
-        let members = resolve_members(&registry.object, &BTreeMap::new());
+        let members = resolve_members(&registry.object, &BTreeMap::new(), Resolution::Pending);
         let request = registry_request(&registry.object, members.clone(), None, Mode::Plan);
         // A read-only look first: in plan mode this is all; in apply mode the registry is
         // created now so upstreams can be created through it.
@@ -261,7 +261,9 @@ pub async fn reconcile_all(
             key.1.clone(),
             &registry.source,
         );
-        let members = resolve_members(&registry.object, &upstream_ids);
+        // Every Upstream has had its turn: one without an id now is not getting one in this
+        // pass, and the members after it are associated without waiting for it.
+        let members = resolve_members(&registry.object, &upstream_ids, Resolution::Blocked);
         let known_id = registry_ids.get(&key).copied();
         let outcome = if mode.writes() || known_id.is_some() {
             registry::reconcile(
@@ -474,6 +476,7 @@ async fn cleanup_policy_report(
 fn resolve_members(
     registry: &VirtualRegistry,
     upstream_ids: &BTreeMap<(String, String), i64>,
+    unresolved: Resolution,
 ) -> Vec<DesiredMember> {
     let namespace = namespace_of(registry);
     registry
@@ -484,7 +487,7 @@ fn resolve_members(
             name: u.name.clone(),
             resolution: match upstream_ids.get(&(namespace.clone(), u.name.clone())) {
                 Some(id) => Resolution::Resolved(*id),
-                None => Resolution::Pending,
+                None => unresolved.clone(),
             },
         })
         .collect()

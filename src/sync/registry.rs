@@ -27,8 +27,13 @@ pub struct DesiredMember {
 pub enum Resolution {
     /// The upstream exists in GitLab with this id.
     Resolved(i64),
-    /// The object exists but has no GitLab id yet (it is created through this registry).
+    /// The object exists but has no GitLab id yet, and is on its way to one (it is created
+    /// through a registry). Later members wait for it, so that the declared order is built by
+    /// appending, without repositioning calls.
     Pending,
+    /// The object exists but has no GitLab id and is not getting one until something changes
+    /// (its last reconcile failed, or it is suspended): later members do not wait for it.
+    Blocked,
     /// No such object.
     Missing,
 }
@@ -118,7 +123,7 @@ fn resolution_condition(members: &[DesiredMember]) -> ConditionUpdate {
         .collect();
     let pending: Vec<&str> = members
         .iter()
-        .filter(|m| m.resolution == Resolution::Pending)
+        .filter(|m| matches!(m.resolution, Resolution::Pending | Resolution::Blocked))
         .map(|m| m.name.as_str())
         .collect();
     if !missing.is_empty() {
@@ -532,21 +537,32 @@ pub fn plan_associations(
             plan.removals.push(association.clone());
         }
     }
-    for id in &desired_ids {
-        if !list.iter().any(|a| a.upstream_id == *id) {
-            plan.additions.push(*id);
+    // GitLab appends every new association: adding members in declared order, none past a
+    // member still being created, builds the declared order without repositioning calls.
+    let addable = members
+        .iter()
+        .take_while(|m| m.resolution != Resolution::Pending)
+        .filter_map(|m| match m.resolution {
+            Resolution::Resolved(id) => Some(id),
+            _ => None,
+        });
+    for id in addable {
+        if !list.iter().any(|a| a.upstream_id == id) {
+            plan.additions.push(id);
             list.push(CurrentAssociation {
                 association_id: None,
-                upstream_id: *id,
+                upstream_id: id,
                 position: 0,
             });
         }
     }
     // Target: declared upstreams first, in order; undeclared ones kept (only while some are
-    // unresolved) after them, in their current order.
+    // unresolved) after them, in their current order. Members not associated yet (waiting
+    // for an earlier one) have no place to take.
     let target: Vec<i64> = desired_ids
         .iter()
         .copied()
+        .filter(|id| list.iter().any(|a| a.upstream_id == *id))
         .chain(
             list.iter()
                 .map(|a| a.upstream_id)
@@ -737,6 +753,56 @@ mod tests {
         let plan = plan_associations(&current(&[2, 1]), &wanted);
         assert!(plan.removals.is_empty());
         assert_eq!(replay(&[2, 1], &plan), vec![1, 2]);
+    }
+
+    fn member(name: &str, resolution: Resolution) -> DesiredMember {
+        DesiredMember {
+            name: name.into(),
+            resolution,
+        }
+    }
+
+    #[test]
+    fn members_after_one_being_created_wait_so_the_order_needs_no_repositioning() {
+        let waiting = [
+            member("a", Resolution::Resolved(1)),
+            member("b", Resolution::Pending),
+            member("c", Resolution::Resolved(3)),
+        ];
+        let plan = plan_associations(&[], &waiting);
+        assert_eq!(plan.additions, vec![1]);
+        assert!(plan.moves.is_empty());
+        assert_eq!(replay(&[], &plan), vec![1]);
+
+        // b got its id: the rest is appended in declared order, nothing moves.
+        let plan = plan_associations(&current(&[1]), &members(&[1, 2, 3]));
+        assert_eq!(plan.additions, vec![2, 3]);
+        assert!(plan.moves.is_empty());
+        assert_eq!(replay(&[1], &plan), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_blocked_member_holds_back_no_one_and_an_associated_later_member_keeps_its_place() {
+        let blocked = [
+            member("a", Resolution::Resolved(1)),
+            member("b", Resolution::Blocked),
+            member("c", Resolution::Resolved(3)),
+        ];
+        let plan = plan_associations(&[], &blocked);
+        assert_eq!(plan.additions, vec![1, 3]);
+        assert_eq!(replay(&[], &plan), vec![1, 3]);
+
+        // Already associated out of order behind a member being created: put in order among
+        // the associated ones, nothing added past the pending member, nothing removed.
+        let pending = [
+            member("c", Resolution::Resolved(3)),
+            member("b", Resolution::Pending),
+            member("a", Resolution::Resolved(1)),
+        ];
+        let plan = plan_associations(&current(&[1, 3]), &pending);
+        assert!(plan.additions.is_empty());
+        assert!(plan.removals.is_empty());
+        assert_eq!(replay(&[1, 3], &plan), vec![3, 1]);
     }
 
     #[test]
