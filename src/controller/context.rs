@@ -1,5 +1,6 @@
-//! What every reconcile shares: the Kubernetes client, the GitLab client pool, the reflector
-//! stores of the other kinds, the event recorder, metrics and the operator's settings.
+//! What every reconcile shares: the Kubernetes client, the GitLab client pool, the group
+//! upstream listings, the reflector stores of the other kinds, the event recorder, metrics
+//! and the operator's settings.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use url::Url;
 use super::metrics::Metrics;
 use crate::crd::{Upstream, VirtualRegistry};
 use crate::gitlab::{ClientConfig, GitLabClient, RequestObserver};
+use crate::sync::listing::UpstreamListings;
 
 /// Settings from the command line.
 #[derive(Clone, Debug)]
@@ -80,6 +82,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub registries: Store<VirtualRegistry>,
     pub upstreams: Store<Upstream>,
+    /// Group upstream listings shared by the Upstream reconciles of a resync wave, at most
+    /// half a resync old: one list per group per resync instead of one GET per Upstream.
+    pub upstream_listings: UpstreamListings,
     /// The images Pods run (`keepInUse`); `None` when Pods are not watched.
     pub pods: Option<super::cleanup_policy::PodImages>,
     /// Consecutive failures per object, for backoff; cleared on success.
@@ -101,6 +106,7 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
+            upstream_listings: UpstreamListings::new(config.resync / 2),
             config,
             gitlab: GitLabClients::default(),
             metrics,

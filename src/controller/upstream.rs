@@ -1,5 +1,6 @@
 //! The Upstream controller: dereference (connection, credentials Secret, a registry to create
-//! through) → validate → the `sync::upstream` engine → status and Events.
+//! through) → validate → the `sync::upstream` engine, reading from the shared group listings
+//! when nothing changed since the last reconcile → status and Events.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,10 +19,11 @@ use crate::crd::{
     DeletionPolicy, PURGE_CACHE_REQUESTED_AT, RECONCILE_REQUESTED_AT, Upstream, UpstreamStatus,
     VirtualRegistry,
 };
-use crate::gitlab::{PathOrId, UpstreamCredentials};
+use crate::gitlab::{GitLabClient, PathOrId, UpstreamCredentials};
+use crate::sync::listing::UpstreamListings;
 use crate::sync::upstream::{
     ConnectivityCheck, CredentialsVersion, DesiredUpstream, KnownUpstream, ResolvedCredentials,
-    UpstreamOutcome, UpstreamRequest,
+    SharedListing, UpstreamOutcome, UpstreamRequest,
 };
 use crate::sync::{self, Mode};
 
@@ -100,7 +102,51 @@ async fn dereference_and_sync(upstream: &Upstream, ctx: &Context) -> Result<Upst
         registries.iter().map(|r| r.as_ref()),
         jiff::Timestamp::now(),
     )?;
-    Ok(sync::upstream::reconcile(&client, &request).await)
+    let connection = listing_connection(&client, upstream);
+    let listing = shared_listing(upstream, &ctx.upstream_listings, &connection);
+    Ok(sync::upstream::reconcile_with_listing(&client, &request, Some(listing)).await)
+}
+
+/// The engine's access to the shared group listings for one reconcile of `upstream`.
+pub fn shared_listing<'a>(
+    upstream: &Upstream,
+    listings: &'a UpstreamListings,
+    connection: &'a str,
+) -> SharedListing<'a> {
+    SharedListing {
+        listings,
+        connection,
+        nothing_changed: nothing_changed_since_last_reconcile(upstream),
+    }
+}
+
+/// Names the GitLab connection `client` stands for, as the listings key it: the url and the
+/// token's source (the operator's default, or a Secret of the object's own namespace), so a
+/// listing is shared only by objects reading GitLab with the same token. Pure.
+pub fn listing_connection(client: &GitLabClient, upstream: &Upstream) -> String {
+    match &upstream.spec.gitlab {
+        Some(connection) => format!(
+            "{}|{}/{}",
+            client.base_url(),
+            upstream.namespace().unwrap_or_default(),
+            connection.token_secret_ref.name
+        ),
+        None => format!("{}|default", client.base_url()),
+    }
+}
+
+/// Whether nothing is known to have changed since the last reconcile wrote the status: its
+/// spec generation was observed, it was in sync, and no reconcile was requested since. Only
+/// then may the engine read the upstream from a group listing. Pure.
+pub fn nothing_changed_since_last_reconcile(upstream: &Upstream) -> bool {
+    let Some(status) = &upstream.status else {
+        return false;
+    };
+    status.observed_generation.is_some()
+        && status.observed_generation == upstream.metadata.generation
+        && conditions::is_true(&status.conditions, SYNCED)
+        && upstream.annotations().get(RECONCILE_REQUESTED_AT)
+            == status.last_handled_reconcile_at.as_ref()
 }
 
 /// The engine's input from the object, its credentials and the registries in the cluster.
@@ -237,7 +283,13 @@ async fn cleanup(upstream: &Upstream, ctx: &Context) -> Result<Requeue> {
     };
     let namespace = upstream.namespace().unwrap_or_default();
     let client = gitlab_client(ctx, &namespace, upstream.spec.gitlab.as_ref()).await?;
-    let action = sync::upstream::delete(&client, upstream_id, Mode::Apply).await?;
+    let deleted = sync::upstream::delete(&client, upstream_id, Mode::Apply).await;
+    ctx.upstream_listings.record_write(
+        &listing_connection(&client, upstream),
+        &PathOrId::parse(&upstream.spec.group),
+        upstream_id,
+    );
+    let action = deleted?;
     publish(
         ctx,
         upstream,
