@@ -47,6 +47,13 @@ impl Default for OperatorConfig {
     }
 }
 
+/// The listings a controller with this resync keeps: at most half a resync old, so one
+/// listing serves a group's resync wave (reconciles due at the same time) and the next wave
+/// lists again. Drift made in GitLab is therefore seen at most 1.5 resyncs after it happened.
+pub fn upstream_listings(resync: Duration) -> UpstreamListings {
+    UpstreamListings::new(resync / 2)
+}
+
 /// GitLab clients, one per (url, token source), so connection pools and rate limiters are
 /// shared between objects that use the same GitLab.
 #[derive(Default)]
@@ -106,7 +113,7 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            upstream_listings: UpstreamListings::new(config.resync / 2),
+            upstream_listings: upstream_listings(config.resync),
             config,
             gitlab: GitLabClients::default(),
             metrics,
