@@ -268,7 +268,11 @@ async fn an_upstream_deleted_in_gitlab_is_recreated_through_the_404_of_its_get()
         assert_eq!(reasons(&outcomes[2].actions), ["NotFound", "Created"]);
         let recreated = outcomes[2].upstream_id.expect("new id");
         assert_ne!(recreated, gone);
-        assert_eq!(env.count("GET", GROUP_UPSTREAMS), 2, "the wave's list, adoption's");
+        assert_eq!(
+            env.count("GET", GROUP_UPSTREAMS),
+            2,
+            "the wave's list, adoption's"
+        );
         assert_eq!(env.count("GET", UPSTREAM), 1, "only the unlisted one: 404");
         assert_eq!(env.count("POST", REGISTRY_UPSTREAMS), 1);
 
@@ -310,7 +314,9 @@ async fn after_our_own_patch_a_reconcile_within_the_max_age_does_not_patch_again
         assert_eq!(env.count("PATCH", UPSTREAM), 0);
         assert_eq!(env.count("GET", GROUP_UPSTREAMS), 0);
         // The others are still served by the listing.
-        let outcome = env.reconcile(&converged(&env, 1, t0() + minutes(2)), true).await;
+        let outcome = env
+            .reconcile(&converged(&env, 1, t0() + minutes(2)), true)
+            .await;
         assert_quiet(&[outcome]);
         assert_eq!(env.count("GET", UPSTREAM), 1);
 
@@ -323,9 +329,13 @@ async fn after_our_own_patch_a_reconcile_within_the_max_age_does_not_patch_again
             },
         );
         env.sim.reset_request_counts();
-        let outcome = env.reconcile(&converged(&env, 2, t0() + minutes(10)), true).await;
+        let outcome = env
+            .reconcile(&converged(&env, 2, t0() + minutes(10)), true)
+            .await;
         assert_eq!(reasons(&outcome.actions), ["Updated"]);
-        let outcome = env.reconcile(&converged(&env, 2, t0() + minutes(11)), true).await;
+        let outcome = env
+            .reconcile(&converged(&env, 2, t0() + minutes(11)), true)
+            .await;
         assert_quiet(&[outcome]);
         assert_eq!(env.count("PATCH", UPSTREAM), 1);
         assert_eq!(env.cache_validity_hours(2), 24);
@@ -453,7 +463,11 @@ async fn a_failing_list_falls_back_to_gets_with_the_same_outcome_and_is_not_kept
             .collect();
         let outcomes = join_all(requests.iter().map(|r| env.reconcile(r, true))).await;
         assert_quiet(&outcomes[..3]);
-        assert_eq!(reasons(&outcomes[3].actions), ["Updated"], "as without listings");
+        assert_eq!(
+            reasons(&outcomes[3].actions),
+            ["Updated"],
+            "as without listings"
+        );
         assert_eq!(env.cache_validity_hours(3), 24);
         assert_eq!(
             env.count("GET", GROUP_UPSTREAMS),
@@ -464,7 +478,9 @@ async fn a_failing_list_falls_back_to_gets_with_the_same_outcome_and_is_not_kept
 
         // The failure was not kept: the next reconcile lists again, and is served.
         env.sim.reset_request_counts();
-        assert_quiet(&[env.reconcile(&converged(&env, 0, t0() + minutes(1)), true).await]);
+        assert_quiet(&[env
+            .reconcile(&converged(&env, 0, t0() + minutes(1)), true)
+            .await]);
         assert_eq!(env.count("GET", GROUP_UPSTREAMS), 1);
         assert_eq!(env.count("GET", UPSTREAM), 0);
     })
