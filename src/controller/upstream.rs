@@ -390,6 +390,76 @@ mod tests {
     }
 
     #[test]
+    fn only_a_settled_upstream_may_be_read_from_a_listing() {
+        let mut upstream = upstream(DOCKERHUB);
+        assert!(
+            !nothing_changed_since_last_reconcile(&upstream),
+            "never reconciled"
+        );
+        let synced = ConditionUpdate::new(SYNCED, true, "Synced", "ok");
+        let mut status = UpstreamStatus {
+            observed_generation: Some(2),
+            upstream_id: Some(5),
+            ..Default::default()
+        };
+        conditions::set_condition(&mut status.conditions, synced, Some(2), &now());
+        upstream.status = Some(status.clone());
+        assert!(nothing_changed_since_last_reconcile(&upstream));
+
+        let mut spec_changed = upstream.clone();
+        spec_changed.metadata.generation = Some(3);
+        assert!(!nothing_changed_since_last_reconcile(&spec_changed));
+
+        let mut requested = upstream.clone();
+        requested
+            .annotations_mut()
+            .insert(RECONCILE_REQUESTED_AT.into(), "now".into());
+        assert!(!nothing_changed_since_last_reconcile(&requested));
+        let status = requested.status.as_mut().expect("status");
+        status.last_handled_reconcile_at = Some("now".into());
+        assert!(nothing_changed_since_last_reconcile(&requested));
+
+        let mut failed = upstream.clone();
+        let failing = ConditionUpdate::new(SYNCED, false, "GitLabUnavailable", "503");
+        let status = failed.status.as_mut().expect("status");
+        conditions::set_condition(&mut status.conditions, failing, Some(2), &now());
+        assert!(!nothing_changed_since_last_reconcile(&failed));
+    }
+
+    #[test]
+    fn listings_are_shared_only_by_objects_using_the_same_token() {
+        let client = GitLabClient::new(crate::gitlab::ClientConfig::new(
+            "https://gitlab.example.com".parse().expect("url"),
+            "token".to_string().into(),
+        ))
+        .expect("client");
+        let default = upstream(DOCKERHUB);
+        let mut other_namespace = default.clone();
+        other_namespace.metadata.namespace = Some("other".into());
+        assert_eq!(
+            listing_connection(&client, &default),
+            listing_connection(&client, &other_namespace),
+            "the operator's default token"
+        );
+        let own_token = upstream(&DOCKERHUB.replace(
+            "spec: {",
+            "spec: {gitlab: {url: 'https://gitlab.example.com', tokenSecretRef: {name: gitlab-token, key: token}}, ",
+        ));
+        let mut own_token_elsewhere = own_token.clone();
+        own_token_elsewhere.metadata.namespace = Some("other".into());
+        let connections = [
+            listing_connection(&client, &default),
+            listing_connection(&client, &own_token),
+            listing_connection(&client, &own_token_elsewhere),
+        ];
+        assert_ne!(connections[0], connections[1]);
+        assert_ne!(
+            connections[1], connections[2],
+            "a Secret of another namespace"
+        );
+    }
+
+    #[test]
     fn status_summarises_synced_and_reachable_into_ready() {
         let upstream = upstream(DOCKERHUB);
         let outcome = UpstreamOutcome {
