@@ -16,14 +16,16 @@
 //! - one scheduled run per object, the earliest wins; a trigger while the object runs makes
 //!   it run once more afterwards; no concurrency limit (the controller's default);
 //! - requeue after success: registries at the resync, Upstreams at the earlier of the resync
-//!   and the next connection test.
+//!   and the next connection test;
+//! - Upstreams read GitLab through the controller's group upstream listings, gated and keyed
+//!   by the same `controller::upstream` functions (max age half the resync, on virtual time).
 //!
 //! What it leaves out: the Kubernetes API itself (finalizer patch, status patches, Events,
 //! watch latency): those cost no GitLab request.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gitlab_registry_operator::controller;
@@ -32,6 +34,7 @@ use gitlab_registry_operator::crd::{Upstream, VirtualRegistry};
 use gitlab_registry_operator::gitlab::{ClientConfig, GitLabClient};
 use gitlab_registry_operator::sim::seed::SeedGroup;
 use gitlab_registry_operator::sim::{DEFAULT_TOKEN, Seed, SimConfig, SimHandle, Simulator};
+use gitlab_registry_operator::sync::listing::UpstreamListings;
 use jiff::Timestamp;
 use secrecy::SecretString;
 
@@ -118,6 +121,8 @@ pub struct Fleet {
     listed_upstreams: Vec<Vec<usize>>,
     /// Per upstream: the registries listing it (upstream watch → registry requeue).
     listing_registries: Vec<Vec<usize>>,
+    /// The controller's group upstream listings (`Context::upstream_listings`).
+    listings: Arc<UpstreamListings>,
 }
 
 /// Which watch events requeue objects.
@@ -145,6 +150,33 @@ impl Fleet {
     /// `registries_per_group` VirtualRegistries that all list the group's
     /// `upstreams_per_group` Upstreams, in the same order.
     pub fn new(groups: usize, registries_per_group: usize, upstreams_per_group: usize) -> Self {
+        Self::with_layout(groups, registries_per_group, upstreams_per_group, |_| {
+            0..upstreams_per_group
+        })
+    }
+
+    /// As [`Fleet::new`], but each VirtualRegistry lists `upstreams_per_registry` Upstreams of
+    /// its own: `registries_per_group × upstreams_per_registry` Upstreams per group.
+    pub fn with_distinct_upstreams(
+        groups: usize,
+        registries_per_group: usize,
+        upstreams_per_registry: usize,
+    ) -> Self {
+        Self::with_layout(
+            groups,
+            registries_per_group,
+            registries_per_group * upstreams_per_registry,
+            |registry| registry * upstreams_per_registry..(registry + 1) * upstreams_per_registry,
+        )
+    }
+
+    /// Registry `r` of each group lists the group's Upstreams `listed_by(r)`.
+    fn with_layout(
+        groups: usize,
+        registries_per_group: usize,
+        upstreams_per_group: usize,
+        listed_by: impl Fn(usize) -> std::ops::Range<usize>,
+    ) -> Self {
         let mut registries: Vec<VirtualRegistry> = Vec::new();
         let mut upstreams: Vec<Upstream> = Vec::new();
         for group in 0..groups {
@@ -164,7 +196,7 @@ impl Fleet {
                 })));
             }
             for r in 0..registries_per_group {
-                let listed: Vec<_> = upstream_names
+                let listed: Vec<_> = upstream_names[listed_by(r)]
                     .iter()
                     .map(|name| serde_json::json!({ "name": name }))
                     .collect();
@@ -204,6 +236,7 @@ impl Fleet {
             upstreams,
             listed_upstreams,
             listing_registries,
+            listings: Arc::new(controller::context::upstream_listings(RESYNC)),
         }
     }
 
@@ -334,18 +367,29 @@ pub async fn reconcile(
             }
         }
         ObjectKey::Upstream(index) => {
-            let request = {
+            let listings = lock(fleet).listings.clone();
+            let connection;
+            let (request, listing) = {
                 let fleet = lock(fleet);
-                controller::upstream::build_request(
-                    &fleet.upstreams[index],
+                let upstream = &fleet.upstreams[index];
+                connection = controller::upstream::listing_connection(client, upstream);
+                let request = controller::upstream::build_request(
+                    upstream,
                     None,
                     fleet.registries.iter(),
                     now,
                 )
-                .expect("valid Upstream specs")
+                .expect("valid Upstream specs");
+                let listing =
+                    controller::upstream::shared_listing(upstream, &listings, &connection);
+                (request, listing)
             };
-            let outcome =
-                gitlab_registry_operator::sync::upstream::reconcile(client, &request).await;
+            let outcome = gitlab_registry_operator::sync::upstream::reconcile_with_listing(
+                client,
+                &request,
+                Some(listing),
+            )
+            .await;
             let mut fleet = lock(fleet);
             let upstream = &mut fleet.upstreams[index];
             let identity_before = controller::triggers::upstream_identity(upstream);

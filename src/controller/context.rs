@@ -1,5 +1,6 @@
-//! What every reconcile shares: the Kubernetes client, the GitLab client pool, the reflector
-//! stores of the other kinds, the event recorder, metrics and the operator's settings.
+//! What every reconcile shares: the Kubernetes client, the GitLab client pool, the group
+//! upstream listings, the reflector stores of the other kinds, the event recorder, metrics
+//! and the operator's settings.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use url::Url;
 use super::metrics::Metrics;
 use crate::crd::{Upstream, VirtualRegistry};
 use crate::gitlab::{ClientConfig, GitLabClient, RequestObserver};
+use crate::sync::listing::UpstreamListings;
 
 /// Settings from the command line.
 #[derive(Clone, Debug)]
@@ -43,6 +45,13 @@ impl Default for OperatorConfig {
             resync: Duration::from_secs(600),
         }
     }
+}
+
+/// The listings a controller with this resync keeps: at most half a resync old, so one
+/// listing serves a group's resync wave (reconciles due at the same time) and the next wave
+/// lists again. Drift made in GitLab is therefore seen at most 1.5 resyncs after it happened.
+pub fn upstream_listings(resync: Duration) -> UpstreamListings {
+    UpstreamListings::new(resync / 2)
 }
 
 /// GitLab clients, one per (url, token source), so connection pools and rate limiters are
@@ -80,6 +89,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub registries: Store<VirtualRegistry>,
     pub upstreams: Store<Upstream>,
+    /// Group upstream listings shared by the Upstream reconciles of a resync wave, at most
+    /// half a resync old: one list per group per resync instead of one GET per Upstream.
+    pub upstream_listings: UpstreamListings,
     /// The images Pods run (`keepInUse`); `None` when Pods are not watched.
     pub pods: Option<super::cleanup_policy::PodImages>,
     /// Consecutive failures per object, for backoff; cleared on success.
@@ -101,6 +113,7 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
+            upstream_listings: upstream_listings(config.resync),
             config,
             gitlab: GitLabClients::default(),
             metrics,

@@ -1,5 +1,6 @@
 //! The Upstream controller: dereference (connection, credentials Secret, a registry to create
-//! through) → validate → the `sync::upstream` engine → status and Events.
+//! through) → validate → the `sync::upstream` engine, reading from the shared group listings
+//! when nothing changed since the last reconcile → status and Events.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,10 +19,11 @@ use crate::crd::{
     DeletionPolicy, PURGE_CACHE_REQUESTED_AT, RECONCILE_REQUESTED_AT, Upstream, UpstreamStatus,
     VirtualRegistry,
 };
-use crate::gitlab::{PathOrId, UpstreamCredentials};
+use crate::gitlab::{GitLabClient, PathOrId, UpstreamCredentials};
+use crate::sync::listing::UpstreamListings;
 use crate::sync::upstream::{
     ConnectivityCheck, CredentialsVersion, DesiredUpstream, KnownUpstream, ResolvedCredentials,
-    TestedConfiguration, UpstreamOutcome, UpstreamRequest,
+    SharedListing, TestedConfiguration, UpstreamOutcome, UpstreamRequest,
 };
 use crate::sync::{self, Mode};
 
@@ -100,7 +102,51 @@ async fn dereference_and_sync(upstream: &Upstream, ctx: &Context) -> Result<Upst
         registries.iter().map(|r| r.as_ref()),
         jiff::Timestamp::now(),
     )?;
-    Ok(sync::upstream::reconcile(&client, &request).await)
+    let connection = listing_connection(&client, upstream);
+    let listing = shared_listing(upstream, &ctx.upstream_listings, &connection);
+    Ok(sync::upstream::reconcile_with_listing(&client, &request, Some(listing)).await)
+}
+
+/// The engine's access to the shared group listings for one reconcile of `upstream`.
+pub fn shared_listing<'a>(
+    upstream: &Upstream,
+    listings: &'a UpstreamListings,
+    connection: &'a str,
+) -> SharedListing<'a> {
+    SharedListing {
+        listings,
+        connection,
+        nothing_changed: nothing_changed_since_last_reconcile(upstream),
+    }
+}
+
+/// Names the GitLab connection `client` stands for, as the listings key it: the url and the
+/// token's source (the operator's default, or a Secret of the object's own namespace), so a
+/// listing is shared only by objects reading GitLab with the same token. Pure.
+pub fn listing_connection(client: &GitLabClient, upstream: &Upstream) -> String {
+    match &upstream.spec.gitlab {
+        Some(connection) => format!(
+            "{}|{}/{}",
+            client.base_url(),
+            upstream.namespace().unwrap_or_default(),
+            connection.token_secret_ref.name
+        ),
+        None => format!("{}|default", client.base_url()),
+    }
+}
+
+/// Whether nothing is known to have changed since the last reconcile wrote the status: its
+/// spec generation was observed, it was in sync, and no reconcile was requested since. Only
+/// then may the engine read the upstream from a group listing. Pure.
+pub fn nothing_changed_since_last_reconcile(upstream: &Upstream) -> bool {
+    let Some(status) = &upstream.status else {
+        return false;
+    };
+    status.observed_generation.is_some()
+        && status.observed_generation == upstream.metadata.generation
+        && conditions::is_true(&status.conditions, SYNCED)
+        && upstream.annotations().get(RECONCILE_REQUESTED_AT)
+            == status.last_handled_reconcile_at.as_ref()
 }
 
 /// The engine's input from the object, its credentials and the registries in the cluster.
@@ -258,7 +304,13 @@ async fn cleanup(upstream: &Upstream, ctx: &Context) -> Result<Requeue> {
     };
     let namespace = upstream.namespace().unwrap_or_default();
     let client = gitlab_client(ctx, &namespace, upstream.spec.gitlab.as_ref()).await?;
-    let action = sync::upstream::delete(&client, upstream_id, Mode::Apply).await?;
+    let deleted = sync::upstream::delete(&client, upstream_id, Mode::Apply).await;
+    ctx.upstream_listings.record_write(
+        &listing_connection(&client, upstream),
+        &PathOrId::parse(&upstream.spec.group),
+        upstream_id,
+    );
+    let action = deleted?;
     publish(
         ctx,
         upstream,
@@ -355,6 +407,76 @@ mod tests {
         assert!(
             error.to_string().contains("connectivityCheck.interval"),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn only_a_settled_upstream_may_be_read_from_a_listing() {
+        let mut upstream = upstream(DOCKERHUB);
+        assert!(
+            !nothing_changed_since_last_reconcile(&upstream),
+            "never reconciled"
+        );
+        let synced = ConditionUpdate::new(SYNCED, true, "Synced", "ok");
+        let mut status = UpstreamStatus {
+            observed_generation: Some(2),
+            upstream_id: Some(5),
+            ..Default::default()
+        };
+        conditions::set_condition(&mut status.conditions, synced, Some(2), &now());
+        upstream.status = Some(status.clone());
+        assert!(nothing_changed_since_last_reconcile(&upstream));
+
+        let mut spec_changed = upstream.clone();
+        spec_changed.metadata.generation = Some(3);
+        assert!(!nothing_changed_since_last_reconcile(&spec_changed));
+
+        let mut requested = upstream.clone();
+        requested
+            .annotations_mut()
+            .insert(RECONCILE_REQUESTED_AT.into(), "now".into());
+        assert!(!nothing_changed_since_last_reconcile(&requested));
+        let status = requested.status.as_mut().expect("status");
+        status.last_handled_reconcile_at = Some("now".into());
+        assert!(nothing_changed_since_last_reconcile(&requested));
+
+        let mut failed = upstream.clone();
+        let failing = ConditionUpdate::new(SYNCED, false, "GitLabUnavailable", "503");
+        let status = failed.status.as_mut().expect("status");
+        conditions::set_condition(&mut status.conditions, failing, Some(2), &now());
+        assert!(!nothing_changed_since_last_reconcile(&failed));
+    }
+
+    #[test]
+    fn listings_are_shared_only_by_objects_using_the_same_token() {
+        let client = GitLabClient::new(crate::gitlab::ClientConfig::new(
+            "https://gitlab.example.com".parse().expect("url"),
+            "token".to_string().into(),
+        ))
+        .expect("client");
+        let default = upstream(DOCKERHUB);
+        let mut other_namespace = default.clone();
+        other_namespace.metadata.namespace = Some("other".into());
+        assert_eq!(
+            listing_connection(&client, &default),
+            listing_connection(&client, &other_namespace),
+            "the operator's default token"
+        );
+        let own_token = upstream(&DOCKERHUB.replace(
+            "spec: {",
+            "spec: {gitlab: {url: 'https://gitlab.example.com', tokenSecretRef: {name: gitlab-token, key: token}}, ",
+        ));
+        let mut own_token_elsewhere = own_token.clone();
+        own_token_elsewhere.metadata.namespace = Some("other".into());
+        let connections = [
+            listing_connection(&client, &default),
+            listing_connection(&client, &own_token),
+            listing_connection(&client, &own_token_elsewhere),
+        ];
+        assert_ne!(connections[0], connections[1]);
+        assert_ne!(
+            connections[1], connections[2],
+            "a Secret of another namespace"
         );
     }
 

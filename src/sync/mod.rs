@@ -7,6 +7,7 @@
 //! about Kubernetes.
 
 pub mod cleanup;
+pub mod listing;
 pub mod registry;
 pub mod upstream;
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
+use super::listing::UpstreamListings;
 use super::{Action, Error, FieldChange, Mode, Result, failure_condition};
 use crate::crd::conditions::{ConditionUpdate, REACHABLE, SYNCED, Status};
 use crate::gitlab::{
@@ -133,15 +134,58 @@ impl UpstreamOutcome {
     }
 }
 
+/// Where a reconcile may take its upstream from a group listing shared with the other
+/// reconciles of the group, instead of its own `GET /upstreams/:id`.
+#[derive(Clone, Copy)]
+pub struct SharedListing<'a> {
+    pub listings: &'a UpstreamListings,
+    /// The GitLab url and token source the client stands for: listings are never shared
+    /// between connections.
+    pub connection: &'a str,
+    /// The caller knows of no change since the last reconcile (its spec observed, that
+    /// reconcile in sync, no reconcile requested): only then may the upstream be read from
+    /// the listing. Writes are recorded in the listings either way.
+    pub nothing_changed: bool,
+}
+
 /// Makes the GitLab upstream match `request.desired`. Never fails as a whole: a GitLab error
 /// ends the reconcile with `Synced=False` and the error in `outcome.error`, while everything
 /// done before it (a created id, applied credentials) is kept in the outcome.
 pub async fn reconcile(client: &GitLabClient, request: &UpstreamRequest) -> UpstreamOutcome {
+    reconcile_with_listing(client, request, None).await
+}
+
+/// As [`reconcile`], reading the upstream from `listing` when the caller knows of no change
+/// since the last reconcile (`nothing_changed`) and the request agrees
+/// ([`may_read_from_listing`]). Everything after the read is the same; an upstream the
+/// listing does not serve is read with a GET as [`reconcile`] does, so a deleted one is still
+/// GitLab's 404. Every upstream this reconcile wrote to (or may have, when it failed) is
+/// recorded in the listings, so no listing sent before the write serves it again.
+pub async fn reconcile_with_listing(
+    client: &GitLabClient,
+    request: &UpstreamRequest,
+    listing: Option<SharedListing<'_>>,
+) -> UpstreamOutcome {
+    let read_from =
+        listing.filter(|listing| listing.nothing_changed && may_read_from_listing(request));
     let mut outcome = UpstreamOutcome::from_known(&request.known);
     let mut tested_now = false;
-    if let Err(error) = sync(client, request, &mut outcome, &mut tested_now).await {
+    if let Err(error) = sync(client, request, read_from, &mut outcome, &mut tested_now).await {
         outcome.synced = failure_condition(&error);
         outcome.error = Some(error);
+    }
+    if let Some(listing) = listing {
+        let wrote = outcome.error.is_some() || outcome.actions.iter().any(|action| action.writes);
+        if wrote {
+            for id in [request.known.upstream_id, outcome.upstream_id]
+                .into_iter()
+                .flatten()
+            {
+                listing
+                    .listings
+                    .record_write(listing.connection, &request.desired.group, id);
+            }
+        }
     }
     outcome.reachable = outcome.last_check.as_ref().map(reachable_condition);
     outcome.next_check_in = outcome.last_check.as_ref().map(|check| {
@@ -155,15 +199,32 @@ pub async fn reconcile(client: &GitLabClient, request: &UpstreamRequest) -> Upst
     outcome
 }
 
+/// Whether the request itself leaves the remote read to a listing: an upstream we know, in
+/// apply mode, whose credentials and purge requests were all handled. A Secret change or a
+/// pending purge reads fresh, as does `plan` (it shows what a GET shows).
+pub fn may_read_from_listing(request: &UpstreamRequest) -> bool {
+    let known = &request.known;
+    let credentials_unchanged = request
+        .desired
+        .credentials
+        .as_ref()
+        .map(|resolved| &resolved.version)
+        == known.applied_credentials.as_ref();
+    let purge_handled = request.purge_cache_request.is_none()
+        || request.purge_cache_request == known.last_handled_purge_cache;
+    request.mode.writes() && known.upstream_id.is_some() && credentials_unchanged && purge_handled
+}
+
 async fn sync(
     client: &GitLabClient,
     request: &UpstreamRequest,
+    listing: Option<SharedListing<'_>>,
     outcome: &mut UpstreamOutcome,
     tested_now: &mut bool,
 ) -> Result<()> {
     let desired = &request.desired;
     let writes = request.mode.writes();
-    let remote = match find_remote(client, request, outcome).await? {
+    let remote = match find_remote(client, request, listing, outcome).await? {
         Some(remote) => remote,
         None => return create(client, request, outcome, tested_now).await,
     };
@@ -290,15 +351,26 @@ async fn sync(
     purge_cache_if_requested(client, request, outcome, remote.id).await
 }
 
-/// The remote upstream: by id when known (a 404 means it was deleted in GitLab and will be
-/// re-created), else adopted by exact name and url from the group's list.
+/// The remote upstream: by id when known, from the shared listing when it serves it, else
+/// with a GET (a 404 means it was deleted in GitLab and will be re-created); else adopted by
+/// exact name and url from the group's list.
 async fn find_remote(
     client: &GitLabClient,
     request: &UpstreamRequest,
+    listing: Option<SharedListing<'_>>,
     outcome: &mut UpstreamOutcome,
 ) -> Result<Option<Upstream>> {
     let desired = &request.desired;
     if let Some(id) = request.known.upstream_id {
+        if let Some(listing) = listing {
+            let listed = listing
+                .listings
+                .listed(client, listing.connection, &desired.group, id, request.now)
+                .await;
+            if listed.is_some() {
+                return Ok(listed);
+            }
+        }
         match client.get_upstream(id).await {
             Ok(remote) => return Ok(Some(remote)),
             Err(error) if error.is_not_found() => {
