@@ -271,8 +271,8 @@ async fn an_upstream_deleted_in_gitlab_is_recreated_through_the_404_of_its_get()
         assert_ne!(recreated, gone);
         assert_eq!(
             env.count("GET", GROUP_UPSTREAMS),
-            2,
-            "the wave's list, adoption's"
+            1,
+            "the wave's list serves the adoption lookup too"
         );
         assert_eq!(env.count("GET", UPSTREAM), 1, "only the unlisted one: 404");
         assert_eq!(env.count("POST", REGISTRY_UPSTREAMS), 1);
@@ -510,6 +510,90 @@ async fn errors_read_the_same_as_without_listings_when_gitlab_fails_both_reads()
         assert_eq!(listed.reason(), plain.reason());
         assert_eq!(listed.message(), plain.message());
         assert!(listed.is_transient());
+    })
+    .await;
+}
+
+/// A declared upstream GitLab does not hold yet (`new-<name>`), with no status.
+fn new_upstream(env: &Env, name: &str, registry: Option<i64>, now: Timestamp) -> UpstreamRequest {
+    let mut request = converged(env, 0, now);
+    request.desired.name = format!("new-{name}");
+    request.desired.url = format!("https://{name}.example.com");
+    request.known = KnownUpstream::default();
+    request.registry_for_create = registry;
+    request
+}
+
+#[tokio::test]
+async fn adoption_lookups_share_one_fresh_listing_until_a_write_of_ours_or_its_age() {
+    guarded(async {
+        let env = env(2).await;
+        env.sim.reset_request_counts();
+
+        // Three new upstreams of one group, reconciled at once: one list for all three.
+        let env = &env;
+        let waiting = join_all(["a", "b", "c"].map(|name| async move {
+            env.reconcile(&new_upstream(env, name, None, t0()), false)
+                .await
+        }))
+        .await;
+        for outcome in &waiting {
+            assert_eq!(outcome.synced.reason, "WaitingForRegistry");
+        }
+        assert_eq!(env.count("GET", GROUP_UPSTREAMS), 1);
+
+        // An object that matches an upstream GitLab holds is adopted from that listing.
+        let mut lost_status = converged(env, 1, t0());
+        lost_status.known = KnownUpstream::default();
+        let adopted = env.reconcile(&lost_status, false).await;
+        assert_eq!(adopted.upstream_id, Some(env.ids[1]));
+        assert_eq!(reasons(&adopted.actions), ["Adopted"]);
+        assert_eq!(env.count("GET", GROUP_UPSTREAMS), 1);
+
+        // The registry appears 10 s later: the first create needs no second list.
+        let later = t0() + SignedDuration::from_secs(10);
+        let created = env
+            .reconcile(&new_upstream(env, "a", Some(7), later), false)
+            .await;
+        assert_eq!(
+            reasons(&created.actions),
+            ["Created"],
+            "{:?}",
+            created.error
+        );
+        assert_eq!(env.count("GET", GROUP_UPSTREAMS), 1);
+
+        // That create is a write in the group since the listing was sent: the next
+        // adoption lookup lists again, and finds no new-b.
+        let created = env
+            .reconcile(&new_upstream(env, "b", Some(7), later), false)
+            .await;
+        assert_eq!(
+            reasons(&created.actions),
+            ["Created"],
+            "{:?}",
+            created.error
+        );
+        assert_eq!(env.count("GET", GROUP_UPSTREAMS), 2);
+
+        // A listing older than the adoption age is not used either.
+        let much_later = later + SignedDuration::from_secs(31);
+        let created = env
+            .reconcile(&new_upstream(env, "c", Some(7), much_later), false)
+            .await;
+        assert_eq!(
+            reasons(&created.actions),
+            ["Created"],
+            "{:?}",
+            created.error
+        );
+        assert_eq!(env.count("GET", GROUP_UPSTREAMS), 3);
+        assert_eq!(env.count("POST", REGISTRY_UPSTREAMS), 3);
+        assert_eq!(
+            env.sim.snapshot().upstreams.len(),
+            5,
+            "nothing created twice"
+        );
     })
     .await;
 }

@@ -14,6 +14,11 @@
 //!
 //! An upstream that is not in the listing is not served either: the caller GETs it, so a
 //! deleted upstream is still seen as GitLab's 404.
+//!
+//! The same listings serve the adoption lookup before a create (name and url), when at most
+//! [`ADOPTION_MAX_AGE`] old and sent after our last write in the group: the Upstreams of a
+//! new group share one list call, and the create that follows a first reconcile (which only
+//! waited for a registry) needs no second one.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +28,19 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use crate::gitlab::{GitLabClient, PathOrId, Upstream};
+
+/// How old a listing the adoption lookup before a create may use. Short: an upstream
+/// created by hand with our name and url, but other credentials, is adopted only if listed.
+pub const ADOPTION_MAX_AGE: Duration = Duration::from_secs(30);
+
+/// What a listing is read for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// The drift check of a known upstream.
+    Drift,
+    /// The adoption lookup before a create.
+    Adoption,
+}
 
 /// The cache, one per process (the controller keeps it in its `Context`).
 pub struct UpstreamListings {
@@ -92,18 +110,88 @@ impl UpstreamListings {
         id: i64,
         now: Timestamp,
     ) -> Option<Upstream> {
+        self.with_listing(
+            client,
+            connection,
+            group,
+            now,
+            Use::Drift,
+            |listing, written| {
+                let written_since = written
+                    .get(&id)
+                    .is_some_and(|written| *written > listing.sent_at_sequence);
+                if written_since {
+                    return None;
+                }
+                listing.upstreams.get(&id).cloned()
+            },
+        )
+        .await
+    }
+
+    /// The group's upstreams that `matches`, for the adoption lookup before a create, from a
+    /// listing at most [`ADOPTION_MAX_AGE`] old that was sent after every write of ours in
+    /// the group (a create of ours may be missing from an older one), listing the group
+    /// when no such listing is held. `None` when the list call failed: the caller lists
+    /// itself. Upstreams that appear in GitLab later are still caught at the create, where
+    /// GitLab refuses a second upstream with the same url and credentials.
+    pub async fn adoptable(
+        &self,
+        client: &GitLabClient,
+        connection: &str,
+        group: &PathOrId,
+        now: Timestamp,
+        matches: impl Fn(&Upstream) -> bool,
+    ) -> Option<Vec<Upstream>> {
+        self.with_listing(
+            client,
+            connection,
+            group,
+            now,
+            Use::Adoption,
+            |listing, _| {
+                Some(
+                    listing
+                        .upstreams
+                        .values()
+                        .filter(|upstream| matches(upstream))
+                        .cloned()
+                        .collect(),
+                )
+            },
+        )
+        .await
+    }
+
+    /// Runs `read` on the group's listing, fetched first when the one held is not usable for
+    /// `purpose`. `None` when the list call this reconcile waited for (its own or another's)
+    /// failed.
+    async fn with_listing<R>(
+        &self,
+        client: &GitLabClient,
+        connection: &str,
+        group: &PathOrId,
+        now: Timestamp,
+        purpose: Use,
+        read: impl FnOnce(&Listing, &HashMap<i64, u64>) -> Option<R>,
+    ) -> Option<R> {
         let entry = self.entry(connection, group);
         let calls_before = entry.calls_finished.load(Ordering::Acquire);
         let mut state = entry.state.lock().await;
-        let fresh = state
-            .listing
-            .as_ref()
-            .is_some_and(|listing| self.is_fresh(listing, now));
-        if !fresh {
+        let usable = state.listing.as_ref().is_some_and(|listing| match purpose {
+            Use::Drift => self.is_fresh(listing, now, self.max_age),
+            Use::Adoption => {
+                self.is_fresh(listing, now, self.max_age.min(ADOPTION_MAX_AGE))
+                    && !lock(&entry.written)
+                        .values()
+                        .any(|written| *written > listing.sent_at_sequence)
+            }
+        });
+        if !usable {
             if state.last_call_failed
                 && entry.calls_finished.load(Ordering::Acquire) != calls_before
             {
-                // The call this reconcile waited for failed: GETs, not a second list.
+                // The call this reconcile waited for failed: its own reads, not a second list.
                 return None;
             }
             let sent_at_sequence = self.next_sequence();
@@ -135,13 +223,8 @@ impl UpstreamListings {
             }
         }
         let listing = state.listing.as_ref()?;
-        let written_since = lock(&entry.written)
-            .get(&id)
-            .is_some_and(|written| *written > listing.sent_at_sequence);
-        if written_since {
-            return None;
-        }
-        listing.upstreams.get(&id).cloned()
+        let written = lock(&entry.written);
+        read(listing, &written)
     }
 
     /// Records that we wrote to (created, changed, deleted) upstream `id`: no listing sent
@@ -164,9 +247,9 @@ impl UpstreamListings {
     }
 
     /// A clock that went backwards makes a listing stale rather than fresh for longer.
-    fn is_fresh(&self, listing: &Listing, now: Timestamp) -> bool {
+    fn is_fresh(&self, listing: &Listing, now: Timestamp, max_age: Duration) -> bool {
         let age = now.duration_since(listing.fetched_at);
-        !age.is_negative() && age.unsigned_abs() < self.max_age
+        !age.is_negative() && age.unsigned_abs() < max_age
     }
 }
 

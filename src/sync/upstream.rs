@@ -166,11 +166,9 @@ pub async fn reconcile_with_listing(
     request: &UpstreamRequest,
     listing: Option<SharedListing<'_>>,
 ) -> UpstreamOutcome {
-    let read_from =
-        listing.filter(|listing| listing.nothing_changed && may_read_from_listing(request));
     let mut outcome = UpstreamOutcome::from_known(&request.known);
     let mut tested_now = false;
-    if let Err(error) = sync(client, request, read_from, &mut outcome, &mut tested_now).await {
+    if let Err(error) = sync(client, request, listing, &mut outcome, &mut tested_now).await {
         outcome.synced = failure_condition(&error);
         outcome.error = Some(error);
     }
@@ -362,7 +360,9 @@ async fn find_remote(
 ) -> Result<Option<Upstream>> {
     let desired = &request.desired;
     if let Some(id) = request.known.upstream_id {
-        if let Some(listing) = listing {
+        let drift_read =
+            listing.filter(|listing| listing.nothing_changed && may_read_from_listing(request));
+        if let Some(listing) = drift_read {
             let listed = listing
                 .listings
                 .listed(client, listing.connection, &desired.group, id, request.now)
@@ -384,7 +384,25 @@ async fn find_remote(
             Err(error) => return Err(error.into()),
         }
     }
-    let adopted = find_adoptable(client, desired).await?;
+    let adopted = match listing.filter(|_| request.mode.writes()) {
+        Some(listing) => {
+            let shared = listing
+                .listings
+                .adoptable(
+                    client,
+                    listing.connection,
+                    &desired.group,
+                    request.now,
+                    |upstream| is_adoptable(desired, upstream),
+                )
+                .await;
+            match shared {
+                Some(found) => found.into_iter().min_by_key(|upstream| upstream.id),
+                None => find_adoptable(client, desired).await?,
+            }
+        }
+        None => find_adoptable(client, desired).await?,
+    };
     if let Some(remote) = &adopted {
         // What GitLab holds as credentials is unknown unless the caller vouches for a version
         // (standalone mode, which keeps no status): with none known, ours are sent once.
@@ -409,7 +427,12 @@ async fn find_adoptable(
         .list_group_upstreams_all(&desired.group, Some(&desired.name))
         .await?
         .into_iter()
-        .find(|upstream| upstream.name == desired.name && upstream.url == desired.url))
+        .filter(|upstream| is_adoptable(desired, upstream))
+        .min_by_key(|upstream| upstream.id))
+}
+
+fn is_adoptable(desired: &DesiredUpstream, upstream: &Upstream) -> bool {
+    upstream.name == desired.name && upstream.url == desired.url
 }
 
 async fn create(
