@@ -27,7 +27,8 @@
 //! other entries are kept ([`KeepReason::DuplicateName`]), and it takes one `keep_n` place.
 //!
 //! The result has exactly one [`Verdict`] per input entry and counters for status and metrics.
-//! `select` does no I/O and allocates per candidate only a small sort key.
+//! `select` does no I/O and allocates per candidate only a small sort key (and, for input not
+//! sorted by name, one hash per name to look for names listed twice).
 
 use std::cmp::Reverse;
 use std::collections::HashSet;
@@ -309,9 +310,9 @@ pub struct Selection<'a> {
 
 /// Decides, for every tag, delete or keep (and why). See the module docs for the exact order.
 ///
-/// Every decision that does not depend on the newest-first order (all but `keep_n`) is made in
-/// one pass in input order, which reads the tags and their strings sequentially; only the
-/// `keep_n` newest and the deletion order need the sorted candidates.
+/// Every decision but `keep_n` is made in input order, which reads the tags and their strings
+/// sequentially (most of them in one pass); only the `keep_n` newest and the deletion order
+/// need the candidates sorted.
 pub fn select<'a>(
     tags: &'a [TagInfo],
     rules: &CompiledRules,
@@ -391,14 +392,6 @@ pub fn select<'a>(
             }
         }
     }
-    let mut names_listed: HashSet<&str> = HashSet::new();
-    let delete_order: Vec<usize> = candidates
-        .iter()
-        .rev()
-        .map(|key| key.index)
-        .filter(|&index| verdicts[index] == Verdict::Delete)
-        .filter(|&index| !duplicates || names_listed.insert(tags[index].name.as_str()))
-        .collect();
 
     let mut counts = SelectionCounts {
         evaluated: tags.len(),
@@ -414,6 +407,17 @@ pub fn select<'a>(
         }
     }
     counts.protected = counts.kept_by(KeepReason::Protected);
+
+    let mut names_listed: HashSet<&str> = HashSet::new();
+    let mut delete_order: Vec<usize> = Vec::with_capacity(counts.delete);
+    delete_order.extend(
+        candidates
+            .iter()
+            .rev()
+            .map(|key| key.index)
+            .filter(|&index| verdicts[index] == Verdict::Delete)
+            .filter(|&index| !duplicates || names_listed.insert(tags[index].name.as_str())),
+    );
 
     Selection {
         tags,
@@ -576,9 +580,12 @@ fn mix(value: u64) -> u64 {
 /// Turns into `Keep(SharedDigest)` every deletion whose digest a kept tag also has (a tag kept
 /// here adds no digest that was not already kept). Returns whether anything changed.
 fn keep_shared_digests(tags: &[TagInfo], verdicts: &mut [Verdict]) -> bool {
-    // Sized for the kept tags, not all tags: most tags are usually deleted, and a small table
-    // keeps the look-ups of the deletions in cache.
-    let kept = verdicts.iter().filter(|verdict| !verdict.is_delete()).count();
+    // Sized for the kept tags, not all tags: most tags are usually deleted, and in a table
+    // sized for all of them nearly every look-up of a deletion would miss the cache.
+    let kept = verdicts
+        .iter()
+        .filter(|verdict| !verdict.is_delete())
+        .count();
     let mut kept_digests: HashSet<&str, BuildHasherDefault<DigestHasher>> =
         HashSet::with_capacity_and_hasher(kept, BuildHasherDefault::default());
     kept_digests.extend(
@@ -1181,6 +1188,34 @@ mod tests {
             Verdict::Keep(KeepReason::DuplicateName)
         );
         assert_eq!(selection.names_to_delete().collect::<Vec<_>>(), ["y"]);
+    }
+
+    #[test]
+    fn tags_created_in_the_same_second_are_ordered_by_time_then_name() {
+        let second = at_days_ago(30);
+        let at = |millis: i64| Some(second + jiff::SignedDuration::from_millis(millis));
+        let tags = vec![
+            TagInfo::new("c", Some(&digest_for("c")), at(200)),
+            TagInfo::new("d", Some(&digest_for("d")), at(-1000)),
+            TagInfo::new("b", Some(&digest_for("b")), at(500)),
+            TagInfo::new("a", Some(&digest_for("a")), at(200)),
+        ];
+        let selection = select(
+            &tags,
+            &rules(".*", None, Some(1), None),
+            &Protections::default(),
+            now(),
+        );
+        // "b" is the newest by half a second, whatever its name or position.
+        assert_eq!(
+            selection.verdict("b"),
+            Some(Verdict::Keep(KeepReason::KeepN))
+        );
+        // Oldest first; "a" and "c" were created at the same instant: name descending.
+        assert_eq!(
+            selection.names_to_delete().collect::<Vec<_>>(),
+            ["d", "c", "a"]
+        );
     }
 
     #[test]
