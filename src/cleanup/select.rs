@@ -27,11 +27,13 @@
 //! other entries are kept ([`KeepReason::DuplicateName`]), and it takes one `keep_n` place.
 //!
 //! The result has exactly one [`Verdict`] per input entry and counters for status and metrics.
-//! `select` does no I/O and allocates per candidate only a small sort key.
+//! `select` does no I/O and allocates per candidate only a small sort key (and, for input not
+//! sorted by name, one hash per name to look for names listed twice).
 
+use std::cmp::Reverse;
 use std::collections::HashSet;
 use std::fmt;
-use std::hash::BuildHasherDefault;
+use std::hash::{BuildHasher, BuildHasherDefault};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -281,11 +283,13 @@ impl SelectionCounts {
     }
 }
 
-/// Newest-first ordering key of a candidate: `created_at` (or `now`) and input position.
-#[derive(Debug, Clone, Copy)]
+/// Newest-first ordering key of a candidate: whole seconds of `created_at` (or `now`), newest
+/// first, then input position. Comparing it is plain integer work, with no look-up into the
+/// tags; [`order_candidates`] then puts candidates created in the same second in the exact
+/// documented order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct CandidateKey {
-    seconds: i64,
-    nanos: i32,
+    newest_first: Reverse<i64>,
     index: usize,
 }
 
@@ -305,124 +309,89 @@ pub struct Selection<'a> {
 }
 
 /// Decides, for every tag, delete or keep (and why). See the module docs for the exact order.
+///
+/// Every decision but `keep_n` is made in input order, which reads the tags and their strings
+/// sequentially (most of them in one pass); only the `keep_n` newest and the deletion order
+/// need the candidates sorted.
 pub fn select<'a>(
     tags: &'a [TagInfo],
     rules: &CompiledRules,
     protections: &Protections<'_>,
     now: Timestamp,
 ) -> Selection<'a> {
-    let mut verdicts = vec![Verdict::Delete; tags.len()];
-    let mut candidates: Vec<CandidateKey> = Vec::new();
-
-    // Steps 1–4, in input order (sequential memory access).
-    for (index, tag) in tags.iter().enumerate() {
-        let excluded = if tag.name == LATEST {
-            Some(KeepReason::Latest)
-        } else if !rules.matches_delete(&tag.name) {
-            Some(KeepReason::NotMatchingDelete)
-        } else if rules.matches_keep(&tag.name) {
-            Some(KeepReason::MatchesKeep)
-        } else if tag.manifest_digest().is_none() {
-            Some(KeepReason::NoManifest)
-        } else {
-            None
-        };
-        match excluded {
-            Some(reason) => verdicts[index] = Verdict::Keep(reason),
-            None => {
-                let created = tag.created_at.unwrap_or(now);
-                candidates.push(CandidateKey {
-                    seconds: created.as_second(),
-                    nanos: created.subsec_nanosecond(),
-                    index,
-                });
-            }
-        }
-    }
-
-    // Step 5: newest first; equal times by name, then position, so the result never depends
-    // on the sort algorithm.
-    candidates.sort_unstable_by(|a, b| {
-        b.seconds
-            .cmp(&a.seconds)
-            .then(b.nanos.cmp(&a.nanos))
-            .then_with(|| tags[a.index].name.cmp(&tags[b.index].name))
-            .then(a.index.cmp(&b.index))
-    });
-    let ordered_candidates: Vec<usize> = candidates.iter().map(|key| key.index).collect();
-    drop(candidates);
-
-    // Steps 6–8.
     let keep_n = rules.keep_n();
     let older_than = rules.older_than();
     // A cutoff before the representable past means nothing is old enough.
     let cutoff = older_than.map(|age| now.saturating_sub(age).unwrap_or(Timestamp::MIN));
-    let duplicates = has_duplicate_names(tags);
-    let mut names_counted: HashSet<&str> = HashSet::new();
-    let mut position: u64 = 0;
-    for &index in &ordered_candidates {
-        let within_keep_n = keep_n.is_some_and(|keep_n| position < u64::from(keep_n));
-        // A name listed twice (overlapping pages) must not use up two keepN places.
-        if !duplicates || names_counted.insert(tags[index].name.as_str()) {
-            position += 1;
-        }
-        verdicts[index] = if within_keep_n {
-            Verdict::Keep(KeepReason::KeepN)
-        } else if let Some(cutoff) = cutoff {
-            match tags[index].created_at {
-                None => Verdict::Keep(KeepReason::MissingCreatedAt),
-                Some(created) if created < cutoff => Verdict::Delete,
-                Some(_) => Verdict::Keep(KeepReason::NewerThan),
-            }
+
+    let mut verdicts: Vec<Verdict> = Vec::with_capacity(tags.len());
+    let mut candidates: Vec<CandidateKey> = Vec::with_capacity(tags.len());
+    // GitLab lists tags sorted by name: names that reach step 4 in strictly ascending order
+    // cannot repeat, which spares the duplicate check.
+    let mut names_ascending = true;
+    let mut previous_name: Option<&str> = None;
+    for (index, tag) in tags.iter().enumerate() {
+        // Steps 1–3 depend on the name alone, so every entry of a name gets the same answer.
+        let verdict = if tag.name == LATEST {
+            Verdict::Keep(KeepReason::Latest)
+        } else if !rules.matches_delete(&tag.name) {
+            Verdict::Keep(KeepReason::NotMatchingDelete)
+        } else if rules.matches_keep(&tag.name) {
+            Verdict::Keep(KeepReason::MatchesKeep)
         } else {
-            Verdict::Delete
+            names_ascending &= previous_name.is_none_or(|previous| previous < tag.name.as_str());
+            previous_name = Some(&tag.name);
+            if tag.manifest_digest().is_none() {
+                Verdict::Keep(KeepReason::NoManifest)
+            } else {
+                candidates.push(CandidateKey {
+                    newest_first: Reverse(tag.created_at.unwrap_or(now).as_second()),
+                    index,
+                });
+                verdict_unless_kept_by_keep_n(tag, cutoff, protections)
+            }
         };
+        verdicts.push(verdict);
     }
 
-    // The operator's protections.
-    let mut any_delete = false;
-    for &index in &ordered_candidates {
-        if verdicts[index] != Verdict::Delete {
-            continue;
-        }
-        let tag = &tags[index];
-        if protections.protected_tags.is_protected(&tag.name) {
-            verdicts[index] = Verdict::Keep(KeepReason::Protected);
-        } else if protections
-            .in_use
-            .as_ref()
-            .is_some_and(|in_use| in_use.is_in_use(&tag.name, tag.manifest_digest()))
-        {
-            verdicts[index] = Verdict::Keep(KeepReason::InUse);
-        } else {
-            any_delete = true;
+    // Step 5.
+    order_candidates(&mut candidates, tags, now);
+    let duplicates = !names_ascending && has_duplicate_names(tags, &verdicts);
+
+    // Step 6: the newest `keep_n` override whatever the age rule or a protection said.
+    if let Some(keep_n) = keep_n {
+        let mut names_counted: HashSet<&str> = HashSet::new();
+        let mut position: u64 = 0;
+        for key in &candidates {
+            if position >= u64::from(keep_n) {
+                break;
+            }
+            verdicts[key.index] = Verdict::Keep(KeepReason::KeepN);
+            // A name listed twice (overlapping pages) must not use up two keepN places.
+            if !duplicates || names_counted.insert(tags[key.index].name.as_str()) {
+                position += 1;
+            }
         }
     }
+
+    let any_delete = verdicts.contains(&Verdict::Delete);
     if any_delete && !duplicates {
         if protections.keep_shared_digests {
-            keep_shared_digests(tags, &ordered_candidates, &mut verdicts);
+            keep_shared_digests(tags, &mut verdicts);
         }
     } else if any_delete {
         // Keeping for one reason can make the other apply; repeat until nothing changes.
         loop {
             let mut changed = false;
             if protections.keep_shared_digests {
-                changed |= keep_shared_digests(tags, &ordered_candidates, &mut verdicts);
+                changed |= keep_shared_digests(tags, &mut verdicts);
             }
-            changed |= keep_names_kept_elsewhere(tags, &ordered_candidates, &mut verdicts);
+            changed |= keep_names_kept_elsewhere(tags, &mut verdicts);
             if !changed {
                 break;
             }
         }
     }
-    let mut names_listed: HashSet<&str> = HashSet::new();
-    let delete_order: Vec<usize> = ordered_candidates
-        .iter()
-        .rev()
-        .copied()
-        .filter(|&index| verdicts[index] == Verdict::Delete)
-        .filter(|&index| !duplicates || names_listed.insert(tags[index].name.as_str()))
-        .collect();
 
     let mut counts = SelectionCounts {
         evaluated: tags.len(),
@@ -439,6 +408,17 @@ pub fn select<'a>(
     }
     counts.protected = counts.kept_by(KeepReason::Protected);
 
+    let mut names_listed: HashSet<&str> = HashSet::new();
+    let mut delete_order: Vec<usize> = Vec::with_capacity(counts.delete);
+    delete_order.extend(
+        candidates
+            .iter()
+            .rev()
+            .map(|key| key.index)
+            .filter(|&index| verdicts[index] == Verdict::Delete)
+            .filter(|&index| !duplicates || names_listed.insert(tags[index].name.as_str())),
+    );
+
     Selection {
         tags,
         verdicts,
@@ -451,24 +431,87 @@ pub fn select<'a>(
     }
 }
 
-/// Whether a tag name appears more than once. GitLab lists tags sorted by name, which makes
-/// the usual answer a cheap linear check.
-fn has_duplicate_names(tags: &[TagInfo]) -> bool {
-    if tags.windows(2).all(|pair| pair[0].name < pair[1].name) {
+/// Steps 7–8 and the operator's protections for a candidate, as if it were not among the
+/// `keep_n` newest (the few that are get [`KeepReason::KeepN`] once candidates are ordered).
+fn verdict_unless_kept_by_keep_n(
+    tag: &TagInfo,
+    cutoff: Option<Timestamp>,
+    protections: &Protections<'_>,
+) -> Verdict {
+    match (cutoff, tag.created_at) {
+        (None, _) => {}
+        (Some(_), None) => return Verdict::Keep(KeepReason::MissingCreatedAt),
+        (Some(cutoff), Some(created)) if created < cutoff => {}
+        (Some(_), Some(_)) => return Verdict::Keep(KeepReason::NewerThan),
+    }
+    if protections.protected_tags.is_protected(&tag.name) {
+        Verdict::Keep(KeepReason::Protected)
+    } else if protections
+        .in_use
+        .as_ref()
+        .is_some_and(|in_use| in_use.is_in_use(&tag.name, tag.manifest_digest()))
+    {
+        Verdict::Keep(KeepReason::InUse)
+    } else {
+        Verdict::Delete
+    }
+}
+
+/// Step 5: newest first; equal times by name, then position, so the result never depends on
+/// the sort algorithm. Sorting by [`CandidateKey`] alone is cheap; only candidates created in
+/// the same second (usually none, or a handful) need the full comparison.
+fn order_candidates(candidates: &mut [CandidateKey], tags: &[TagInfo], now: Timestamp) {
+    candidates.sort_unstable();
+    let created = |key: &CandidateKey| tags[key.index].created_at.unwrap_or(now);
+    for same_second in candidates.chunk_by_mut(|a, b| a.newest_first == b.newest_first) {
+        if same_second.len() > 1 {
+            same_second.sort_unstable_by(|a, b| {
+                created(b)
+                    .cmp(&created(a))
+                    .then_with(|| tags[a.index].name.cmp(&tags[b.index].name))
+                    .then(a.index.cmp(&b.index))
+            });
+        }
+    }
+}
+
+/// Whether the name of a tag decided it (steps 1–3), so that every entry of that name has the
+/// same verdict and listing it twice changes nothing.
+fn decided_by_name(verdict: Verdict) -> bool {
+    matches!(
+        verdict,
+        Verdict::Keep(KeepReason::Latest | KeepReason::NotMatchingDelete | KeepReason::MatchesKeep)
+    )
+}
+
+/// Whether a name that reaches step 4 appears more than once.
+///
+/// Sorting one 64-bit hash per name and comparing neighbours touches memory in order, where a
+/// set of a million names would miss the cache on every insert. Equal hashes are rare (or
+/// crafted); only then are names compared, in a set with SipHash's random keys so that crafted
+/// names cannot make it slow.
+fn has_duplicate_names(tags: &[TagInfo], verdicts: &[Verdict]) -> bool {
+    let reaching_step_4 = || {
+        tags.iter()
+            .zip(verdicts)
+            .filter(|(_, verdict)| !decided_by_name(**verdict))
+            .map(|(tag, _)| tag.name.as_str())
+    };
+    let name_hasher = BuildHasherDefault::<NameHasher>::default();
+    let mut hashes: Vec<u64> = reaching_step_4()
+        .map(|name| name_hasher.hash_one(name))
+        .collect();
+    hashes.sort_unstable();
+    if hashes.windows(2).all(|pair| pair[0] != pair[1]) {
         return false;
     }
-    let mut seen: HashSet<&str, BuildHasherDefault<NameHasher>> =
-        HashSet::with_capacity_and_hasher(tags.len(), BuildHasherDefault::default());
-    !tags.iter().all(|tag| seen.insert(tag.name.as_str()))
+    let mut seen: HashSet<&str> = HashSet::with_capacity(hashes.len());
+    !reaching_step_4().all(|name| seen.insert(name))
 }
 
 /// Turns into `Keep(DuplicateName)` every deletion of a name that another entry keeps: tags
 /// are deleted by name. Returns whether anything changed.
-fn keep_names_kept_elsewhere(
-    tags: &[TagInfo],
-    ordered_candidates: &[usize],
-    verdicts: &mut [Verdict],
-) -> bool {
+fn keep_names_kept_elsewhere(tags: &[TagInfo], verdicts: &mut [Verdict]) -> bool {
     let kept_names: HashSet<&str> = tags
         .iter()
         .zip(verdicts.iter())
@@ -476,9 +519,9 @@ fn keep_names_kept_elsewhere(
         .map(|(tag, _)| tag.name.as_str())
         .collect();
     let mut changed = false;
-    for &index in ordered_candidates {
-        if verdicts[index] == Verdict::Delete && kept_names.contains(tags[index].name.as_str()) {
-            verdicts[index] = Verdict::Keep(KeepReason::DuplicateName);
+    for (tag, verdict) in tags.iter().zip(verdicts.iter_mut()) {
+        if *verdict == Verdict::Delete && kept_names.contains(tag.name.as_str()) {
+            *verdict = Verdict::Keep(KeepReason::DuplicateName);
             changed = true;
         }
     }
@@ -536,13 +579,15 @@ fn mix(value: u64) -> u64 {
 
 /// Turns into `Keep(SharedDigest)` every deletion whose digest a kept tag also has (a tag kept
 /// here adds no digest that was not already kept). Returns whether anything changed.
-fn keep_shared_digests(
-    tags: &[TagInfo],
-    ordered_candidates: &[usize],
-    verdicts: &mut [Verdict],
-) -> bool {
+fn keep_shared_digests(tags: &[TagInfo], verdicts: &mut [Verdict]) -> bool {
+    // Sized for the kept tags, not all tags: most tags are usually deleted, and in a table
+    // sized for all of them nearly every look-up of a deletion would miss the cache.
+    let kept = verdicts
+        .iter()
+        .filter(|verdict| !verdict.is_delete())
+        .count();
     let mut kept_digests: HashSet<&str, BuildHasherDefault<DigestHasher>> =
-        HashSet::with_capacity_and_hasher(tags.len(), BuildHasherDefault::default());
+        HashSet::with_capacity_and_hasher(kept, BuildHasherDefault::default());
     kept_digests.extend(
         tags.iter()
             .zip(verdicts.iter())
@@ -553,13 +598,13 @@ fn keep_shared_digests(
         return false;
     }
     let mut changed = false;
-    for &index in ordered_candidates {
-        if verdicts[index] == Verdict::Delete
-            && tags[index]
+    for (tag, verdict) in tags.iter().zip(verdicts.iter_mut()) {
+        if *verdict == Verdict::Delete
+            && tag
                 .manifest_digest()
                 .is_some_and(|digest| kept_digests.contains(digest))
         {
-            verdicts[index] = Verdict::Keep(KeepReason::SharedDigest);
+            *verdict = Verdict::Keep(KeepReason::SharedDigest);
             changed = true;
         }
     }
@@ -1143,6 +1188,34 @@ mod tests {
             Verdict::Keep(KeepReason::DuplicateName)
         );
         assert_eq!(selection.names_to_delete().collect::<Vec<_>>(), ["y"]);
+    }
+
+    #[test]
+    fn tags_created_in_the_same_second_are_ordered_by_time_then_name() {
+        let second = at_days_ago(30);
+        let at = |millis: i64| Some(second + jiff::SignedDuration::from_millis(millis));
+        let tags = vec![
+            TagInfo::new("c", Some(&digest_for("c")), at(200)),
+            TagInfo::new("d", Some(&digest_for("d")), at(-1000)),
+            TagInfo::new("b", Some(&digest_for("b")), at(500)),
+            TagInfo::new("a", Some(&digest_for("a")), at(200)),
+        ];
+        let selection = select(
+            &tags,
+            &rules(".*", None, Some(1), None),
+            &Protections::default(),
+            now(),
+        );
+        // "b" is the newest by half a second, whatever its name or position.
+        assert_eq!(
+            selection.verdict("b"),
+            Some(Verdict::Keep(KeepReason::KeepN))
+        );
+        // Oldest first; "a" and "c" were created at the same instant: name descending.
+        assert_eq!(
+            selection.names_to_delete().collect::<Vec<_>>(),
+            ["d", "c", "a"]
+        );
     }
 
     #[test]
