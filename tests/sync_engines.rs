@@ -330,6 +330,7 @@ fn registry_request(name: &str, list: &[(&str, i64)], known: Option<i64>) -> Reg
         known: KnownRegistry {
             registry_id: known,
             last_handled_purge_cache: None,
+            waiting_for_upstreams: false,
         },
         purge_cache_request: None,
         mode: Mode::Apply,
@@ -1469,6 +1470,124 @@ async fn sixth_upstream_of_a_registry_reports_gitlabs_limit() {
             .await;
         assert_eq!(outcome.error.expect("refused").reason(), "InvalidSpec");
         assert_eq!(env.sim.write_count(), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_registry_waiting_for_upstreams_plans_its_reruns_on_its_recent_view() {
+    guarded(async {
+        let env = Env::start().await;
+        let dockerhub = stub().await;
+        let other = env.registry("other").await;
+        let cache = env.registry("cache").await;
+        let mut ids = Vec::new();
+        for name in ["u1", "u2", "u3", "u4"] {
+            let created = env
+                .upstream(name, &format!("{}/{name}", dockerhub.url()), other)
+                .await;
+            ids.push(created.upstream_id.expect("id"));
+        }
+        let views = registry::RegistryViews::new(registry::REGISTRY_VIEW_MAX_AGE);
+        let shared = registry::SharedViews {
+            views: &views,
+            connection: "sim|default",
+            now: t0(),
+        };
+
+        // u2 is still being created: u1 is associated, u3 waits behind it.
+        env.reset();
+        let mut request = registry_request("cache", &[("u1", ids[0])], Some(cache));
+        request.desired.members.push(DesiredMember {
+            name: "u2".into(),
+            resolution: Resolution::Pending,
+        });
+        request.desired.members.push(DesiredMember {
+            name: "u3".into(),
+            resolution: Resolution::Resolved(ids[2]),
+        });
+        let waiting = registry::reconcile_with_views(&env.client, &request, Some(shared)).await;
+        assert!(waiting.error.is_none(), "{:?}", waiting.error);
+        assert_eq!(waiting.upstreams_resolved.reason, "WaitingForUpstream");
+        assert_eq!(env.count("GET", REGISTRY), 1);
+        assert_eq!(order_of(&env.snapshot(), cache), [ids[0]]);
+
+        // u2 got its id: the rerun plans on the view, reads nothing and appends in order.
+        env.reset();
+        let mut rerun = registry_request(
+            "cache",
+            &[("u1", ids[0]), ("u2", ids[1]), ("u3", ids[2])],
+            Some(cache),
+        );
+        rerun.known.waiting_for_upstreams = true;
+        let done = registry::reconcile_with_views(&env.client, &rerun, Some(shared)).await;
+        assert!(done.error.is_none(), "{:?}", done.error);
+        assert_eq!(env.count("GET", REGISTRY), 0);
+        assert_eq!(env.count("POST", ASSOCIATIONS), 2);
+        assert_eq!(env.count("PATCH", ASSOCIATION), 0);
+        assert_eq!(order_of(&env.snapshot(), cache), [ids[0], ids[1], ids[2]]);
+        assert_eq!(
+            done.members.iter().map(|m| m.position).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+
+        // Behind the view's back, u4 is associated (as an upstream created through the
+        // registry would be). A plan on the view tries to add it; GitLab refuses the
+        // duplicate, and the engine reads the registry and plans again.
+        env.client
+            .associate_upstream(cache, ids[3])
+            .await
+            .expect("associated in GitLab");
+        env.reset();
+        let mut stale = registry_request(
+            "cache",
+            &[
+                ("u1", ids[0]),
+                ("u2", ids[1]),
+                ("u4", ids[3]),
+                ("u3", ids[2]),
+            ],
+            Some(cache),
+        );
+        stale.known.waiting_for_upstreams = true;
+        let corrected = registry::reconcile_with_views(&env.client, &stale, Some(shared)).await;
+        assert!(corrected.error.is_none(), "{:?}", corrected.error);
+        assert_eq!(env.count("POST", ASSOCIATIONS), 1, "the refused one");
+        assert_eq!(env.count("GET", REGISTRY), 1, "read after the refusal");
+        assert_eq!(
+            order_of(&env.snapshot(), cache),
+            [ids[0], ids[1], ids[3], ids[2]]
+        );
+        assert_eq!(corrected.synced.status, Status::True);
+
+        // Not waiting for upstreams (a resync, a new spec): the registry is read.
+        env.reset();
+        let resync = registry::reconcile_with_views(
+            &env.client,
+            &registry_request(
+                "cache",
+                &[
+                    ("u1", ids[0]),
+                    ("u2", ids[1]),
+                    ("u4", ids[3]),
+                    ("u3", ids[2]),
+                ],
+                Some(cache),
+            ),
+            Some(shared),
+        )
+        .await;
+        assert!(resync.actions.is_empty(), "{:?}", resync.actions);
+        assert_eq!(env.count("GET", REGISTRY), 1);
+
+        // A view older than its max age is not used either.
+        env.reset();
+        let later = registry::SharedViews {
+            now: t0() + SignedDuration::from_secs(31),
+            ..shared
+        };
+        registry::reconcile_with_views(&env.client, &stale, Some(later)).await;
+        assert_eq!(env.count("GET", REGISTRY), 1);
     })
     .await;
 }

@@ -18,7 +18,8 @@
 //! - requeue after success: registries at the resync, Upstreams at the earlier of the resync
 //!   and the next connection test;
 //! - Upstreams read GitLab through the controller's group upstream listings, gated and keyed
-//!   by the same `controller::upstream` functions (max age half the resync, on virtual time).
+//!   by the same `controller::upstream` functions (max age half the resync, on virtual time),
+//!   and registries plan on the controller's recent registry views as `run` does.
 //!
 //! What it leaves out: the Kubernetes API itself (finalizer patch, status patches, Events,
 //! watch latency): those cost no GitLab request.
@@ -35,6 +36,7 @@ use gitlab_registry_operator::gitlab::{ClientConfig, GitLabClient};
 use gitlab_registry_operator::sim::seed::SeedGroup;
 use gitlab_registry_operator::sim::{DEFAULT_TOKEN, Seed, SimConfig, SimHandle, Simulator};
 use gitlab_registry_operator::sync::listing::UpstreamListings;
+use gitlab_registry_operator::sync::registry::{RegistryViews, SharedViews};
 use jiff::Timestamp;
 use secrecy::SecretString;
 
@@ -123,6 +125,8 @@ pub struct Fleet {
     listing_registries: Vec<Vec<usize>>,
     /// The controller's group upstream listings (`Context::upstream_listings`).
     listings: Arc<UpstreamListings>,
+    /// The controller's registry views (`Context::registry_views`).
+    registry_views: Arc<RegistryViews>,
 }
 
 /// Which watch events requeue objects.
@@ -237,6 +241,7 @@ impl Fleet {
             listed_upstreams,
             listing_registries,
             listings: Arc::new(controller::context::upstream_listings(RESYNC)),
+            registry_views: Arc::new(controller::context::registry_views(RESYNC)),
         }
     }
 
@@ -342,15 +347,30 @@ pub async fn reconcile(
 ) -> Reconciled {
     match key {
         ObjectKey::Registry(index) => {
-            let request = {
+            let (request, views, connection) = {
                 let fleet = lock(fleet);
-                controller::registry::build_request(
-                    &fleet.registries[index],
-                    fleet.upstreams.iter(),
+                let registry = &fleet.registries[index];
+                (
+                    controller::registry::build_request(registry, fleet.upstreams.iter()),
+                    fleet.registry_views.clone(),
+                    controller::connection::connection_key(
+                        client,
+                        &registry.metadata.namespace.clone().unwrap_or_default(),
+                        registry.spec.gitlab.as_ref(),
+                    ),
                 )
             };
-            let outcome =
-                gitlab_registry_operator::sync::registry::reconcile(client, &request).await;
+            let shared = SharedViews {
+                views: &views,
+                connection: &connection,
+                now,
+            };
+            let outcome = gitlab_registry_operator::sync::registry::reconcile_with_views(
+                client,
+                &request,
+                Some(shared),
+            )
+            .await;
             let mut fleet = lock(fleet);
             let registry = &mut fleet.registries[index];
             let identity_before = controller::triggers::registry_identity(registry);

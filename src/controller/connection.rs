@@ -60,6 +60,25 @@ pub fn secret_key(secret: &Secret, namespace: &str, key: &str) -> Result<SecretV
     })
 }
 
+/// Names the GitLab connection `client` stands for, as the shared listings and registry views
+/// key it: the url and the token's source (the operator's default, or a Secret of the
+/// object's own namespace), so what one token read is only ever used for objects reading
+/// GitLab with that token. Pure.
+pub fn connection_key(
+    client: &GitLabClient,
+    namespace: &str,
+    connection: Option<&GitLabConnection>,
+) -> String {
+    match connection {
+        Some(connection) => format!(
+            "{}|{namespace}/{}",
+            client.base_url(),
+            connection.token_secret_ref.name
+        ),
+        None => format!("{}|default", client.base_url()),
+    }
+}
+
 /// The GitLab client an object uses: its `spec.gitlab` (token from a Secret in its own
 /// namespace), else the operator's default.
 pub async fn gitlab_client(

@@ -15,6 +15,7 @@ use super::metrics::Metrics;
 use crate::crd::{Upstream, VirtualRegistry};
 use crate::gitlab::{ClientConfig, GitLabClient, RequestObserver};
 use crate::sync::listing::UpstreamListings;
+use crate::sync::registry::{REGISTRY_VIEW_MAX_AGE, RegistryViews};
 
 /// Settings from the command line.
 #[derive(Clone, Debug)]
@@ -52,6 +53,13 @@ impl Default for OperatorConfig {
 /// lists again. Drift made in GitLab is therefore seen at most 1.5 resyncs after it happened.
 pub fn upstream_listings(resync: Duration) -> UpstreamListings {
     UpstreamListings::new(resync / 2)
+}
+
+/// The registry views of a `run` process with this resync: a view stands in for a read for
+/// [`REGISTRY_VIEW_MAX_AGE`] at most, and never as long as half a resync, so every resync
+/// reads every registry.
+pub fn registry_views(resync: Duration) -> RegistryViews {
+    RegistryViews::new(REGISTRY_VIEW_MAX_AGE.min(resync / 2))
 }
 
 /// GitLab clients, one per (url, token source), so connection pools and rate limiters are
@@ -92,6 +100,9 @@ pub struct Context {
     /// Group upstream listings shared by the Upstream reconciles of a resync wave, at most
     /// half a resync old: one list per group per resync instead of one GET per Upstream.
     pub upstream_listings: UpstreamListings,
+    /// What this process last saw of each registry, for the reruns that follow shortly after
+    /// a reconcile (Upstreams getting their ids one after the other).
+    pub registry_views: RegistryViews,
     /// The images Pods run (`keepInUse`); `None` when Pods are not watched.
     pub pods: Option<super::cleanup_policy::PodImages>,
     /// Consecutive failures per object, for backoff; cleared on success.
@@ -114,6 +125,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             upstream_listings: upstream_listings(config.resync),
+            registry_views: registry_views(config.resync),
             config,
             gitlab: GitLabClients::default(),
             metrics,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use kube::runtime::controller::Action as Requeue;
 use kube::{Api, Resource, ResourceExt};
 
-use super::connection::gitlab_client;
+use super::connection::{connection_key, gitlab_client};
 use super::status::{
     apply_status, mark_failed, mark_suspended, now, publish_actions, publish_outcome,
 };
@@ -22,6 +22,7 @@ use crate::crd::{
 use crate::gitlab::PathOrId;
 use crate::sync::registry::{
     DesiredMember, DesiredRegistry, KnownRegistry, RegistryOutcome, RegistryRequest, Resolution,
+    SharedViews,
 };
 use crate::sync::{self, Mode};
 
@@ -62,7 +63,13 @@ async fn apply(
         let client = gitlab_client(ctx, &namespace, registry.spec.gitlab.as_ref()).await?;
         let upstreams = ctx.upstreams.state();
         let request = build_request(registry, upstreams.iter().map(|u| u.as_ref()));
-        Ok::<_, Error>(sync::registry::reconcile(&client, &request).await)
+        let connection = connection_key(&client, &namespace, registry.spec.gitlab.as_ref());
+        let views = SharedViews {
+            views: &ctx.registry_views,
+            connection: &connection,
+            now: jiff::Timestamp::now(),
+        };
+        Ok::<_, Error>(sync::registry::reconcile_with_views(&client, &request, Some(views)).await)
     }
     .await;
     match synced {
@@ -97,6 +104,18 @@ fn creation_blocked(upstream: &Upstream) -> bool {
         .as_ref()
         .and_then(|status| conditions::find(&status.conditions, SYNCED))
         .is_some_and(|synced| synced.status == "False" && synced.reason != "WaitingForRegistry")
+}
+
+/// Whether the last reconcile left the registry waiting for Upstreams to get their GitLab
+/// ids, and nothing else asked for a reconcile since (a new spec, a reconcile request): the
+/// only case where the engine may plan on its recent view instead of reading the registry.
+fn waiting_for_upstreams(registry: &VirtualRegistry, status: &VirtualRegistryStatus) -> bool {
+    let waiting = conditions::find(&status.conditions, UPSTREAMS_RESOLVED)
+        .is_some_and(|resolved| resolved.reason == "WaitingForUpstream");
+    waiting
+        && status.observed_generation == registry.metadata.generation
+        && registry.annotations().get(RECONCILE_REQUESTED_AT)
+            == status.last_handled_reconcile_at.as_ref()
 }
 
 /// The engine's input from the object and the Upstream objects in the cluster. Pure.
@@ -135,7 +154,8 @@ pub fn build_request<'a>(
         },
         known: KnownRegistry {
             registry_id: status.registry_id,
-            last_handled_purge_cache: status.last_handled_purge_cache_at,
+            last_handled_purge_cache: status.last_handled_purge_cache_at.clone(),
+            waiting_for_upstreams: waiting_for_upstreams(registry, &status),
         },
         purge_cache_request: registry
             .annotations()
@@ -308,6 +328,61 @@ mod tests {
                 Resolution::Pending,
                 Resolution::Blocked
             ]
+        );
+    }
+
+    #[test]
+    fn only_a_registry_left_waiting_for_upstreams_with_nothing_else_changed_may_plan_on_its_view() {
+        let mut waiting = registry();
+        waiting.metadata.generation = Some(3);
+        let mut status = VirtualRegistryStatus {
+            registry_id: Some(9),
+            observed_generation: Some(3),
+            ..Default::default()
+        };
+        conditions::set_condition(
+            &mut status.conditions,
+            conditions::ConditionUpdate::new(UPSTREAMS_RESOLVED, false, "WaitingForUpstream", "u"),
+            Some(3),
+            &crate::controller::status::now(),
+        );
+        waiting.status = Some(status.clone());
+        assert!(
+            build_request(&waiting, std::iter::empty())
+                .known
+                .waiting_for_upstreams
+        );
+
+        let mut edited = waiting.clone();
+        edited.metadata.generation = Some(4);
+        assert!(
+            !build_request(&edited, std::iter::empty())
+                .known
+                .waiting_for_upstreams
+        );
+
+        let mut requested = waiting.clone();
+        requested
+            .annotations_mut()
+            .insert(RECONCILE_REQUESTED_AT.into(), "now".into());
+        assert!(
+            !build_request(&requested, std::iter::empty())
+                .known
+                .waiting_for_upstreams
+        );
+
+        let mut resolved = waiting.clone();
+        conditions::set_condition(
+            &mut status.conditions,
+            conditions::ConditionUpdate::new(UPSTREAMS_RESOLVED, true, "Resolved", "3"),
+            Some(3),
+            &crate::controller::status::now(),
+        );
+        resolved.status = Some(status);
+        assert!(
+            !build_request(&resolved, std::iter::empty())
+                .known
+                .waiting_for_upstreams
         );
     }
 

@@ -9,7 +9,7 @@ use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 
-use super::connection::{gitlab_client, read_secret, secret_key};
+use super::connection::{connection_key, gitlab_client, read_secret, secret_key};
 use super::status::{apply_status, mark_failed, mark_suspended, now, publish, publish_outcome};
 use super::{Context, Error, Result, reconciler};
 use crate::cleanup::parse_duration;
@@ -120,19 +120,14 @@ pub fn shared_listing<'a>(
     }
 }
 
-/// Names the GitLab connection `client` stands for, as the listings key it: the url and the
-/// token's source (the operator's default, or a Secret of the object's own namespace), so a
-/// listing is shared only by objects reading GitLab with the same token. Pure.
+/// Names the GitLab connection `client` stands for, as the listings key it
+/// ([`connection_key`]). Pure.
 pub fn listing_connection(client: &GitLabClient, upstream: &Upstream) -> String {
-    match &upstream.spec.gitlab {
-        Some(connection) => format!(
-            "{}|{}/{}",
-            client.base_url(),
-            upstream.namespace().unwrap_or_default(),
-            connection.token_secret_ref.name
-        ),
-        None => format!("{}|default", client.base_url()),
-    }
+    connection_key(
+        client,
+        &upstream.namespace().unwrap_or_default(),
+        upstream.spec.gitlab.as_ref(),
+    )
 }
 
 /// Whether nothing is known to have changed since the last reconcile wrote the status: its

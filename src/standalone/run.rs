@@ -509,6 +509,7 @@ fn registry_request(
         known: registry::KnownRegistry {
             registry_id: known_id,
             last_handled_purge_cache: None,
+            waiting_for_upstreams: false,
         },
         purge_cache_request: None,
         mode,

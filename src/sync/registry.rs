@@ -6,7 +6,11 @@
 //! run already in order are moved). While an upstream of the list is not yet resolved to a
 //! GitLab id, nothing is removed: the unknown association may be that upstream's.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use jiff::Timestamp;
 
 use super::{Action, Error, FieldChange, Mode, Result, failure_condition};
 use crate::crd::conditions::{ConditionUpdate, SYNCED, Status, UPSTREAMS_RESOLVED};
@@ -53,6 +57,10 @@ pub struct DesiredRegistry {
 pub struct KnownRegistry {
     pub registry_id: Option<i64>,
     pub last_handled_purge_cache: Option<String>,
+    /// The last reconcile left the registry waiting for Upstreams to get their ids, and
+    /// nothing else changed since: this reconcile follows an Upstream's new id, and may plan
+    /// on this process's recent view of the registry ([`RegistryViews`]).
+    pub waiting_for_upstreams: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -84,11 +92,91 @@ pub struct RegistryOutcome {
     pub upstreams_resolved: ConditionUpdate,
     pub actions: Vec<Action>,
     pub error: Option<Error>,
+    /// The registry's own fields as GitLab holds them after this reconcile (associations
+    /// are in `members`); `None` until it was read or created.
+    pub seen: Option<VirtualRegistry>,
+}
+
+/// How long what this process saw of a registry (read, then changed by its own calls) stands
+/// in for a fresh read. Long enough for the reruns that follow Upstreams getting their ids
+/// one after the other; far shorter than the resync, so drift is still read at every resync.
+pub const REGISTRY_VIEW_MAX_AGE: Duration = Duration::from_secs(30);
+
+/// What this process last saw of each registry, with its own changes applied: a reconcile
+/// shortly after another plans on it instead of reading the registry again. A call GitLab
+/// refuses because the view was out of date (an upstream created through the registry since,
+/// an association removed in the UI) makes the reconcile read the registry and plan again.
+pub struct RegistryViews {
+    max_age: Duration,
+    views: Mutex<HashMap<(String, i64), (Timestamp, VirtualRegistry)>>,
+}
+
+impl RegistryViews {
+    pub fn new(max_age: Duration) -> Self {
+        Self {
+            max_age,
+            views: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, connection: &str, id: i64, now: Timestamp) -> Option<VirtualRegistry> {
+        let views = self.lock();
+        let (seen_at, view) = views.get(&(connection.to_owned(), id))?;
+        let age = now.duration_since(*seen_at);
+        (!age.is_negative() && age.unsigned_abs() < self.max_age).then(|| view.clone())
+    }
+
+    fn store(&self, connection: &str, view: VirtualRegistry, now: Timestamp) {
+        self.lock()
+            .insert((connection.to_owned(), view.id), (now, view));
+    }
+
+    fn forget(&self, connection: &str, id: i64) {
+        self.lock().remove(&(connection.to_owned(), id));
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(String, i64), (Timestamp, VirtualRegistry)>> {
+        self.views
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A reconcile's access to the registry views.
+#[derive(Clone, Copy)]
+pub struct SharedViews<'a> {
+    pub views: &'a RegistryViews,
+    /// The GitLab url and token source the client stands for: views are never shared
+    /// between connections.
+    pub connection: &'a str,
+    pub now: Timestamp,
 }
 
 /// Makes the GitLab registry match `request.desired`; a GitLab error ends the reconcile with
 /// `Synced=False` and the error in `outcome.error`, keeping what was done before it.
 pub async fn reconcile(client: &GitLabClient, request: &RegistryRequest) -> RegistryOutcome {
+    reconcile_with_views(client, request, None).await
+}
+
+/// As [`reconcile`], planning on this process's recent view of the registry
+/// ([`RegistryViews`]) instead of reading it, when there is one and the reconcile only
+/// follows Upstreams getting their ids (`known.waiting_for_upstreams`); `plan` always
+/// reads. Either way the view is kept up to date for the next reconcile.
+pub async fn reconcile_with_views(
+    client: &GitLabClient,
+    request: &RegistryRequest,
+    views: Option<SharedViews<'_>>,
+) -> RegistryOutcome {
+    let views = views.filter(|_| request.mode.writes());
+    let view = views.and_then(|shared| {
+        let id = request
+            .known
+            .registry_id
+            .filter(|_| request.known.waiting_for_upstreams)?;
+        shared.views.get(shared.connection, id, shared.now)
+    });
     let mut outcome = RegistryOutcome {
         registry_id: request.known.registry_id,
         group_id: None,
@@ -99,8 +187,26 @@ pub async fn reconcile(client: &GitLabClient, request: &RegistryRequest) -> Regi
         upstreams_resolved: resolution_condition(&request.desired.members),
         actions: Vec::new(),
         error: None,
+        seen: None,
     };
-    if let Err(error) = sync(client, request, &mut outcome).await {
+    let planned_on_view = view.is_some();
+    let mut result = sync(client, request, view, &mut outcome).await;
+    if planned_on_view && matches!(&result, Err(error) if refuses_a_stale_plan(error)) {
+        // Planned on an out-of-date view: what was done stays in the outcome; read the
+        // registry and plan again.
+        result = sync(client, request, None, &mut outcome).await;
+    }
+    if let Some(shared) = views {
+        match (&result, outcome.registry_id) {
+            (Ok(()), Some(id)) => match view_after(&outcome, id) {
+                Some(view) => shared.views.store(shared.connection, view, shared.now),
+                None => shared.views.forget(shared.connection, id),
+            },
+            (_, Some(id)) => shared.views.forget(shared.connection, id),
+            (_, None) => {}
+        }
+    }
+    if let Err(error) = result {
         outcome.synced = failure_condition(&error);
         outcome.error = Some(error);
     }
@@ -108,6 +214,36 @@ pub async fn reconcile(client: &GitLabClient, request: &RegistryRequest) -> Regi
         outcome.pull_prefix = Some(pull_prefix(&client.host_with_port(), id));
     }
     outcome
+}
+
+/// GitLab refusing a write planned on what we saw: an association that is already there or
+/// gone, a position or limit that no longer holds.
+fn refuses_a_stale_plan(error: &Error) -> bool {
+    match error {
+        Error::GitLab(error) => error.is_not_found() || error.field_errors().is_some(),
+        Error::InvalidSpec(_) => false,
+    }
+}
+
+/// The registry as GitLab holds it after a successful reconcile, from the outcome.
+fn view_after(outcome: &RegistryOutcome, id: i64) -> Option<VirtualRegistry> {
+    let seen = outcome.seen.clone()?;
+    let registry_upstreams = outcome
+        .members
+        .iter()
+        .map(|member| {
+            Some(crate::gitlab::RegistryUpstream {
+                id: member.association_id?,
+                registry_id: Some(id),
+                upstream_id: Some(member.upstream_id),
+                position: member.position,
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(VirtualRegistry {
+        registry_upstreams,
+        ..seen
+    })
 }
 
 /// The image prefix users pull through: `<gitlab host>/virtual_registries/container/<id>`.
@@ -150,9 +286,12 @@ fn resolution_condition(members: &[DesiredMember]) -> ConditionUpdate {
     }
 }
 
+/// One pass: read the registry (or take `view`, this process's recent view of it), then
+/// create, update and associate what differs.
 async fn sync(
     client: &GitLabClient,
     request: &RegistryRequest,
+    view: Option<VirtualRegistry>,
     outcome: &mut RegistryOutcome,
 ) -> Result<()> {
     let desired = &request.desired;
@@ -168,7 +307,11 @@ async fn sync(
         )));
     }
 
-    let remote = match find_remote(client, request, outcome).await? {
+    let found = match view {
+        Some(view) => Some(view),
+        None => find_remote(client, request, outcome).await?,
+    };
+    let remote = match found {
         Some(remote) => remote,
         None => {
             let mut changes = vec![FieldChange::new(
@@ -251,6 +394,15 @@ async fn sync(
             Action::new("Updated", format!("updated registry {}", remote.id)).with_changes(changes),
         );
     }
+    outcome.seen = Some(VirtualRegistry {
+        name: update.name.clone().unwrap_or_else(|| remote.name.clone()),
+        description: update
+            .description
+            .clone()
+            .or_else(|| remote.description.clone()),
+        registry_upstreams: Vec::new(),
+        ..remote.clone()
+    });
 
     let current: Vec<CurrentAssociation> = {
         let mut associations: Vec<_> = remote
