@@ -91,6 +91,12 @@ impl Driver {
                 );
             }
             if reconciled.failed {
+                if trace_enabled() {
+                    eprintln!(
+                        "failed {key:?}: {}",
+                        reconciled.error.as_deref().unwrap_or("")
+                    );
+                }
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 let driver = self.clone();
                 tokio::spawn(async move {

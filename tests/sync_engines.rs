@@ -1592,6 +1592,56 @@ async fn a_registry_waiting_for_upstreams_plans_its_reruns_on_its_recent_view() 
     .await;
 }
 
+#[tokio::test]
+async fn a_full_registry_behind_the_view_is_read_and_reordered_not_failed() {
+    guarded(async {
+        let env = Env::start().await;
+        let dockerhub = stub().await;
+        let cache = env.registry("cache").await;
+        let views = registry::RegistryViews::new(registry::REGISTRY_VIEW_MAX_AGE);
+        let shared = registry::SharedViews {
+            views: &views,
+            connection: "sim|default",
+            now: t0(),
+        };
+        // The view: nothing associated yet, every member still being created.
+        let mut waiting = registry_request("cache", &[], Some(cache));
+        for name in ["u1", "u2", "u3", "u4", "u5"] {
+            waiting.desired.members.push(DesiredMember {
+                name: name.into(),
+                resolution: Resolution::Pending,
+            });
+        }
+        let outcome = registry::reconcile_with_views(&env.client, &waiting, Some(shared)).await;
+        assert!(outcome.error.is_none(), "{:?}", outcome.error);
+
+        // All five are created through the registry, in the reverse of the declared order.
+        let mut ids = Vec::new();
+        for name in ["u5", "u4", "u3", "u2", "u1"] {
+            let created = env
+                .upstream(name, &format!("{}/{name}", dockerhub.url()), cache)
+                .await;
+            ids.insert(0, created.upstream_id.expect("id"));
+        }
+        env.reset();
+        let list: Vec<(&str, i64)> = ["u1", "u2", "u3", "u4", "u5"]
+            .into_iter()
+            .zip(ids.iter().copied())
+            .collect();
+        let mut rerun = registry_request("cache", &list, Some(cache));
+        rerun.known.waiting_for_upstreams = true;
+        let done = registry::reconcile_with_views(&env.client, &rerun, Some(shared)).await;
+        // The plan on the view adds u1 to a full registry: GitLab refuses (limit, taken), the
+        // registry is read, and only repositioning is left to do.
+        assert!(done.error.is_none(), "{:?}", done.error);
+        assert_eq!(env.count("POST", ASSOCIATIONS), 1);
+        assert_eq!(env.count("GET", REGISTRY), 1);
+        assert_eq!(order_of(&env.snapshot(), cache), ids);
+        assert_eq!(done.synced.status, Status::True);
+    })
+    .await;
+}
+
 // ---- deletion ----------------------------------------------------------------------------
 
 #[tokio::test]

@@ -147,6 +147,8 @@ pub struct Reconciled {
     pub identity_changed: bool,
     pub requeue_after: Duration,
     pub failed: bool,
+    /// The error's reason and GitLab's message, when it failed.
+    pub error: Option<String>,
 }
 
 impl Fleet {
@@ -384,6 +386,10 @@ pub async fn reconcile(
                     != identity_before,
                 requeue_after: after(outcome.error.as_ref(), RESYNC),
                 failed: outcome.error.is_some(),
+                error: outcome
+                    .error
+                    .as_ref()
+                    .map(|error| format!("{}: {}", error.reason(), error.message())),
             }
         }
         ObjectKey::Upstream(index) => {
@@ -424,6 +430,10 @@ pub async fn reconcile(
                     != identity_before,
                 requeue_after: after(outcome.error.as_ref(), next),
                 failed: outcome.error.is_some(),
+                error: outcome
+                    .error
+                    .as_ref()
+                    .map(|error| format!("{}: {}", error.reason(), error.message())),
             }
         }
     }

@@ -220,7 +220,11 @@ pub async fn reconcile_with_views(
 /// gone, a position or limit that no longer holds.
 fn refuses_a_stale_plan(error: &Error) -> bool {
     match error {
-        Error::GitLab(error) => error.is_not_found() || error.field_errors().is_some(),
+        Error::GitLab(error) => {
+            error.is_not_found()
+                || error.field_errors().is_some()
+                || matches!(error, crate::gitlab::Error::LimitExceeded { .. })
+        }
         Error::InvalidSpec(_) => false,
     }
 }
