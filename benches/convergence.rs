@@ -253,6 +253,17 @@ async fn run_scenario(label: &str, max_concurrent_reconciles: Option<usize>) {
         bound.critical_path_round_trips
     );
     println!("convergence{label}.ratio_to_lower_bound = {ratio:.2} (goal <= 1.5)");
+    if let Some(limit) = max_concurrent_reconciles {
+        let by_controller = bound.by_controller(limit);
+        println!(
+            "convergence{label}.per_controller_bound_ms = {:.0} (the registry controller's share of the minimal requests, {} of {}: every association is a registry's, x {} ms / {limit}; ratio {:.2})",
+            by_controller.as_secs_f64() * 1000.0,
+            bound.minimal_registry_requests,
+            bound.minimal_requests,
+            LATENCY.as_millis(),
+            ready_at.as_secs_f64() / by_controller.as_secs_f64()
+        );
+    }
     if max_concurrent_reconciles.is_none() {
         println!(
             "convergence.ratio_to_requests_bound = {:.2} (minimal requests x latency / concurrency alone, which no client reaches here: {} ms is less than the dependency chain)",
@@ -288,6 +299,8 @@ const ENGINE_CHAIN_ROUND_TRIPS: u32 = 2 + 2 + 1 + UPSTREAMS_PER_GROUP as u32;
 /// flight per object.
 struct LowerBound {
     minimal_requests: u64,
+    /// Of those, the ones a registry's reconcile sends: its list, create and associations.
+    minimal_registry_requests: u64,
     concurrency: u64,
     critical_path_round_trips: u32,
 }
@@ -304,6 +317,7 @@ impl LowerBound {
         let per_group = 1 + r + 1 + 2 * u + (r * u - u);
         Self {
             minimal_requests: per_group * GROUPS as u64,
+            minimal_registry_requests: (1 + r + (r * u - u)) * GROUPS as u64,
             // Each reconcile has at most one GitLab request in flight.
             concurrency: max_concurrent_reconciles
                 .map_or(objects, |limit| (2 * limit as u64).min(objects)),
@@ -320,6 +334,11 @@ impl LowerBound {
 
     fn by_requests(&self) -> Duration {
         LATENCY * self.minimal_requests as u32 / self.concurrency as u32
+    }
+
+    /// The registry controller alone, `limit` reconciles at a time, one request each.
+    fn by_controller(&self, limit: usize) -> Duration {
+        LATENCY * self.minimal_registry_requests as u32 / limit as u32
     }
 
     fn by_critical_path(&self) -> Duration {

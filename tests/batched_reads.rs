@@ -138,6 +138,7 @@ impl Env {
             listings: &self.listings,
             connection: CONNECTION,
             nothing_changed,
+            registry_views: None,
         }
     }
 

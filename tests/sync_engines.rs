@@ -1642,6 +1642,61 @@ async fn a_full_registry_behind_the_view_is_read_and_reordered_not_failed() {
     .await;
 }
 
+#[tokio::test]
+async fn an_upstream_created_through_a_registry_makes_the_registry_read_again() {
+    guarded(async {
+        let env = Env::start().await;
+        let dockerhub = stub().await;
+        let cache = env.registry("cache").await;
+        let views = registry::RegistryViews::new(registry::REGISTRY_VIEW_MAX_AGE);
+        let listings = gitlab_registry_operator::sync::listing::UpstreamListings::new(
+            Duration::from_secs(300),
+        );
+        let shared = registry::SharedViews {
+            views: &views,
+            connection: "sim|default",
+            now: t0(),
+        };
+        let mut waiting = registry_request("cache", &[], Some(cache));
+        waiting.desired.members.push(DesiredMember {
+            name: "u1".into(),
+            resolution: Resolution::Pending,
+        });
+        registry::reconcile_with_views(&env.client, &waiting, Some(shared)).await;
+
+        // The Upstream engine creates u1 through the registry, and says so to the views.
+        let mut request = upstream_request(
+            desired("u1", &dockerhub.url()),
+            KnownUpstream::default(),
+            t0(),
+        );
+        request.registry_for_create = Some(cache);
+        let created = upstream::reconcile_with_listing(
+            &env.client,
+            &request,
+            Some(upstream::SharedListing {
+                listings: &listings,
+                connection: "sim|default",
+                nothing_changed: false,
+                registry_views: Some(&views),
+            }),
+        )
+        .await;
+        let id = created.upstream_id.expect("created");
+
+        // The registry's rerun reads it (no view), and finds u1 already there.
+        env.reset();
+        let mut rerun = registry_request("cache", &[("u1", id)], Some(cache));
+        rerun.known.waiting_for_upstreams = true;
+        let done = registry::reconcile_with_views(&env.client, &rerun, Some(shared)).await;
+        assert!(done.error.is_none(), "{:?}", done.error);
+        assert_eq!(env.count("GET", REGISTRY), 1);
+        assert_eq!(env.count("POST", ASSOCIATIONS), 0, "nothing refused");
+        assert_eq!(order_of(&env.snapshot(), cache), [id]);
+    })
+    .await;
+}
+
 // ---- deletion ----------------------------------------------------------------------------
 
 #[tokio::test]

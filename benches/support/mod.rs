@@ -393,7 +393,10 @@ pub async fn reconcile(
             }
         }
         ObjectKey::Upstream(index) => {
-            let listings = lock(fleet).listings.clone();
+            let (listings, registry_views) = {
+                let fleet = lock(fleet);
+                (fleet.listings.clone(), fleet.registry_views.clone())
+            };
             let connection;
             let (request, listing) = {
                 let fleet = lock(fleet);
@@ -406,8 +409,12 @@ pub async fn reconcile(
                     now,
                 )
                 .expect("valid Upstream specs");
-                let listing =
-                    controller::upstream::shared_listing(upstream, &listings, &connection);
+                let listing = controller::upstream::shared_listing(
+                    upstream,
+                    &listings,
+                    &registry_views,
+                    &connection,
+                );
                 (request, listing)
             };
             let outcome = gitlab_registry_operator::sync::upstream::reconcile_with_listing(

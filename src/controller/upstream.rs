@@ -21,6 +21,7 @@ use crate::crd::{
 };
 use crate::gitlab::{GitLabClient, PathOrId, UpstreamCredentials};
 use crate::sync::listing::UpstreamListings;
+use crate::sync::registry::RegistryViews;
 use crate::sync::upstream::{
     ConnectivityCheck, CredentialsVersion, DesiredUpstream, KnownUpstream, ResolvedCredentials,
     SharedListing, TestedConfiguration, UpstreamOutcome, UpstreamRequest,
@@ -103,7 +104,12 @@ async fn dereference_and_sync(upstream: &Upstream, ctx: &Context) -> Result<Upst
         jiff::Timestamp::now(),
     )?;
     let connection = listing_connection(&client, upstream);
-    let listing = shared_listing(upstream, &ctx.upstream_listings, &connection);
+    let listing = shared_listing(
+        upstream,
+        &ctx.upstream_listings,
+        &ctx.registry_views,
+        &connection,
+    );
     Ok(sync::upstream::reconcile_with_listing(&client, &request, Some(listing)).await)
 }
 
@@ -111,12 +117,14 @@ async fn dereference_and_sync(upstream: &Upstream, ctx: &Context) -> Result<Upst
 pub fn shared_listing<'a>(
     upstream: &Upstream,
     listings: &'a UpstreamListings,
+    registry_views: &'a RegistryViews,
     connection: &'a str,
 ) -> SharedListing<'a> {
     SharedListing {
         listings,
         connection,
         nothing_changed: nothing_changed_since_last_reconcile(upstream),
+        registry_views: Some(registry_views),
     }
 }
 

@@ -131,7 +131,8 @@ impl RegistryViews {
             .insert((connection.to_owned(), view.id), (now, view));
     }
 
-    fn forget(&self, connection: &str, id: i64) {
+    /// Drops the view of registry `id`: its next reconcile reads it.
+    pub fn forget(&self, connection: &str, id: i64) {
         self.lock().remove(&(connection.to_owned(), id));
     }
 

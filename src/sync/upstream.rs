@@ -12,6 +12,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use super::listing::UpstreamListings;
+use super::registry::RegistryViews;
 use super::{Action, Error, FieldChange, Mode, Result, failure_condition};
 use crate::crd::conditions::{ConditionUpdate, REACHABLE, SYNCED, Status};
 use crate::gitlab::{
@@ -146,6 +147,9 @@ pub struct SharedListing<'a> {
     /// reconcile in sync, no reconcile requested): only then may the upstream be read from
     /// the listing. Writes are recorded in the listings either way.
     pub nothing_changed: bool,
+    /// The registry views to tell when an upstream is created through a registry: that
+    /// changes the registry's associations behind its view.
+    pub registry_views: Option<&'a RegistryViews>,
 }
 
 /// Makes the GitLab upstream match `request.desired`. Never fails as a whole: a GitLab error
@@ -224,7 +228,7 @@ async fn sync(
     let writes = request.mode.writes();
     let remote = match find_remote(client, request, listing, outcome).await? {
         Some(remote) => remote,
-        None => return create(client, request, outcome, tested_now).await,
+        None => return create(client, request, listing, outcome, tested_now).await,
     };
     outcome.upstream_id = Some(remote.id);
     outcome.group_id = Some(remote.group_id);
@@ -438,6 +442,7 @@ fn is_adoptable(desired: &DesiredUpstream, upstream: &Upstream) -> bool {
 async fn create(
     client: &GitLabClient,
     request: &UpstreamRequest,
+    listing: Option<SharedListing<'_>>,
     outcome: &mut UpstreamOutcome,
     tested_now: &mut bool,
 ) -> Result<()> {
@@ -514,7 +519,17 @@ async fn create(
         credentials: credentials.cloned(),
     };
     if request.mode.writes() {
-        let created = match client.create_upstream(registry_id, &new_upstream).await {
+        let created = client.create_upstream(registry_id, &new_upstream).await;
+        if let Some(views) = listing.and_then(|listing| {
+            listing
+                .registry_views
+                .map(|views| (views, listing.connection))
+        }) {
+            // Created or not (a timeout may have created it), the registry's associations
+            // may have changed: its next reconcile reads it.
+            views.0.forget(views.1, registry_id);
+        }
+        let created = match created {
             Ok(created) => created,
             // Another writer created the same upstream between our lookup and our POST:
             // GitLab refuses the duplicate url and credentials; adopt theirs when it is ours
