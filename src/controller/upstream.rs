@@ -152,6 +152,24 @@ pub fn nothing_changed_since_last_reconcile(upstream: &Upstream) -> bool {
             == status.last_handled_reconcile_at.as_ref()
 }
 
+/// The registry an Upstream is created through, from the registries (GitLab id, position of
+/// the Upstream in their list) that list it: one that lists it first, since the create puts
+/// it at position 1 where it belongs; else the Upstreams are spread over the registries by
+/// their position in the lowest-id one, so creates go to different registries and run at once
+/// (GitLab takes one insert at a time per registry), each registry moving at most its one
+/// created member into place afterwards. Pure, and the same for every reconcile while the
+/// registries do not change.
+fn registry_to_create_through(mut listing: Vec<(i64, usize)>) -> Option<i64> {
+    listing.sort_unstable();
+    if let Some((id, _)) = listing.iter().find(|(_, position)| *position == 0) {
+        return Some(*id);
+    }
+    let (_, position_in_lowest) = listing.first()?;
+    listing
+        .get(position_in_lowest % listing.len())
+        .map(|(id, _)| *id)
+}
+
 /// The engine's input from the object, its credentials and the registries in the cluster.
 /// Pure: validation and the choice of registry are tested without a cluster.
 pub fn build_request<'a>(
@@ -165,20 +183,22 @@ pub fn build_request<'a>(
         .map_err(|error| Error::InvalidSpec(format!("connectivityCheck.interval: {error}")))?;
     let name = upstream.gitlab_name();
     let namespace = upstream.namespace();
-    let registry_for_create = registries
+    let listing: Vec<(i64, usize)> = registries
         .filter(|registry| {
             registry.namespace() == namespace && registry.meta().deletion_timestamp.is_none()
         })
         .filter(|registry| registry.spec.group == spec.group)
-        .filter(|registry| {
-            registry
+        .filter_map(|registry| {
+            let id = registry.status.as_ref().and_then(|s| s.registry_id)?;
+            let position = registry
                 .spec
                 .upstreams
                 .iter()
-                .any(|u| u.name == upstream.name_any())
+                .position(|u| u.name == upstream.name_any())?;
+            Some((id, position))
         })
-        .filter_map(|registry| registry.status.as_ref().and_then(|s| s.registry_id))
-        .min();
+        .collect();
+    let registry_for_create = registry_to_create_through(listing);
     let status = upstream.status.clone().unwrap_or_default();
     Ok(UpstreamRequest {
         desired: DesiredUpstream {
@@ -393,6 +413,22 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(none.registry_for_create, None);
+    }
+
+    #[test]
+    fn creates_go_through_a_registry_listing_the_upstream_first_else_spread_by_position() {
+        assert_eq!(registry_to_create_through(vec![(5, 1), (6, 0)]), Some(6));
+        // Listed third everywhere: the third of the registries by id.
+        assert_eq!(
+            registry_to_create_through(vec![(3, 2), (1, 2), (2, 2)]),
+            Some(3)
+        );
+        // Five registries listing the same five Upstreams: one create into each.
+        let through: Vec<_> = (0..5)
+            .map(|position| registry_to_create_through((10..15).map(|id| (id, position)).collect()))
+            .collect();
+        assert_eq!(through, [Some(10), Some(11), Some(12), Some(13), Some(14)]);
+        assert_eq!(registry_to_create_through(Vec::new()), None);
     }
 
     #[test]

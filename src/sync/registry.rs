@@ -7,10 +7,11 @@
 //! GitLab id, nothing is removed: the unknown association may be that upstream's.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jiff::Timestamp;
+use tokio::sync::OwnedMutexGuard;
 
 use super::{Action, Error, FieldChange, Mode, Result, failure_condition};
 use crate::crd::conditions::{ConditionUpdate, SYNCED, Status, UPSTREAMS_RESOLVED};
@@ -102,21 +103,45 @@ pub struct RegistryOutcome {
 /// one after the other; far shorter than the resync, so drift is still read at every resync.
 pub const REGISTRY_VIEW_MAX_AGE: Duration = Duration::from_secs(30);
 
-/// What this process last saw of each registry, with its own changes applied: a reconcile
-/// shortly after another plans on it instead of reading the registry again. A call GitLab
-/// refuses because the view was out of date (an upstream created through the registry since,
-/// an association removed in the UI) makes the reconcile read the registry and plan again.
+/// What this process knows and does per registry, shared by the registry and Upstream
+/// engines:
+/// - its last view of each registry, with its own changes applied: a reconcile shortly after
+///   another plans on it instead of reading the registry again. A call GitLab refuses because
+///   the view was out of date (an upstream created through the registry since, an association
+///   removed in the UI) makes the reconcile read the registry and plan again;
+/// - one insert at a time into each registry: GitLab gives every new association (an upstream
+///   created through the registry, or associated with it) the highest position + 1, so two
+///   inserts at once race for one position. A registry's reconcile holds its registry from
+///   the read to the last write, an upstream create through it holds it for the POST.
 pub struct RegistryViews {
     max_age: Duration,
     views: Mutex<HashMap<(String, i64), (Timestamp, VirtualRegistry)>>,
+    inserts: Mutex<HashMap<(String, i64), InsertLock>>,
 }
+
+/// Held while inserting into one registry.
+type InsertLock = Arc<tokio::sync::Mutex<()>>;
 
 impl RegistryViews {
     pub fn new(max_age: Duration) -> Self {
         Self {
             max_age,
             views: Mutex::new(HashMap::new()),
+            inserts: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Waits until nothing else of this process inserts into registry `id`, and holds it
+    /// until the guard is dropped.
+    pub async fn hold_inserts(&self, connection: &str, id: i64) -> OwnedMutexGuard<()> {
+        let lock = self
+            .inserts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry((connection.to_owned(), id))
+            .or_default()
+            .clone();
+        lock.lock_owned().await
     }
 
     fn get(&self, connection: &str, id: i64, now: Timestamp) -> Option<VirtualRegistry> {
@@ -190,6 +215,10 @@ pub async fn reconcile_with_views(
         error: None,
         seen: None,
     };
+    let held = match (views, request.known.registry_id) {
+        (Some(shared), Some(id)) => Some(shared.views.hold_inserts(shared.connection, id).await),
+        _ => None,
+    };
     let planned_on_view = view.is_some();
     let mut result = sync(client, request, view, &mut outcome).await;
     if planned_on_view && matches!(&result, Err(error) if refuses_a_stale_plan(error)) {
@@ -207,6 +236,7 @@ pub async fn reconcile_with_views(
             (_, None) => {}
         }
     }
+    drop(held);
     if let Err(error) = result {
         outcome.synced = failure_condition(&error);
         outcome.error = Some(error);
@@ -910,6 +940,35 @@ mod tests {
         let plan = plan_associations(&current(&[2, 1]), &wanted);
         assert!(plan.removals.is_empty());
         assert_eq!(replay(&[2, 1], &plan), vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn inserts_into_one_registry_wait_for_each_other_and_others_do_not() {
+        let views = Arc::new(RegistryViews::new(REGISTRY_VIEW_MAX_AGE));
+        let first = views.hold_inserts("gitlab|default", 7).await;
+        // Another registry, or the same id on another connection, is free.
+        drop(views.hold_inserts("gitlab|default", 8).await);
+        drop(views.hold_inserts("gitlab|team/token", 7).await);
+
+        let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+        let waiting = tokio::spawn({
+            let views = views.clone();
+            async move {
+                let _held = views.hold_inserts("gitlab|default", 7).await;
+                entered_tx.send(()).expect("receiver alive");
+            }
+        });
+        // Give the second insert every chance to run: it must still be waiting.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            entered.try_recv().is_err(),
+            "entered while the first held it"
+        );
+        drop(first);
+        waiting.await.expect("second insert ran");
+        assert!(entered.try_recv().is_ok());
     }
 
     fn member(name: &str, resolution: Resolution) -> DesiredMember {

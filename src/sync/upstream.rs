@@ -519,15 +519,21 @@ async fn create(
         credentials: credentials.cloned(),
     };
     if request.mode.writes() {
-        let created = client.create_upstream(registry_id, &new_upstream).await;
-        if let Some(views) = listing.and_then(|listing| {
+        let views = listing.and_then(|listing| {
             listing
                 .registry_views
                 .map(|views| (views, listing.connection))
-        }) {
+        });
+        let held = match views {
+            Some((views, connection)) => Some(views.hold_inserts(connection, registry_id).await),
+            None => None,
+        };
+        let created = client.create_upstream(registry_id, &new_upstream).await;
+        drop(held);
+        if let Some((views, connection)) = views {
             // Created or not (a timeout may have created it), the registry's associations
             // may have changed: its next reconcile reads it.
-            views.0.forget(views.1, registry_id);
+            views.forget(connection, registry_id);
         }
         let created = match created {
             Ok(created) => created,
