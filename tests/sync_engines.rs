@@ -1643,7 +1643,7 @@ async fn a_full_registry_behind_the_view_is_read_and_reordered_not_failed() {
 }
 
 #[tokio::test]
-async fn an_upstream_created_through_a_registry_makes_the_registry_read_again() {
+async fn an_upstream_created_through_a_registry_is_added_to_its_view_or_drops_it() {
     guarded(async {
         let env = Env::start().await;
         let dockerhub = stub().await;
@@ -1664,7 +1664,8 @@ async fn an_upstream_created_through_a_registry_makes_the_registry_read_again() 
         });
         registry::reconcile_with_views(&env.client, &waiting, Some(shared)).await;
 
-        // The Upstream engine creates u1 through the registry, and says so to the views.
+        // The Upstream engine creates u1 through the registry and adds GitLab's answer (the
+        // association at position 1) to the registry's view.
         let mut request = upstream_request(
             desired("u1", &dockerhub.url()),
             KnownUpstream::default(),
@@ -1684,14 +1685,30 @@ async fn an_upstream_created_through_a_registry_makes_the_registry_read_again() 
         .await;
         let id = created.upstream_id.expect("created");
 
-        // The registry's rerun reads it (no view), and finds u1 already there.
+        // The registry's rerun plans on that view: u1 is there, nothing is sent.
         env.reset();
         let mut rerun = registry_request("cache", &[("u1", id)], Some(cache));
         rerun.known.waiting_for_upstreams = true;
         let done = registry::reconcile_with_views(&env.client, &rerun, Some(shared)).await;
         assert!(done.error.is_none(), "{:?}", done.error);
-        assert_eq!(env.count("GET", REGISTRY), 1);
+        assert_eq!(env.count("GET", REGISTRY), 0);
         assert_eq!(env.count("POST", ASSOCIATIONS), 0, "nothing refused");
+        assert_eq!(done.members.len(), 1);
+
+        // An insert that does not land where the view expects the next one (here: the view
+        // knows one association, GitLab reports position 1 again) drops the view.
+        views.record_insert(
+            "sim|default",
+            &gitlab_registry_operator::gitlab::RegistryUpstream {
+                id: 999,
+                registry_id: Some(cache),
+                upstream_id: Some(12345),
+                position: 1,
+            },
+        );
+        env.reset();
+        registry::reconcile_with_views(&env.client, &rerun, Some(shared)).await;
+        assert_eq!(env.count("GET", REGISTRY), 1, "read again");
         assert_eq!(order_of(&env.snapshot(), cache), [id]);
     })
     .await;

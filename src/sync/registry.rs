@@ -156,6 +156,31 @@ impl RegistryViews {
             .insert((connection.to_owned(), view.id), (now, view));
     }
 
+    /// Adds an association GitLab reported creating (an upstream created through the
+    /// registry) to the view of its registry, when it lands where the view expects the next
+    /// one; otherwise the view is dropped and the next reconcile reads the registry.
+    pub fn record_insert(&self, connection: &str, association: &crate::gitlab::RegistryUpstream) {
+        let Some(id) = association.registry_id else {
+            return;
+        };
+        let mut views = self.lock();
+        let key = (connection.to_owned(), id);
+        let fits = views.get(&key).is_some_and(|(_, view)| {
+            association.position == view.registry_upstreams.len() as i64 + 1
+                && view
+                    .registry_upstreams
+                    .iter()
+                    .all(|held| held.upstream_id != association.upstream_id)
+        });
+        if fits {
+            if let Some((_, view)) = views.get_mut(&key) {
+                view.registry_upstreams.push(association.clone());
+            }
+        } else {
+            views.remove(&key);
+        }
+    }
+
     /// Drops the view of registry `id`: its next reconcile reads it.
     pub fn forget(&self, connection: &str, id: i64) {
         self.lock().remove(&(connection.to_owned(), id));
@@ -196,13 +221,6 @@ pub async fn reconcile_with_views(
     views: Option<SharedViews<'_>>,
 ) -> RegistryOutcome {
     let views = views.filter(|_| request.mode.writes());
-    let view = views.and_then(|shared| {
-        let id = request
-            .known
-            .registry_id
-            .filter(|_| request.known.waiting_for_upstreams)?;
-        shared.views.get(shared.connection, id, shared.now)
-    });
     let mut outcome = RegistryOutcome {
         registry_id: request.known.registry_id,
         group_id: None,
@@ -219,6 +237,15 @@ pub async fn reconcile_with_views(
         (Some(shared), Some(id)) => Some(shared.views.hold_inserts(shared.connection, id).await),
         _ => None,
     };
+    // Taken once no insert of ours is under way: an upstream created through the registry
+    // meanwhile has dropped the view.
+    let view = views.and_then(|shared| {
+        let id = request
+            .known
+            .registry_id
+            .filter(|_| request.known.waiting_for_upstreams)?;
+        shared.views.get(shared.connection, id, shared.now)
+    });
     let planned_on_view = view.is_some();
     let mut result = sync(client, request, view, &mut outcome).await;
     if planned_on_view && matches!(&result, Err(error) if refuses_a_stale_plan(error)) {

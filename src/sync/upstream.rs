@@ -16,8 +16,8 @@ use super::registry::RegistryViews;
 use super::{Action, Error, FieldChange, Mode, Result, failure_condition};
 use crate::crd::conditions::{ConditionUpdate, REACHABLE, SYNCED, Status};
 use crate::gitlab::{
-    GitLabClient, NewUpstream, PathOrId, Upstream, UpstreamCredentials, UpstreamTestOverrides,
-    UpstreamTestResult, UpstreamUpdate,
+    GitLabClient, NewUpstream, PathOrId, RegistryUpstream, Upstream, UpstreamCredentials,
+    UpstreamTestOverrides, UpstreamTestResult, UpstreamUpdate,
 };
 
 /// The upstream as declared, with its credentials already read from their Secret.
@@ -529,12 +529,28 @@ async fn create(
             None => None,
         };
         let created = client.create_upstream(registry_id, &new_upstream).await;
-        drop(held);
         if let Some((views, connection)) = views {
-            // Created or not (a timeout may have created it), the registry's associations
-            // may have changed: its next reconcile reads it.
-            views.forget(connection, registry_id);
+            match created
+                .as_ref()
+                .ok()
+                .and_then(|c| c.registry_upstream.as_ref())
+            {
+                Some(association) => views.record_insert(
+                    connection,
+                    &RegistryUpstream {
+                        registry_id: association.registry_id.or(Some(registry_id)),
+                        upstream_id: association
+                            .upstream_id
+                            .or_else(|| created.as_ref().ok().map(|c| c.id)),
+                        ..association.clone()
+                    },
+                ),
+                // Not created, or not said where (a timeout may have created it anyway):
+                // the registry's next reconcile reads it.
+                None => views.forget(connection, registry_id),
+            }
         }
+        drop(held);
         let created = match created {
             Ok(created) => created,
             // Another writer created the same upstream between our lookup and our POST:
