@@ -272,13 +272,7 @@ mod tests {
             upstream("quay", "team", None),
             upstream("ghcr", "other", Some(8)),
         ];
-        let request = build_request(&registry(), upstreams.iter());
-        let resolutions: Vec<_> = request
-            .desired
-            .members
-            .iter()
-            .map(|m| m.resolution.clone())
-            .collect();
+        let resolutions = resolutions(&build_request(&registry(), upstreams.iter()));
         assert_eq!(
             resolutions,
             vec![
@@ -287,40 +281,44 @@ mod tests {
                 Resolution::Missing
             ]
         );
-        assert_eq!(request.desired.name, "cache");
+        assert_eq!(
+            build_request(&registry(), upstreams.iter()).desired.name,
+            "cache"
+        );
     }
 
-    #[test]
-    fn an_upstream_that_failed_or_is_suspended_is_blocked_not_pending() {
-        let mut failed = upstream("dockerhub", "team", None);
-        let now = crate::controller::status::now();
-        let mut status = failed.status.clone().unwrap_or_default();
-        conditions::set_condition(
-            &mut status.conditions,
-            conditions::ConditionUpdate::new(SYNCED, false, "ConnectivityTestFailed", "401"),
-            None,
-            &now,
-        );
-        failed.status = Some(status);
-        let mut waiting = upstream("quay", "team", None);
-        let mut status = waiting.status.clone().unwrap_or_default();
-        conditions::set_condition(
-            &mut status.conditions,
-            conditions::ConditionUpdate::new(SYNCED, false, "WaitingForRegistry", "waiting"),
-            None,
-            &now,
-        );
-        waiting.status = Some(status);
-        let mut suspended = upstream("ghcr", "team", None);
-        suspended.spec.suspend = true;
-        let upstreams = [failed, waiting, suspended];
-        let request = build_request(&registry(), upstreams.iter());
-        let resolutions: Vec<_> = request
+    fn resolutions(request: &RegistryRequest) -> Vec<Resolution> {
+        request
             .desired
             .members
             .iter()
             .map(|m| m.resolution.clone())
-            .collect();
+            .collect()
+    }
+
+    fn not_synced(mut upstream: Upstream, reason: &str) -> Upstream {
+        let mut status = upstream.status.clone().unwrap_or_default();
+        conditions::set_condition(
+            &mut status.conditions,
+            conditions::ConditionUpdate::new(SYNCED, false, reason, reason),
+            None,
+            &crate::controller::status::now(),
+        );
+        upstream.status = Some(status);
+        upstream
+    }
+
+    #[test]
+    fn an_upstream_that_failed_or_is_suspended_is_blocked_not_pending() {
+        let failed = not_synced(
+            upstream("dockerhub", "team", None),
+            "ConnectivityTestFailed",
+        );
+        let waiting = not_synced(upstream("quay", "team", None), "WaitingForRegistry");
+        let mut suspended = upstream("ghcr", "team", None);
+        suspended.spec.suspend = true;
+        let upstreams = [failed, waiting, suspended];
+        let resolutions = resolutions(&build_request(&registry(), upstreams.iter()));
         assert_eq!(
             resolutions,
             vec![
