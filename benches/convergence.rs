@@ -54,6 +54,8 @@ struct Driver {
     quiet: Notify,
     /// `--max-concurrent-reconciles` per controller (registries, Upstreams); `None`: no limit.
     limits: Option<(Semaphore, Semaphore)>,
+    /// Groups whose objects are all Ready (traced).
+    groups_ready: Mutex<Vec<usize>>,
 }
 
 impl Driver {
@@ -84,10 +86,11 @@ impl Driver {
             self.reconciles.fetch_add(1, Ordering::Relaxed);
             if trace_enabled() && group_of(&self.fleet, key) == 0 {
                 eprintln!(
-                    "trace {:>5.0}..{:>5.0} ms {key:?} patched={}",
+                    "trace {:>5.0}..{:>5.0} ms {key:?} patched={} {:?}",
                     began.as_secs_f64() * 1000.0,
                     self.started.elapsed().as_secs_f64() * 1000.0,
-                    reconciled.patched
+                    reconciled.patched,
+                    reconciled.actions
                 );
             }
             if reconciled.failed {
@@ -103,6 +106,9 @@ impl Driver {
                     tokio::time::sleep(reconciled.requeue_after).await;
                     driver.trigger(key);
                 });
+            }
+            if trace_enabled() {
+                self.trace_group_ready(key);
             }
             let requeued =
                 support::lock(&self.fleet).requeued_by(key, &reconciled, Requeues::Predicates);
@@ -126,6 +132,32 @@ impl Driver {
                 self.quiet.notify_one();
             }
             return;
+        }
+    }
+}
+
+impl Driver {
+    /// `BENCH_TRACE=1`: when the last object of a group becomes Ready, one line on stderr.
+    fn trace_group_ready(&self, key: ObjectKey) {
+        let group = group_of(&self.fleet, key);
+        let fleet = support::lock(&self.fleet);
+        let namespace = format!("team-{group:02}");
+        let mut members = fleet.keys().into_iter().filter(|other| {
+            let other_namespace = match *other {
+                ObjectKey::Registry(index) => fleet.registry(index).metadata.namespace.as_deref(),
+                ObjectKey::Upstream(index) => fleet.upstream(index).metadata.namespace.as_deref(),
+            };
+            other_namespace == Some(namespace.as_str())
+        });
+        if members.all(|member| fleet.is_ready(member)) {
+            let mut ready = support::lock(&self.groups_ready);
+            if !ready.contains(&group) {
+                ready.push(group);
+                eprintln!(
+                    "group {group:>2} ready at {:>5.0} ms",
+                    self.started.elapsed().as_secs_f64() * 1000.0
+                );
+            }
         }
     }
 }
@@ -198,6 +230,7 @@ async fn run_scenario(label: &str, max_concurrent_reconciles: Option<usize>) {
         quiet: Notify::new(),
         limits: max_concurrent_reconciles
             .map(|limit| (Semaphore::new(limit), Semaphore::new(limit))),
+        groups_ready: Mutex::new(Vec::new()),
     });
     // The controllers' initial list: every object queued at once, registries first.
     for key in keys {

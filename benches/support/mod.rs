@@ -149,6 +149,8 @@ pub struct Reconciled {
     pub failed: bool,
     /// The error's reason and GitLab's message, when it failed.
     pub error: Option<String>,
+    /// What the reconcile did (action reasons), for traces.
+    pub actions: Vec<&'static str>,
 }
 
 impl Fleet {
@@ -390,6 +392,7 @@ pub async fn reconcile(
                     .error
                     .as_ref()
                     .map(|error| format!("{}: {}", error.reason(), error.message())),
+                actions: outcome.actions.iter().map(|action| action.reason).collect(),
             }
         }
         ObjectKey::Upstream(index) => {
@@ -441,6 +444,7 @@ pub async fn reconcile(
                     .error
                     .as_ref()
                     .map(|error| format!("{}: {}", error.reason(), error.message())),
+                actions: outcome.actions.iter().map(|action| action.reason).collect(),
             }
         }
     }

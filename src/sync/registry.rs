@@ -4,7 +4,9 @@
 //! The spec's list is authoritative: missing associations are created, extras removed, and
 //! positions corrected with the fewest repositioning calls (only upstreams outside the longest
 //! run already in order are moved). While an upstream of the list is not yet resolved to a
-//! GitLab id, nothing is removed: the unknown association may be that upstream's.
+//! GitLab id, nothing is removed: the unknown association may be that upstream's; while one
+//! is being created, members are only appended, in declared order, and moved once all have
+//! their ids.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -770,9 +772,12 @@ pub fn plan_associations(
             });
         }
     }
+    // While a member is being created, only append: the order is put right in one pass once
+    // every member has its id (an upstream created through this registry sits first until
+    // then; moving it now would only be moved again).
+    let being_created = members.iter().any(|m| m.resolution == Resolution::Pending);
     // Target: declared upstreams first, in order; undeclared ones kept (only while some are
-    // unresolved) after them, in their current order. Members not associated yet (waiting
-    // for an earlier one) have no place to take.
+    // unresolved) after them, in their current order.
     let target: Vec<i64> = desired_ids
         .iter()
         .copied()
@@ -791,7 +796,7 @@ pub fn plan_associations(
             .collect::<Vec<_>>(),
     );
     let stay: HashSet<i64> = in_order.iter().map(|&i| list[i].upstream_id).collect();
-    for (index, id) in target.iter().enumerate() {
+    for (index, id) in target.iter().enumerate().filter(|_| !being_created) {
         if stay.contains(id) {
             continue;
         }
@@ -966,7 +971,12 @@ mod tests {
         });
         let plan = plan_associations(&current(&[2, 1]), &wanted);
         assert!(plan.removals.is_empty());
-        assert_eq!(replay(&[2, 1], &plan), vec![1, 2]);
+        // Nor moved: the order is put right once quay has its id.
+        assert!(plan.moves.is_empty());
+        assert_eq!(replay(&[2, 1], &plan), vec![2, 1]);
+        let plan = plan_associations(&current(&[2, 1]), &members(&[1, 3]));
+        assert_eq!(plan.removals.len(), 1);
+        assert_eq!(replay(&[2, 1], &plan), vec![1, 3]);
     }
 
     #[tokio::test]
@@ -1035,8 +1045,9 @@ mod tests {
         assert_eq!(plan.additions, vec![1, 3]);
         assert_eq!(replay(&[], &plan), vec![1, 3]);
 
-        // Already associated out of order behind a member being created: put in order among
-        // the associated ones, nothing added past the pending member, nothing removed.
+        // Associated out of order while a member is being created (an upstream created
+        // through the registry lands first): nothing added past the pending member, nothing
+        // removed, nothing moved yet; once it has its id, one move puts the order right.
         let pending = [
             member("c", Resolution::Resolved(3)),
             member("b", Resolution::Pending),
@@ -1045,7 +1056,11 @@ mod tests {
         let plan = plan_associations(&current(&[1, 3]), &pending);
         assert!(plan.additions.is_empty());
         assert!(plan.removals.is_empty());
-        assert_eq!(replay(&[1, 3], &plan), vec![3, 1]);
+        assert!(plan.moves.is_empty());
+        let plan = plan_associations(&current(&[1, 3]), &members(&[3, 2, 1]));
+        assert_eq!(plan.additions, vec![2]);
+        assert_eq!(plan.moves.len(), 1);
+        assert_eq!(replay(&[1, 3], &plan), vec![3, 2, 1]);
     }
 
     #[test]
