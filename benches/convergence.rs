@@ -93,7 +93,7 @@ impl Driver {
                     reconciled.actions
                 );
             }
-            if reconciled.failed {
+            if reconciled.failed() {
                 if trace_enabled() {
                     eprintln!(
                         "failed {key:?}: {}",

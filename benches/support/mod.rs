@@ -35,6 +35,7 @@ use gitlab_registry_operator::crd::{Upstream, VirtualRegistry};
 use gitlab_registry_operator::gitlab::{ClientConfig, GitLabClient};
 use gitlab_registry_operator::sim::seed::SeedGroup;
 use gitlab_registry_operator::sim::{DEFAULT_TOKEN, Seed, SimConfig, SimHandle, Simulator};
+use gitlab_registry_operator::sync::Action;
 use gitlab_registry_operator::sync::listing::UpstreamListings;
 use gitlab_registry_operator::sync::registry::{RegistryViews, SharedViews};
 use jiff::Timestamp;
@@ -146,11 +147,34 @@ pub struct Reconciled {
     /// The patch changed what the other kind's controller watches (`controller::triggers`).
     pub identity_changed: bool,
     pub requeue_after: Duration,
-    pub failed: bool,
     /// The error's reason and GitLab's message, when it failed.
     pub error: Option<String>,
     /// What the reconcile did (action reasons), for traces.
     pub actions: Vec<&'static str>,
+}
+
+impl Reconciled {
+    /// After a success the object requeues at `requeue_after_success`; after a failure at
+    /// the controller's retry delay.
+    fn new(
+        patched: bool,
+        identity_changed: bool,
+        requeue_after_success: Duration,
+        error: Option<&gitlab_registry_operator::sync::Error>,
+        actions: &[Action],
+    ) -> Self {
+        Self {
+            patched,
+            identity_changed,
+            requeue_after: after(error, requeue_after_success),
+            error: error.map(|error| format!("{}: {}", error.reason(), error.message())),
+            actions: actions.iter().map(|action| action.reason).collect(),
+        }
+    }
+
+    pub fn failed(&self) -> bool {
+        self.error.is_some()
+    }
 }
 
 impl Fleet {
@@ -382,29 +406,22 @@ pub async fn reconcile(
             let status = controller::registry::status_from_outcome(registry, &current, &outcome);
             let patched = registry.status.as_ref() != Some(&status);
             registry.status = Some(status);
-            Reconciled {
+            Reconciled::new(
                 patched,
-                identity_changed: controller::triggers::registry_identity(registry)
-                    != identity_before,
-                requeue_after: after(outcome.error.as_ref(), RESYNC),
-                failed: outcome.error.is_some(),
-                error: outcome
-                    .error
-                    .as_ref()
-                    .map(|error| format!("{}: {}", error.reason(), error.message())),
-                actions: outcome.actions.iter().map(|action| action.reason).collect(),
-            }
+                controller::triggers::registry_identity(registry) != identity_before,
+                RESYNC,
+                outcome.error.as_ref(),
+                &outcome.actions,
+            )
         }
         ObjectKey::Upstream(index) => {
-            let (listings, registry_views) = {
-                let fleet = lock(fleet);
-                (fleet.listings.clone(), fleet.registry_views.clone())
-            };
-            let connection;
+            let (connection, listings, registry_views);
             let (request, listing) = {
                 let fleet = lock(fleet);
                 let upstream = &fleet.upstreams[index];
                 connection = controller::upstream::listing_connection(client, upstream);
+                listings = fleet.listings.clone();
+                registry_views = fleet.registry_views.clone();
                 let request = controller::upstream::build_request(
                     upstream,
                     None,
@@ -433,19 +450,13 @@ pub async fn reconcile(
             let status = controller::upstream::status_from_outcome(upstream, &current, &outcome);
             let patched = upstream.status.as_ref() != Some(&status);
             upstream.status = Some(status);
-            let next = outcome.next_check_in.map_or(RESYNC, |d| d.min(RESYNC));
-            Reconciled {
+            Reconciled::new(
                 patched,
-                identity_changed: controller::triggers::upstream_identity(upstream)
-                    != identity_before,
-                requeue_after: after(outcome.error.as_ref(), next),
-                failed: outcome.error.is_some(),
-                error: outcome
-                    .error
-                    .as_ref()
-                    .map(|error| format!("{}: {}", error.reason(), error.message())),
-                actions: outcome.actions.iter().map(|action| action.reason).collect(),
-            }
+                controller::triggers::upstream_identity(upstream) != identity_before,
+                outcome.next_check_in.map_or(RESYNC, |d| d.min(RESYNC)),
+                outcome.error.as_ref(),
+                &outcome.actions,
+            )
         }
     }
 }

@@ -69,13 +69,18 @@ pub fn connection_key(
     namespace: &str,
     connection: Option<&GitLabConnection>,
 ) -> String {
+    format!(
+        "{}|{}",
+        client.base_url(),
+        token_source(namespace, connection)
+    )
+}
+
+/// Where the token comes from: the operator's default, or a Secret of the object's namespace.
+fn token_source(namespace: &str, connection: Option<&GitLabConnection>) -> String {
     match connection {
-        Some(connection) => format!(
-            "{}|{namespace}/{}",
-            client.base_url(),
-            connection.token_secret_ref.name
-        ),
-        None => format!("{}|default", client.base_url()),
+        Some(connection) => format!("{namespace}/{}", connection.token_secret_ref.name),
+        None => "default".into(),
     }
 }
 
@@ -95,8 +100,9 @@ pub async fn gitlab_client(
             let token = read_secret_key(ctx, namespace, &secret_ref.name, &secret_ref.key).await?;
             // The resource version changes with the token, so a rotated token gets a new client.
             let key = format!(
-                "{url}|{namespace}/{}#{}",
-                secret_ref.name, token.resource_version
+                "{url}|{}#{}",
+                token_source(namespace, Some(connection)),
+                token.resource_version
             );
             (url, token.value, key)
         }
@@ -109,7 +115,7 @@ pub async fn gitlab_client(
             (
                 default.url.clone(),
                 default.token.clone(),
-                format!("{}|default", default.url),
+                format!("{}|{}", default.url, token_source(namespace, None)),
             )
         }
     };

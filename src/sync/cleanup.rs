@@ -218,6 +218,15 @@ pub struct CleanupRun {
     pub mode: Mode,
 }
 
+/// What the deletion loop may do next.
+enum Deletion {
+    Stop,
+    /// Counted as deleted, not sent.
+    Simulated,
+    /// Sent; the caller takes the budget when GitLab confirms.
+    Live,
+}
+
 /// Whether a run may delete, decided once before the first request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeletePermission {
@@ -602,6 +611,27 @@ impl<'a> Engine<'a> {
         self.report.error.is_some()
     }
 
+    /// Whether the next deletion may go ahead, and how: the run has not stopped, the
+    /// per-run budget is not spent (else `limit_reached`), and deletions are permitted. A
+    /// simulated or live deletion takes one unit of the budget.
+    fn next_deletion(&mut self) -> Deletion {
+        if self.stopped() {
+            return Deletion::Stop;
+        }
+        if self.budget == 0 {
+            self.report.limit_reached = true;
+            return Deletion::Stop;
+        }
+        match &self.permission {
+            DeletePermission::Withheld(_) => Deletion::Stop,
+            DeletePermission::Simulated => {
+                self.budget -= 1;
+                Deletion::Simulated
+            }
+            DeletePermission::Live => Deletion::Live,
+        }
+    }
+
     fn stop(&mut self, error: gitlab::Error) {
         if self.report.error.is_none() {
             self.report.error = Some(Error::GitLab(error));
@@ -958,21 +988,13 @@ impl<'a> Engine<'a> {
     ) {
         let selected = report.selected.clone();
         for name in selected {
-            if self.stopped() {
-                break;
-            }
-            if self.budget == 0 {
-                self.report.limit_reached = true;
-                break;
-            }
-            match &self.permission {
-                DeletePermission::Withheld(_) => break,
-                DeletePermission::Simulated => {
-                    self.budget -= 1;
+            match self.next_deletion() {
+                Deletion::Stop => break,
+                Deletion::Simulated => {
                     report.deleted.push(name);
                     continue;
                 }
-                DeletePermission::Live => {}
+                Deletion::Live => {}
             }
             self.pacer.wait().await;
             match self.client.delete_tag(project, repository.id, &name).await {
@@ -1087,21 +1109,13 @@ impl<'a> Engine<'a> {
         report.selected = expired.iter().map(|(_, path)| path.clone()).collect();
 
         for (id, relative_path) in expired {
-            if self.stopped() {
-                break;
-            }
-            if self.budget == 0 {
-                self.report.limit_reached = true;
-                break;
-            }
-            match &self.permission {
-                DeletePermission::Withheld(_) => break,
-                DeletePermission::Simulated => {
-                    self.budget -= 1;
+            match self.next_deletion() {
+                Deletion::Stop => break,
+                Deletion::Simulated => {
                     report.deleted.push(relative_path);
                     continue;
                 }
-                DeletePermission::Live => {}
+                Deletion::Live => {}
             }
             self.pacer.wait().await;
             match self.client.delete_cache_entry(&id).await {

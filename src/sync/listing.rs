@@ -22,7 +22,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
+
+use super::lock;
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -251,8 +253,4 @@ impl UpstreamListings {
         let age = now.duration_since(listing.fetched_at);
         !age.is_negative() && age.unsigned_abs() < max_age
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

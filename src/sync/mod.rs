@@ -11,6 +11,7 @@ pub mod listing;
 pub mod registry;
 pub mod upstream;
 
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use crate::crd::conditions::ConditionUpdate;
@@ -181,4 +182,10 @@ impl Mode {
     pub fn writes(self) -> bool {
         self == Self::Apply
     }
+}
+
+/// Locks a mutex of the shared caches; a panic elsewhere while it was held leaves data that
+/// is still consistent (every update is one insert or remove), so the lock is taken anyway.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use tokio::sync::OwnedMutexGuard;
 
-use super::{Action, Error, FieldChange, Mode, Result, failure_condition};
+use super::{Action, Error, FieldChange, Mode, Result, failure_condition, lock};
 use crate::crd::conditions::{ConditionUpdate, SYNCED, Status, UPSTREAMS_RESOLVED};
 use crate::gitlab::{GitLabClient, PathOrId, RegistryUpdate, VirtualRegistry};
 
@@ -136,10 +136,7 @@ impl RegistryViews {
     /// Waits until nothing else of this process inserts into registry `id`, and holds it
     /// until the guard is dropped.
     pub async fn hold_inserts(&self, connection: &str, id: i64) -> OwnedMutexGuard<()> {
-        let lock = self
-            .inserts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        let lock = lock(&self.inserts)
             .entry((connection.to_owned(), id))
             .or_default()
             .clone();
@@ -147,15 +144,14 @@ impl RegistryViews {
     }
 
     fn get(&self, connection: &str, id: i64, now: Timestamp) -> Option<VirtualRegistry> {
-        let views = self.lock();
+        let views = lock(&self.views);
         let (seen_at, view) = views.get(&(connection.to_owned(), id))?;
         let age = now.duration_since(*seen_at);
         (!age.is_negative() && age.unsigned_abs() < self.max_age).then(|| view.clone())
     }
 
     fn store(&self, connection: &str, view: VirtualRegistry, now: Timestamp) {
-        self.lock()
-            .insert((connection.to_owned(), view.id), (now, view));
+        lock(&self.views).insert((connection.to_owned(), view.id), (now, view));
     }
 
     /// Adds an association GitLab reported creating (an upstream created through the
@@ -165,35 +161,29 @@ impl RegistryViews {
         let Some(id) = association.registry_id else {
             return;
         };
-        let mut views = self.lock();
+        let mut views = lock(&self.views);
         let key = (connection.to_owned(), id);
-        let fits = views.get(&key).is_some_and(|(_, view)| {
-            association.position == view.registry_upstreams.len() as i64 + 1
-                && view
-                    .registry_upstreams
-                    .iter()
-                    .all(|held| held.upstream_id != association.upstream_id)
-        });
-        if fits {
-            if let Some((_, view)) = views.get_mut(&key) {
+        let kept = match views.get_mut(&key) {
+            Some((_, view))
+                if association.position == view.registry_upstreams.len() as i64 + 1
+                    && view
+                        .registry_upstreams
+                        .iter()
+                        .all(|held| held.upstream_id != association.upstream_id) =>
+            {
                 view.registry_upstreams.push(association.clone());
+                true
             }
-        } else {
+            _ => false,
+        };
+        if !kept {
             views.remove(&key);
         }
     }
 
     /// Drops the view of registry `id`: its next reconcile reads it.
     pub fn forget(&self, connection: &str, id: i64) {
-        self.lock().remove(&(connection.to_owned(), id));
-    }
-
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(String, i64), (Timestamp, VirtualRegistry)>> {
-        self.views
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.views).remove(&(connection.to_owned(), id));
     }
 }
 
