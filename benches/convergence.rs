@@ -35,8 +35,12 @@ const UPSTREAMS_PER_GROUP: usize = 5;
 const CLEANUP_POLICIES: usize = 20;
 const LATENCY: Duration = Duration::from_millis(50);
 
+/// Per object: waiting for a reconcile slot, running, and whether a trigger arrived while
+/// running. As in kube-rs's runner, triggers for an object waiting for a slot are one
+/// (the scheduler holds one entry per object); one that arrives while it runs reruns it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RunState {
+    WaitingForSlot,
     Running,
     /// A trigger arrived while running: run once more.
     RunningAgain,
@@ -63,9 +67,10 @@ impl Driver {
         let mut running = support::lock(&self.running);
         match running.get(&key) {
             None => {
-                running.insert(key, RunState::Running);
+                running.insert(key, RunState::WaitingForSlot);
                 tokio::spawn(self.clone().run(key));
             }
+            Some(RunState::WaitingForSlot) => {}
             Some(_) => {
                 running.insert(key, RunState::RunningAgain);
             }
@@ -79,6 +84,7 @@ impl Driver {
                 (Some((registries, _)), ObjectKey::Registry(_)) => registries.acquire().await.ok(),
                 (Some((_, upstreams)), ObjectKey::Upstream(_)) => upstreams.acquire().await.ok(),
             };
+            support::lock(&self.running).insert(key, RunState::Running);
             let began = self.started.elapsed();
             let reconciled =
                 support::reconcile(&self.fleet, &self.client, key, jiff::Timestamp::now()).await;
@@ -124,7 +130,7 @@ impl Driver {
             }
             let mut running = support::lock(&self.running);
             if running.get(&key) == Some(&RunState::RunningAgain) {
-                running.insert(key, RunState::Running);
+                running.insert(key, RunState::WaitingForSlot);
                 continue;
             }
             running.remove(&key);

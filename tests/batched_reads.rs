@@ -278,14 +278,36 @@ async fn an_upstream_deleted_in_gitlab_is_recreated_through_the_404_of_its_get()
         assert_eq!(env.count("GET", UPSTREAM), 1, "only the unlisted one: 404");
         assert_eq!(env.count("POST", REGISTRY_UPSTREAMS), 1);
 
-        // The re-created upstream is not served by the listing sent before its creation.
+        // The listing was sent before the re-creation, but holds the upstream as GitLab
+        // answered our create: the next reconcile within the max age reads it from there.
         env.sim.reset_request_counts();
         let mut request = converged(&env, 2, t0() + minutes(1));
         request.known.upstream_id = Some(recreated);
         let outcome = env.reconcile(&request, true).await;
         assert_quiet(&[outcome]);
-        assert_eq!(env.count("GET", UPSTREAM), 1);
+        assert_eq!(env.count("GET", UPSTREAM), 0);
         assert_eq!(env.count("GET", GROUP_UPSTREAMS), 0);
+
+        // Changed in GitLab since: seen at the next listing, after the max age.
+        env.sim
+            .with_state(|state| {
+                let changes = UpstreamChanges {
+                    cache_validity_hours: Some(1),
+                    ..Default::default()
+                };
+                state.update_upstream(recreated as u64, changes, true)
+            })
+            .expect("changed in GitLab");
+        let mut request = converged(&env, 2, t0() + minutes(6));
+        request.known.upstream_id = Some(recreated);
+        let outcome = env.reconcile(&request, true).await;
+        assert_eq!(
+            reasons(&outcome.actions),
+            ["Updated"],
+            "{:?}",
+            outcome.error
+        );
+        assert_eq!(env.count("GET", GROUP_UPSTREAMS), 1);
     })
     .await;
 }

@@ -236,7 +236,15 @@ async fn cleanup(registry: &VirtualRegistry, ctx: &Context) -> Result<Requeue> {
     let namespace = registry.namespace().unwrap_or_default();
     let client = gitlab_client(ctx, &namespace, registry.spec.gitlab.as_ref()).await?;
     let keep = upstream_ids_to_keep(registry, ctx.upstreams.state().iter().map(|u| u.as_ref()));
-    let actions = sync::registry::delete(&client, registry_id, &keep, Mode::Apply).await?;
+    let deleted = sync::registry::delete(&client, registry_id, &keep, Mode::Apply).await;
+    let connection = connection_key(&client, &namespace, registry.spec.gitlab.as_ref());
+    ctx.registry_views.record_write(
+        &connection,
+        &PathOrId::parse(&registry.spec.group),
+        Some(registry_id),
+    );
+    ctx.registry_views.forget(&connection, registry_id);
+    let actions = deleted?;
     publish_actions(ctx, registry, &actions).await;
     Ok(Requeue::await_change())
 }

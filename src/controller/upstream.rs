@@ -331,7 +331,7 @@ async fn cleanup(upstream: &Upstream, ctx: &Context) -> Result<Requeue> {
     ctx.upstream_listings.record_write(
         &listing_connection(&client, upstream),
         &PathOrId::parse(&upstream.spec.group),
-        upstream_id,
+        Some(upstream_id),
     );
     let action = deleted?;
     publish(

@@ -15,6 +15,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use tokio::sync::OwnedMutexGuard;
 
+use super::listing::RegistryListings;
 use super::{Action, Error, FieldChange, Mode, Result, failure_condition, lock};
 use crate::crd::conditions::{ConditionUpdate, SYNCED, Status, UPSTREAMS_RESOLVED};
 use crate::gitlab::{GitLabClient, PathOrId, RegistryUpdate, VirtualRegistry};
@@ -114,11 +115,14 @@ pub const REGISTRY_VIEW_MAX_AGE: Duration = Duration::from_secs(30);
 /// - one insert at a time into each registry: GitLab gives every new association (an upstream
 ///   created through the registry, or associated with it) the highest position + 1, so two
 ///   inserts at once race for one position. A registry's reconcile holds its registry from
-///   the read to the last write, an upstream create through it holds it for the POST.
+///   the read to the last write, an upstream create through it holds it for the POST;
+/// - the group registry lists for the adoption lookup before a create
+///   ([`RegistryListings`]): the registries of a new group share one list call.
 pub struct RegistryViews {
     max_age: Duration,
     views: Mutex<HashMap<(String, i64), (Timestamp, VirtualRegistry)>>,
     inserts: Mutex<HashMap<(String, i64), InsertLock>>,
+    listings: RegistryListings,
 }
 
 /// Held while inserting into one registry.
@@ -130,7 +134,15 @@ impl RegistryViews {
             max_age,
             views: Mutex::new(HashMap::new()),
             inserts: Mutex::new(HashMap::new()),
+            listings: RegistryListings::new(max_age),
         }
+    }
+
+    /// Records a write of ours to registry `id` of `group` (create, rename, delete; `None`
+    /// when a create failed, maybe after GitLab carried it out): no adoption lookup uses a
+    /// group list sent before it.
+    pub fn record_write(&self, connection: &str, group: &PathOrId, id: Option<i64>) {
+        self.listings.record_write(connection, group, id);
     }
 
     /// Waits until nothing else of this process inserts into registry `id`, and holds it
@@ -239,11 +251,11 @@ pub async fn reconcile_with_views(
         shared.views.get(shared.connection, id, shared.now)
     });
     let planned_on_view = view.is_some();
-    let mut result = sync(client, request, view, &mut outcome).await;
+    let mut result = sync(client, request, views, view, &mut outcome).await;
     if planned_on_view && matches!(&result, Err(error) if refuses_a_stale_plan(error)) {
         // Planned on an out-of-date view: what was done stays in the outcome; read the
         // registry and plan again.
-        result = sync(client, request, None, &mut outcome).await;
+        result = sync(client, request, views, None, &mut outcome).await;
     }
     if let Some(shared) = views {
         match (&result, outcome.registry_id) {
@@ -345,6 +357,7 @@ fn resolution_condition(members: &[DesiredMember]) -> ConditionUpdate {
 async fn sync(
     client: &GitLabClient,
     request: &RegistryRequest,
+    shared: Option<SharedViews<'_>>,
     view: Option<VirtualRegistry>,
     outcome: &mut RegistryOutcome,
 ) -> Result<()> {
@@ -363,7 +376,7 @@ async fn sync(
 
     let found = match view {
         Some(view) => Some(view),
-        None => find_remote(client, request, outcome).await?,
+        None => find_remote(client, request, shared, outcome).await?,
     };
     let remote = match found {
         Some(remote) => remote,
@@ -396,6 +409,12 @@ async fn sync(
                     desired.description.as_deref(),
                 )
                 .await;
+            if let Some(shared) = shared {
+                let id = created.as_ref().ok().map(|created| created.id);
+                shared
+                    .views
+                    .record_write(shared.connection, &desired.group, id);
+            }
             match created {
                 Ok(created) => {
                     outcome.registry_id = Some(created.id);
@@ -408,7 +427,7 @@ async fn sync(
                 // Another writer (a second operator instance, someone in the UI) created it
                 // since the lookup: it is there to adopt, the spec is fine.
                 Err(error) if error.is_already_taken("name") => {
-                    adopt_by_name(client, request, outcome)
+                    adopt_by_name(client, request, None, outcome)
                         .await?
                         .ok_or(Error::GitLab(error))?
                 }
@@ -442,7 +461,13 @@ async fn sync(
     }
     if update != RegistryUpdate::default() {
         if writes {
-            client.update_registry(remote.id, &update).await?;
+            let updated = client.update_registry(remote.id, &update).await;
+            if let Some(shared) = shared.filter(|_| update.name.is_some()) {
+                shared
+                    .views
+                    .record_write(shared.connection, &desired.group, Some(remote.id));
+            }
+            updated?;
         }
         outcome.actions.push(
             Action::new("Updated", format!("updated registry {}", remote.id)).with_changes(changes),
@@ -572,6 +597,7 @@ fn record_association_actions(
 async fn find_remote(
     client: &GitLabClient,
     request: &RegistryRequest,
+    shared: Option<SharedViews<'_>>,
     outcome: &mut RegistryOutcome,
 ) -> Result<Option<VirtualRegistry>> {
     if let Some(id) = request.known.registry_id {
@@ -587,29 +613,69 @@ async fn find_remote(
             Err(error) => return Err(error.into()),
         }
     }
-    adopt_by_name(client, request, outcome).await
+    adopt_by_name(client, request, shared, outcome).await
 }
 
 /// The group's registry with the declared name, if any. Registry names are unique in a
-/// group: the one with our name is ours to adopt.
+/// group: the one with our name is ours to adopt. With `shared`, the group list may be one
+/// that other reconciles of the group share ([`RegistryListings`]); a registry it shows but
+/// GitLab no longer has (deleted since) is looked up again in a list of our own.
 async fn adopt_by_name(
     client: &GitLabClient,
     request: &RegistryRequest,
+    shared: Option<SharedViews<'_>>,
     outcome: &mut RegistryOutcome,
 ) -> Result<Option<VirtualRegistry>> {
-    let listed = client.list_registries(&request.desired.group).await?;
-    let Some(found) = listed.into_iter().find(|r| r.name == request.desired.name) else {
-        return Ok(None);
+    let desired = &request.desired;
+    let named = |registry: &VirtualRegistry| registry.name == desired.name;
+    let mut from_shared_list = match shared {
+        Some(shared) => Some(
+            shared
+                .views
+                .listings
+                .adoptable(client, shared.connection, &desired.group, shared.now, named)
+                .await?
+                .into_iter()
+                .next(),
+        ),
+        None => None,
     };
-    outcome.actions.push(
-        Action::new(
-            "Adopted",
-            format!("adopted existing registry {} ({})", found.id, found.name),
-        )
-        .read_only(),
-    );
-    // The group list carries no associations; the registry itself does.
-    Ok(Some(client.get_registry(found.id).await?))
+    loop {
+        let shared_list_used = from_shared_list.is_some();
+        let found = match from_shared_list.take() {
+            Some(found) => found,
+            None => client
+                .list_registries(&desired.group)
+                .await?
+                .into_iter()
+                .find(named),
+        };
+        let Some(found) = found else {
+            return Ok(None);
+        };
+        // The group list carries no associations; the registry itself does.
+        let remote = match client.get_registry(found.id).await {
+            Ok(remote) => remote,
+            Err(error) if error.is_not_found() && shared_list_used => {
+                // Listed, then deleted: a list of our own tells what the group holds now.
+                if let Some(shared) = shared {
+                    shared
+                        .views
+                        .record_write(shared.connection, &desired.group, Some(found.id));
+                }
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
+        outcome.actions.push(
+            Action::new(
+                "Adopted",
+                format!("adopted existing registry {} ({})", remote.id, remote.name),
+            )
+            .read_only(),
+        );
+        return Ok(Some(remote));
+    }
 }
 
 async fn delete_association_tolerating_gone(

@@ -171,21 +171,44 @@ pub async fn reconcile_with_listing(
     listing: Option<SharedListing<'_>>,
 ) -> UpstreamOutcome {
     let mut outcome = UpstreamOutcome::from_known(&request.known);
-    let mut tested_now = false;
-    if let Err(error) = sync(client, request, listing, &mut outcome, &mut tested_now).await {
+    let mut pass = Pass::default();
+    if let Err(error) = sync(client, request, listing, &mut outcome, &mut pass).await {
         outcome.synced = failure_condition(&error);
         outcome.error = Some(error);
     }
     if let Some(listing) = listing {
         let wrote = outcome.error.is_some() || outcome.actions.iter().any(|action| action.writes);
-        if wrote {
-            for id in [request.known.upstream_id, outcome.upstream_id]
+        if let Some(created) = pass.created.filter(|_| outcome.error.is_none()) {
+            // The create was this reconcile's one write, and GitLab answered with the whole
+            // upstream: the reconcile that follows (a registry getting its id) reads it from
+            // there instead of a GET.
+            if let Some(gone) = request.known.upstream_id {
+                listing.listings.record_write(
+                    listing.connection,
+                    &request.desired.group,
+                    Some(gone),
+                );
+            }
+            listing.listings.record_write_result(
+                listing.connection,
+                &request.desired.group,
+                created,
+            );
+        } else if wrote {
+            let ids: Vec<i64> = [request.known.upstream_id, outcome.upstream_id]
                 .into_iter()
                 .flatten()
-            {
+                .collect();
+            if ids.is_empty() {
+                // A create that failed may still have been carried out.
                 listing
                     .listings
-                    .record_write(listing.connection, &request.desired.group, id);
+                    .record_write(listing.connection, &request.desired.group, None);
+            }
+            for id in ids {
+                listing
+                    .listings
+                    .record_write(listing.connection, &request.desired.group, Some(id));
             }
         }
     }
@@ -217,18 +240,27 @@ pub fn may_read_from_listing(request: &UpstreamRequest) -> bool {
     request.mode.writes() && known.upstream_id.is_some() && credentials_unchanged && purge_handled
 }
 
+/// What one pass of [`sync`] did besides the outcome.
+#[derive(Default)]
+struct Pass {
+    /// A connection test ran in this reconcile.
+    tested_now: bool,
+    /// The upstream as GitLab answered our create.
+    created: Option<Upstream>,
+}
+
 async fn sync(
     client: &GitLabClient,
     request: &UpstreamRequest,
     listing: Option<SharedListing<'_>>,
     outcome: &mut UpstreamOutcome,
-    tested_now: &mut bool,
+    pass: &mut Pass,
 ) -> Result<()> {
     let desired = &request.desired;
     let writes = request.mode.writes();
-    let remote = match find_remote(client, request, listing, outcome).await? {
+    let remote = match find_remote_testing_new(client, request, listing, outcome, pass).await? {
         Some(remote) => remote,
-        None => return create(client, request, listing, outcome, tested_now).await,
+        None => return create(client, request, listing, outcome, pass).await,
     };
     outcome.upstream_id = Some(remote.id);
     outcome.group_id = Some(remote.group_id);
@@ -288,7 +320,7 @@ async fn sync(
             let result = client.test_existing_upstream(remote.id, &overrides).await?;
             if result.success || !desired.gate_changes {
                 // The tested configuration is the one GitLab will hold: it is the current check.
-                *tested_now = true;
+                pass.tested_now = true;
                 record_check(outcome, &result, request);
             } else {
                 blocked_by = Some(
@@ -343,14 +375,54 @@ async fn sync(
         );
     }
 
-    if writes && !*tested_now && check_due(request, outcome) {
+    if writes && !pass.tested_now && check_due(request, outcome) {
         let result = client
             .test_existing_upstream(remote.id, &UpstreamTestOverrides::default())
             .await?;
-        *tested_now = true;
+        pass.tested_now = true;
         record_check(outcome, &result, request);
     }
     purge_cache_if_requested(client, request, outcome, remote.id).await
+}
+
+/// As [`find_remote`]; for an upstream not created yet, GitLab's group-level connection test
+/// of the declared url and credentials runs alongside the adoption lookup (unless a test of
+/// them within the interval is on record), so a new upstream's create waits for one round
+/// trip, not two. When an upstream is adopted after all, the test counts as its check; a
+/// test that could not be sent then fails nothing: the adopted upstream is tested as usual.
+async fn find_remote_testing_new(
+    client: &GitLabClient,
+    request: &UpstreamRequest,
+    listing: Option<SharedListing<'_>>,
+    outcome: &mut UpstreamOutcome,
+    pass: &mut Pass,
+) -> Result<Option<Upstream>> {
+    let test_alongside = request.mode.writes()
+        && request.known.upstream_id.is_none()
+        && !last_check_covers_desired(request, outcome);
+    if !test_alongside {
+        return find_remote(client, request, listing, outcome).await;
+    }
+    let desired = &request.desired;
+    let credentials = desired.credentials.as_ref().map(|c| &c.credentials);
+    let (found, tested) = tokio::join!(
+        find_remote(client, request, listing, outcome),
+        client.test_upstream_connection(&desired.group, &desired.url, credentials),
+    );
+    // A test that was answered is on record even when the lookup failed.
+    let tested = match tested {
+        Ok(result) => {
+            pass.tested_now = true;
+            record_check(outcome, &result, request);
+            Ok(())
+        }
+        Err(error) => Err(error),
+    };
+    let found = found?;
+    match tested {
+        Err(error) if found.is_none() => Err(error.into()),
+        _ => Ok(found),
+    }
 }
 
 /// The remote upstream: by id when known, from the shared listing when it serves it, else
@@ -389,22 +461,18 @@ async fn find_remote(
         }
     }
     let adopted = match listing.filter(|_| request.mode.writes()) {
-        Some(listing) => {
-            let shared = listing
-                .listings
-                .adoptable(
-                    client,
-                    listing.connection,
-                    &desired.group,
-                    request.now,
-                    |upstream| is_adoptable(desired, upstream),
-                )
-                .await;
-            match shared {
-                Some(found) => found.into_iter().min_by_key(|upstream| upstream.id),
-                None => find_adoptable(client, desired).await?,
-            }
-        }
+        Some(listing) => listing
+            .listings
+            .adoptable(
+                client,
+                listing.connection,
+                &desired.group,
+                request.now,
+                |upstream| is_adoptable(desired, upstream),
+            )
+            .await?
+            .into_iter()
+            .min_by_key(|upstream| upstream.id),
         None => find_adoptable(client, desired).await?,
     };
     if let Some(remote) = &adopted {
@@ -444,7 +512,7 @@ async fn create(
     request: &UpstreamRequest,
     listing: Option<SharedListing<'_>>,
     outcome: &mut UpstreamOutcome,
-    tested_now: &mut bool,
+    pass: &mut Pass,
 ) -> Result<()> {
     let desired = &request.desired;
     let credentials = desired.credentials.as_ref().map(|c| &c.credentials);
@@ -456,7 +524,7 @@ async fn create(
         let result = client
             .test_upstream_connection(&desired.group, &desired.url, credentials)
             .await?;
-        *tested_now = true;
+        pass.tested_now = true;
         record_check(outcome, &result, request);
     }
     let covered = last_check_covers_desired(request, outcome);
@@ -474,7 +542,7 @@ async fn create(
             "ConnectivityTestFailed",
             format!("not created: {message}"),
         );
-        if *tested_now {
+        if pass.tested_now {
             outcome.actions.push(
                 Action::new("ConnectivityTestFailed", format!("not created: {message}"))
                     .read_only(),
@@ -580,6 +648,7 @@ async fn create(
         };
         outcome.upstream_id = Some(created.id);
         outcome.group_id = Some(created.group_id);
+        pass.created = Some(created.clone());
         outcome.actions.push(
             Action::new(
                 "Created",
