@@ -634,6 +634,100 @@ async fn upstream_is_adopted_only_on_name_and_url() {
 }
 
 #[tokio::test]
+async fn a_new_upstreams_connection_test_is_sent_with_its_adoption_lookup() {
+    guarded(async {
+        let env = Env::start().await;
+        let dockerhub = stub().await;
+        let registry_id = env.registry("cache").await;
+        let upstreams_of_group = "/groups/:id/-/virtual_registries/container/upstreams";
+
+        // The lookup is refused (rate limited): the test, sent with it, is on record anyway,
+        // so the retry does not test again.
+        env.sim.inject_fault(FaultSpec {
+            once: vec![OneShotFault {
+                count: 1,
+                method: Some("GET".into()),
+                route: Some(upstreams_of_group.into()),
+                fault: FaultAction::RateLimited {
+                    retry_after_seconds: 900,
+                },
+            }],
+            ..FaultSpec::default()
+        });
+        env.reset();
+        let mut request = upstream_request(
+            desired("dockerhub", &dockerhub.url()),
+            KnownUpstream::default(),
+            t0(),
+        );
+        request.registry_for_create = Some(registry_id);
+        let limited = env.reconcile_upstream(&request).await;
+        assert_eq!(
+            limited.error.as_ref().map(|error| error.reason()),
+            Some("RateLimited")
+        );
+        assert_eq!(env.count("GET", upstreams_of_group), 1);
+        assert_eq!(env.count("POST", NEW_UPSTREAM_TEST), 1);
+        assert!(
+            limited
+                .last_check
+                .as_ref()
+                .is_some_and(|check| check.success)
+        );
+        assert_eq!(env.count("POST", REGISTRY_UPSTREAMS), 0);
+
+        env.reset();
+        let retry = upstream_request(
+            desired("dockerhub", &dockerhub.url()),
+            known_after(&limited),
+            t0() + minutes(1),
+        );
+        let retry = UpstreamRequest {
+            registry_for_create: Some(registry_id),
+            ..retry
+        };
+        let created = env.reconcile_upstream(&retry).await;
+        assert!(created.error.is_none(), "{:?}", created.error);
+        assert_eq!(reasons(&created.actions), ["Created"]);
+        assert_eq!(
+            env.count("POST", NEW_UPSTREAM_TEST),
+            0,
+            "the test is reused"
+        );
+
+        // Adopting: a test that GitLab failed to answer fails nothing; the adopted upstream
+        // is tested as any known one.
+        env.sim.inject_fault(FaultSpec {
+            once: vec![OneShotFault {
+                count: 1,
+                method: Some("POST".into()),
+                route: Some(NEW_UPSTREAM_TEST.into()),
+                fault: FaultAction::Status { status: 500 },
+            }],
+            ..FaultSpec::default()
+        });
+        env.reset();
+        let lost_status = upstream_request(
+            desired("dockerhub", &dockerhub.url()),
+            KnownUpstream::default(),
+            t0() + minutes(2),
+        );
+        let adopted = env.reconcile_upstream(&lost_status).await;
+        assert!(adopted.error.is_none(), "{:?}", adopted.error);
+        assert_eq!(adopted.upstream_id, created.upstream_id);
+        assert!(reasons(&adopted.actions).contains(&"Adopted"));
+        assert_eq!(env.count("POST", UPSTREAM_TEST), 1);
+        assert!(
+            adopted
+                .last_check
+                .as_ref()
+                .is_some_and(|check| check.success)
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn upstream_deleted_in_gitlab_is_recreated() {
     guarded(async {
         let env = Env::start().await;
@@ -1710,6 +1804,138 @@ async fn an_upstream_created_through_a_registry_is_added_to_its_view_or_drops_it
         registry::reconcile_with_views(&env.client, &rerun, Some(shared)).await;
         assert_eq!(env.count("GET", REGISTRY), 1, "read again");
         assert_eq!(order_of(&env.snapshot(), cache), [id]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn new_registries_of_a_group_share_one_group_list_for_their_adoption_lookups() {
+    guarded(async {
+        let env = Env::start().await;
+        let existing = env.registry("existing").await;
+        let views = registry::RegistryViews::new(registry::REGISTRY_VIEW_MAX_AGE);
+        let shared = registry::SharedViews {
+            views: &views,
+            connection: "sim|default",
+            now: t0(),
+        };
+
+        // Three registries reconciled at once: one list, then each creates or adopts.
+        env.reset();
+        let requests = [
+            registry_request("a", &[], None),
+            registry_request("b", &[], None),
+            registry_request("existing", &[], None),
+        ];
+        let outcomes = futures::future::join_all(
+            requests
+                .iter()
+                .map(|request| registry::reconcile_with_views(&env.client, request, Some(shared))),
+        )
+        .await;
+        for outcome in &outcomes {
+            assert!(outcome.error.is_none(), "{:?}", outcome.error);
+        }
+        assert_eq!(env.count("GET", REGISTRIES), 1, "one list for all three");
+        assert_eq!(env.count("POST", REGISTRIES), 2);
+        assert_eq!(outcomes[2].registry_id, Some(existing));
+        assert_eq!(reasons(&outcomes[2].actions), ["Adopted"]);
+
+        // Our creates are writes in the group since that list: the next lookup lists again.
+        env.reset();
+        let outcome = registry::reconcile_with_views(
+            &env.client,
+            &registry_request("c", &[], None),
+            Some(shared),
+        )
+        .await;
+        assert!(outcome.error.is_none(), "{:?}", outcome.error);
+        assert_eq!(env.count("GET", REGISTRIES), 1);
+        assert_eq!(env.snapshot().registries.len(), 4, "nothing created twice");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_registry_deleted_after_the_shared_list_is_looked_up_again_not_adopted() {
+    guarded(async {
+        let env = Env::start().await;
+        let existing = env.registry("existing").await;
+        let by_hand = env.registry("cache").await;
+        let views = registry::RegistryViews::new(registry::REGISTRY_VIEW_MAX_AGE);
+        let shared = registry::SharedViews {
+            views: &views,
+            connection: "sim|default",
+            now: t0(),
+        };
+        // An adoption (no write) lists the group: the listing shows `cache` too.
+        let adopted = registry::reconcile_with_views(
+            &env.client,
+            &registry_request("existing", &[], None),
+            Some(shared),
+        )
+        .await;
+        assert_eq!(adopted.registry_id, Some(existing));
+
+        // `cache` is deleted in the UI while that listing is still young enough to serve.
+        env.sim
+            .with_state(|state| state.delete_registry(by_hand as u64))
+            .expect("deleted");
+        env.reset();
+        let outcome = registry::reconcile_with_views(
+            &env.client,
+            &registry_request("cache", &[], None),
+            Some(shared),
+        )
+        .await;
+        assert!(outcome.error.is_none(), "{:?}", outcome.error);
+        assert_eq!(reasons(&outcome.actions), ["Created"]);
+        assert_ne!(outcome.registry_id, Some(by_hand));
+        assert_eq!(env.count("GET", REGISTRY), 1, "the listed one: 404");
+        assert_eq!(env.count("GET", REGISTRIES), 1, "a list of its own");
+        assert_eq!(env.count("POST", REGISTRIES), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_failed_shared_registry_list_is_one_request_and_every_waiter_gets_its_error() {
+    guarded(async {
+        let env = Env::start().await;
+        let views = registry::RegistryViews::new(registry::REGISTRY_VIEW_MAX_AGE);
+        let shared = registry::SharedViews {
+            views: &views,
+            connection: "sim|default",
+            now: t0(),
+        };
+        env.sim.inject_fault(FaultSpec {
+            once: vec![OneShotFault {
+                count: 1,
+                method: Some("GET".into()),
+                route: Some(REGISTRIES.into()),
+                fault: FaultAction::RateLimited {
+                    retry_after_seconds: 900,
+                },
+            }],
+            ..FaultSpec::default()
+        });
+        env.reset();
+        let requests = [
+            registry_request("a", &[], None),
+            registry_request("b", &[], None),
+        ];
+        let outcomes = futures::future::join_all(
+            requests
+                .iter()
+                .map(|request| registry::reconcile_with_views(&env.client, request, Some(shared))),
+        )
+        .await;
+        for outcome in &outcomes {
+            let error = outcome.error.as_ref().expect("rate limited");
+            assert_eq!(error.reason(), "RateLimited");
+        }
+        assert_eq!(env.count("GET", REGISTRIES), 1, "no second list");
+        assert_eq!(env.count("POST", REGISTRIES), 0);
     })
     .await;
 }
