@@ -382,9 +382,10 @@ pub async fn reconcile(
                     controller::registry::build_request(registry, fleet.upstreams.iter()),
                     fleet.registry_views.clone(),
                     controller::connection::connection_key(
-                        client,
+                        client.base_url(),
                         &registry.metadata.namespace.clone().unwrap_or_default(),
                         registry.spec.gitlab.as_ref(),
+                        None,
                     ),
                 )
             };
@@ -419,7 +420,12 @@ pub async fn reconcile(
             let (request, listing) = {
                 let fleet = lock(fleet);
                 let upstream = &fleet.upstreams[index];
-                connection = controller::upstream::listing_connection(client, upstream);
+                connection = controller::connection::connection_key(
+                    client.base_url(),
+                    &upstream.metadata.namespace.clone().unwrap_or_default(),
+                    upstream.spec.gitlab.as_ref(),
+                    None,
+                );
                 listings = fleet.listings.clone();
                 registry_views = fleet.registry_views.clone();
                 let request = controller::upstream::build_request(

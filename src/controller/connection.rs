@@ -60,20 +60,22 @@ pub fn secret_key(secret: &Secret, namespace: &str, key: &str) -> Result<SecretV
     })
 }
 
-/// Names the GitLab connection `client` stands for, as the shared listings and registry views
-/// key it: the url and the token's source (the operator's default, or a Secret of the
-/// object's own namespace), so what one token read is only ever used for objects reading
-/// GitLab with that token. Pure.
+/// Names a GitLab connection, as the client pool, the shared listings and the registry views
+/// key it: the url, the token's source (the operator's default, or a Secret of the object's
+/// own namespace) and, for a token Secret, its resource version. What one token read is
+/// only ever used for objects reading GitLab with that same token, and a rotated token
+/// starts afresh. Pure.
 pub fn connection_key(
-    client: &GitLabClient,
+    url: &url::Url,
     namespace: &str,
     connection: Option<&GitLabConnection>,
+    token_version: Option<&str>,
 ) -> String {
-    format!(
-        "{}|{}",
-        client.base_url(),
-        token_source(namespace, connection)
-    )
+    let source = token_source(namespace, connection);
+    match token_version {
+        Some(version) => format!("{url}|{source}#{version}"),
+        None => format!("{url}|{source}"),
+    }
 }
 
 /// Where the token comes from: the operator's default, or a Secret of the object's namespace.
@@ -84,6 +86,12 @@ fn token_source(namespace: &str, connection: Option<&GitLabConnection>) -> Strin
     }
 }
 
+/// A GitLab client and the name of the connection it stands for ([`connection_key`]).
+pub struct Connection {
+    pub client: GitLabClient,
+    pub key: String,
+}
+
 /// The GitLab client an object uses: its `spec.gitlab` (token from a Secret in its own
 /// namespace), else the operator's default.
 pub async fn gitlab_client(
@@ -91,6 +99,15 @@ pub async fn gitlab_client(
     namespace: &str,
     connection: Option<&GitLabConnection>,
 ) -> Result<GitLabClient> {
+    Ok(gitlab_connection(ctx, namespace, connection).await?.client)
+}
+
+/// As [`gitlab_client`], with the connection's name.
+pub async fn gitlab_connection(
+    ctx: &Context,
+    namespace: &str,
+    connection: Option<&GitLabConnection>,
+) -> Result<Connection> {
     let (url, token, key) = match connection {
         Some(connection) => {
             let url = url::Url::parse(&connection.url).map_err(|error| {
@@ -99,10 +116,11 @@ pub async fn gitlab_client(
             let secret_ref = &connection.token_secret_ref;
             let token = read_secret_key(ctx, namespace, &secret_ref.name, &secret_ref.key).await?;
             // The resource version changes with the token, so a rotated token gets a new client.
-            let key = format!(
-                "{url}|{}#{}",
-                token_source(namespace, Some(connection)),
-                token.resource_version
+            let key = connection_key(
+                &url,
+                namespace,
+                Some(connection),
+                Some(&token.resource_version),
             );
             (url, token.value, key)
         }
@@ -112,16 +130,15 @@ pub async fn gitlab_client(
                 .default_gitlab
                 .as_ref()
                 .ok_or(Error::ConnectionMissing)?;
-            (
-                default.url.clone(),
-                default.token.clone(),
-                format!("{}|{}", default.url, token_source(namespace, None)),
-            )
+            let key = connection_key(&default.url, namespace, None, None);
+            (default.url.clone(), default.token.clone(), key)
         }
     };
-    ctx.gitlab
+    let client = ctx
+        .gitlab
         .get_or_create(&key, || GitLabClient::new(ctx.client_config(url, token)))
-        .map_err(|error| Error::Sync(error.into()))
+        .map_err(|error| Error::Sync(error.into()))?;
+    Ok(Connection { client, key })
 }
 
 #[cfg(test)]

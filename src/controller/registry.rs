@@ -8,7 +8,7 @@ use std::sync::Arc;
 use kube::runtime::controller::Action as Requeue;
 use kube::{Api, Resource, ResourceExt};
 
-use super::connection::{connection_key, gitlab_client};
+use super::connection::{Connection, gitlab_connection};
 use super::status::{
     apply_status, mark_failed, mark_suspended, now, publish_actions, publish_outcome,
 };
@@ -60,13 +60,13 @@ async fn apply(
     }
     let namespace = registry.namespace().unwrap_or_default();
     let synced = async {
-        let client = gitlab_client(ctx, &namespace, registry.spec.gitlab.as_ref()).await?;
+        let Connection { client, key } =
+            gitlab_connection(ctx, &namespace, registry.spec.gitlab.as_ref()).await?;
         let upstreams = ctx.upstreams.state();
         let request = build_request(registry, upstreams.iter().map(|u| u.as_ref()));
-        let connection = connection_key(&client, &namespace, registry.spec.gitlab.as_ref());
         let views = SharedViews {
             views: &ctx.registry_views,
-            connection: &connection,
+            connection: &key,
             now: jiff::Timestamp::now(),
         };
         Ok::<_, Error>(sync::registry::reconcile_with_views(&client, &request, Some(views)).await)
@@ -234,16 +234,16 @@ async fn cleanup(registry: &VirtualRegistry, ctx: &Context) -> Result<Requeue> {
         return Ok(Requeue::await_change());
     };
     let namespace = registry.namespace().unwrap_or_default();
-    let client = gitlab_client(ctx, &namespace, registry.spec.gitlab.as_ref()).await?;
+    let Connection { client, key } =
+        gitlab_connection(ctx, &namespace, registry.spec.gitlab.as_ref()).await?;
     let keep = upstream_ids_to_keep(registry, ctx.upstreams.state().iter().map(|u| u.as_ref()));
     let deleted = sync::registry::delete(&client, registry_id, &keep, Mode::Apply).await;
-    let connection = connection_key(&client, &namespace, registry.spec.gitlab.as_ref());
     ctx.registry_views.record_write(
-        &connection,
+        &key,
         &PathOrId::parse(&registry.spec.group),
         Some(registry_id),
     );
-    ctx.registry_views.forget(&connection, registry_id);
+    ctx.registry_views.forget(&key, registry_id);
     let actions = deleted?;
     publish_actions(ctx, registry, &actions).await;
     Ok(Requeue::await_change())

@@ -9,7 +9,7 @@ use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 
-use super::connection::{connection_key, gitlab_client, read_secret, secret_key};
+use super::connection::{Connection, gitlab_connection, read_secret, secret_key};
 use super::status::{apply_status, mark_failed, mark_suspended, now, publish, publish_outcome};
 use super::{Context, Error, Result, reconciler};
 use crate::cleanup::parse_duration;
@@ -19,7 +19,7 @@ use crate::crd::{
     DeletionPolicy, PURGE_CACHE_REQUESTED_AT, RECONCILE_REQUESTED_AT, Upstream, UpstreamStatus,
     VirtualRegistry,
 };
-use crate::gitlab::{GitLabClient, PathOrId, UpstreamCredentials};
+use crate::gitlab::{PathOrId, UpstreamCredentials};
 use crate::sync::listing::UpstreamListings;
 use crate::sync::registry::RegistryViews;
 use crate::sync::upstream::{
@@ -76,7 +76,8 @@ async fn apply(upstream: &Upstream, ctx: &Context, api: &Api<Upstream>) -> Resul
 /// Everything the engine needs, read from the cluster, then one engine run.
 async fn dereference_and_sync(upstream: &Upstream, ctx: &Context) -> Result<UpstreamOutcome> {
     let namespace = upstream.namespace().unwrap_or_default();
-    let client = gitlab_client(ctx, &namespace, upstream.spec.gitlab.as_ref()).await?;
+    let Connection { client, key } =
+        gitlab_connection(ctx, &namespace, upstream.spec.gitlab.as_ref()).await?;
     let credentials = match &upstream.spec.credentials_secret_ref {
         None => None,
         Some(reference) => {
@@ -103,13 +104,7 @@ async fn dereference_and_sync(upstream: &Upstream, ctx: &Context) -> Result<Upst
         registries.iter().map(|r| r.as_ref()),
         jiff::Timestamp::now(),
     )?;
-    let connection = listing_connection(&client, upstream);
-    let listing = shared_listing(
-        upstream,
-        &ctx.upstream_listings,
-        &ctx.registry_views,
-        &connection,
-    );
+    let listing = shared_listing(upstream, &ctx.upstream_listings, &ctx.registry_views, &key);
     Ok(sync::upstream::reconcile_with_listing(&client, &request, Some(listing)).await)
 }
 
@@ -126,16 +121,6 @@ pub fn shared_listing<'a>(
         nothing_changed: nothing_changed_since_last_reconcile(upstream),
         registry_views: Some(registry_views),
     }
-}
-
-/// Names the GitLab connection `client` stands for, as the listings key it
-/// ([`connection_key`]). Pure.
-pub fn listing_connection(client: &GitLabClient, upstream: &Upstream) -> String {
-    connection_key(
-        client,
-        &upstream.namespace().unwrap_or_default(),
-        upstream.spec.gitlab.as_ref(),
-    )
 }
 
 /// Whether nothing is known to have changed since the last reconcile wrote the status: its
@@ -326,10 +311,11 @@ async fn cleanup(upstream: &Upstream, ctx: &Context) -> Result<Requeue> {
         return Ok(Requeue::await_change());
     };
     let namespace = upstream.namespace().unwrap_or_default();
-    let client = gitlab_client(ctx, &namespace, upstream.spec.gitlab.as_ref()).await?;
+    let Connection { client, key } =
+        gitlab_connection(ctx, &namespace, upstream.spec.gitlab.as_ref()).await?;
     let deleted = sync::upstream::delete(&client, upstream_id, Mode::Apply).await;
     ctx.upstream_listings.record_write(
-        &listing_connection(&client, upstream),
+        &key,
         &PathOrId::parse(&upstream.spec.group),
         Some(upstream_id),
     );
@@ -488,17 +474,21 @@ mod tests {
 
     #[test]
     fn listings_are_shared_only_by_objects_using_the_same_token() {
-        let client = GitLabClient::new(crate::gitlab::ClientConfig::new(
-            "https://gitlab.example.com".parse().expect("url"),
-            "token".to_string().into(),
-        ))
-        .expect("client");
+        let url: url::Url = "https://gitlab.example.com".parse().expect("url");
+        let listing_connection = |upstream: &Upstream, token_version: Option<&str>| {
+            super::super::connection::connection_key(
+                &url,
+                &upstream.namespace().unwrap_or_default(),
+                upstream.spec.gitlab.as_ref(),
+                token_version,
+            )
+        };
         let default = upstream(DOCKERHUB);
         let mut other_namespace = default.clone();
         other_namespace.metadata.namespace = Some("other".into());
         assert_eq!(
-            listing_connection(&client, &default),
-            listing_connection(&client, &other_namespace),
+            listing_connection(&default, None),
+            listing_connection(&other_namespace, None),
             "the operator's default token"
         );
         let own_token = upstream(&DOCKERHUB.replace(
@@ -508,15 +498,18 @@ mod tests {
         let mut own_token_elsewhere = own_token.clone();
         own_token_elsewhere.metadata.namespace = Some("other".into());
         let connections = [
-            listing_connection(&client, &default),
-            listing_connection(&client, &own_token),
-            listing_connection(&client, &own_token_elsewhere),
+            listing_connection(&default, None),
+            listing_connection(&own_token, Some("41")),
+            listing_connection(&own_token_elsewhere, Some("41")),
+            listing_connection(&own_token, Some("42")),
         ];
         assert_ne!(connections[0], connections[1]);
         assert_ne!(
             connections[1], connections[2],
             "a Secret of another namespace"
         );
+        assert_ne!(connections[1], connections[3], "a rotated token");
+        assert_eq!(connections[1], listing_connection(&own_token, Some("41")));
     }
 
     #[test]

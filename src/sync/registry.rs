@@ -145,11 +145,12 @@ impl RegistryViews {
         self.listings.record_write(connection, group, id);
     }
 
-    /// Waits until nothing else of this process inserts into registry `id`, and holds it
-    /// until the guard is dropped.
-    pub async fn hold_inserts(&self, connection: &str, id: i64) -> OwnedMutexGuard<()> {
+    /// Waits until nothing else of this process inserts into registry `id` of the GitLab at
+    /// `gitlab_url`, and holds it until the guard is dropped. Keyed by the GitLab instance,
+    /// not the token: GitLab's constraint is the same whoever inserts.
+    pub async fn hold_inserts(&self, gitlab_url: &str, id: i64) -> OwnedMutexGuard<()> {
         let lock = lock(&self.inserts)
-            .entry((connection.to_owned(), id))
+            .entry((gitlab_url.to_owned(), id))
             .or_default()
             .clone();
         lock.lock_owned().await
@@ -238,7 +239,12 @@ pub async fn reconcile_with_views(
         seen: None,
     };
     let held = match (views, request.known.registry_id) {
-        (Some(shared), Some(id)) => Some(shared.views.hold_inserts(shared.connection, id).await),
+        (Some(shared), Some(id)) => Some(
+            shared
+                .views
+                .hold_inserts(client.base_url().as_str(), id)
+                .await,
+        ),
         _ => None,
     };
     // Taken once no insert of ours is under way: an upstream created through the registry
@@ -1038,16 +1044,16 @@ mod tests {
     #[tokio::test]
     async fn inserts_into_one_registry_wait_for_each_other_and_others_do_not() {
         let views = Arc::new(RegistryViews::new(REGISTRY_VIEW_MAX_AGE));
-        let first = views.hold_inserts("gitlab|default", 7).await;
-        // Another registry, or the same id on another connection, is free.
-        drop(views.hold_inserts("gitlab|default", 8).await);
-        drop(views.hold_inserts("gitlab|team/token", 7).await);
+        let first = views.hold_inserts("https://gitlab.example.com/", 7).await;
+        // Another registry, or the same id on another GitLab, is free.
+        drop(views.hold_inserts("https://gitlab.example.com/", 8).await);
+        drop(views.hold_inserts("https://gitlab.other.example/", 7).await);
 
         let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
         let waiting = tokio::spawn({
             let views = views.clone();
             async move {
-                let _held = views.hold_inserts("gitlab|default", 7).await;
+                let _held = views.hold_inserts("https://gitlab.example.com/", 7).await;
                 entered_tx.send(()).expect("receiver alive");
             }
         });

@@ -593,7 +593,11 @@ async fn create(
                 .map(|views| (views, listing.connection))
         });
         let held = match views {
-            Some((views, connection)) => Some(views.hold_inserts(connection, registry_id).await),
+            Some((views, _)) => Some(
+                views
+                    .hold_inserts(client.base_url().as_str(), registry_id)
+                    .await,
+            ),
             None => None,
         };
         let created = client.create_upstream(registry_id, &new_upstream).await;
