@@ -319,6 +319,48 @@ fn members(list: &[(&str, i64)]) -> Vec<DesiredMember> {
         .collect()
 }
 
+/// The registry views of one process, as a reconcile at `now` uses them.
+fn shared_views(views: &registry::RegistryViews, now: Timestamp) -> registry::SharedViews<'_> {
+    registry::SharedViews {
+        views,
+        connection: "sim|default",
+        now,
+    }
+}
+
+/// Reconciles registries of these names, with no status, all at once.
+async fn new_registries_at_once(
+    env: &Env,
+    shared: registry::SharedViews<'_>,
+    names: &[&str],
+) -> Vec<RegistryOutcome> {
+    let requests: Vec<RegistryRequest> = names
+        .iter()
+        .map(|name| registry_request(name, &[], None))
+        .collect();
+    futures::future::join_all(
+        requests
+            .iter()
+            .map(|request| registry::reconcile_with_views(&env.client, request, Some(shared))),
+    )
+    .await
+}
+
+/// GitLab answers the next `method` to `route` with a 429 and a 15-minute Retry-After.
+fn rate_limit_once(env: &Env, method: &str, route: &str) {
+    env.sim.inject_fault(FaultSpec {
+        once: vec![OneShotFault {
+            count: 1,
+            method: Some(method.into()),
+            route: Some(route.into()),
+            fault: FaultAction::RateLimited {
+                retry_after_seconds: 900,
+            },
+        }],
+        ..FaultSpec::default()
+    });
+}
+
 fn registry_request(name: &str, list: &[(&str, i64)], known: Option<i64>) -> RegistryRequest {
     RegistryRequest {
         desired: DesiredRegistry {
@@ -643,17 +685,7 @@ async fn a_new_upstreams_connection_test_is_sent_with_its_adoption_lookup() {
 
         // The lookup is refused (rate limited): the test, sent with it, is on record anyway,
         // so the retry does not test again.
-        env.sim.inject_fault(FaultSpec {
-            once: vec![OneShotFault {
-                count: 1,
-                method: Some("GET".into()),
-                route: Some(upstreams_of_group.into()),
-                fault: FaultAction::RateLimited {
-                    retry_after_seconds: 900,
-                },
-            }],
-            ..FaultSpec::default()
-        });
+        rate_limit_once(&env, "GET", upstreams_of_group);
         env.reset();
         let mut request = upstream_request(
             desired("dockerhub", &dockerhub.url()),
@@ -1583,11 +1615,7 @@ async fn a_registry_waiting_for_upstreams_plans_its_reruns_on_its_recent_view() 
             ids.push(created.upstream_id.expect("id"));
         }
         let views = registry::RegistryViews::new(registry::REGISTRY_VIEW_MAX_AGE);
-        let shared = registry::SharedViews {
-            views: &views,
-            connection: "sim|default",
-            now: t0(),
-        };
+        let shared = shared_views(&views, t0());
 
         // u2 is still being created: u1 is associated, u3 waits behind it.
         env.reset();
@@ -1693,11 +1721,7 @@ async fn a_full_registry_behind_the_view_is_read_and_reordered_not_failed() {
         let dockerhub = stub().await;
         let cache = env.registry("cache").await;
         let views = registry::RegistryViews::new(registry::REGISTRY_VIEW_MAX_AGE);
-        let shared = registry::SharedViews {
-            views: &views,
-            connection: "sim|default",
-            now: t0(),
-        };
+        let shared = shared_views(&views, t0());
         // The view: nothing associated yet, every member still being created.
         let mut waiting = registry_request("cache", &[], Some(cache));
         for name in ["u1", "u2", "u3", "u4", "u5"] {
@@ -1746,11 +1770,7 @@ async fn an_upstream_created_through_a_registry_is_added_to_its_view_or_drops_it
         let listings = gitlab_registry_operator::sync::listing::UpstreamListings::new(
             Duration::from_secs(300),
         );
-        let shared = registry::SharedViews {
-            views: &views,
-            connection: "sim|default",
-            now: t0(),
-        };
+        let shared = shared_views(&views, t0());
         let mut waiting = registry_request("cache", &[], Some(cache));
         waiting.desired.members.push(DesiredMember {
             name: "u1".into(),
@@ -1814,25 +1834,11 @@ async fn new_registries_of_a_group_share_one_group_list_for_their_adoption_looku
         let env = Env::start().await;
         let existing = env.registry("existing").await;
         let views = registry::RegistryViews::new(registry::REGISTRY_VIEW_MAX_AGE);
-        let shared = registry::SharedViews {
-            views: &views,
-            connection: "sim|default",
-            now: t0(),
-        };
+        let shared = shared_views(&views, t0());
 
         // Three registries reconciled at once: one list, then each creates or adopts.
         env.reset();
-        let requests = [
-            registry_request("a", &[], None),
-            registry_request("b", &[], None),
-            registry_request("existing", &[], None),
-        ];
-        let outcomes = futures::future::join_all(
-            requests
-                .iter()
-                .map(|request| registry::reconcile_with_views(&env.client, request, Some(shared))),
-        )
-        .await;
+        let outcomes = new_registries_at_once(&env, shared, &["a", "b", "existing"]).await;
         for outcome in &outcomes {
             assert!(outcome.error.is_none(), "{:?}", outcome.error);
         }
@@ -1863,11 +1869,7 @@ async fn a_registry_deleted_after_the_shared_list_is_looked_up_again_not_adopted
         let existing = env.registry("existing").await;
         let by_hand = env.registry("cache").await;
         let views = registry::RegistryViews::new(registry::REGISTRY_VIEW_MAX_AGE);
-        let shared = registry::SharedViews {
-            views: &views,
-            connection: "sim|default",
-            now: t0(),
-        };
+        let shared = shared_views(&views, t0());
         // An adoption (no write) lists the group: the listing shows `cache` too.
         let adopted = registry::reconcile_with_views(
             &env.client,
@@ -1903,33 +1905,10 @@ async fn a_failed_shared_registry_list_is_one_request_and_every_waiter_gets_its_
     guarded(async {
         let env = Env::start().await;
         let views = registry::RegistryViews::new(registry::REGISTRY_VIEW_MAX_AGE);
-        let shared = registry::SharedViews {
-            views: &views,
-            connection: "sim|default",
-            now: t0(),
-        };
-        env.sim.inject_fault(FaultSpec {
-            once: vec![OneShotFault {
-                count: 1,
-                method: Some("GET".into()),
-                route: Some(REGISTRIES.into()),
-                fault: FaultAction::RateLimited {
-                    retry_after_seconds: 900,
-                },
-            }],
-            ..FaultSpec::default()
-        });
+        let shared = shared_views(&views, t0());
+        rate_limit_once(&env, "GET", REGISTRIES);
         env.reset();
-        let requests = [
-            registry_request("a", &[], None),
-            registry_request("b", &[], None),
-        ];
-        let outcomes = futures::future::join_all(
-            requests
-                .iter()
-                .map(|request| registry::reconcile_with_views(&env.client, request, Some(shared))),
-        )
-        .await;
+        let outcomes = new_registries_at_once(&env, shared, &["a", "b"]).await;
         for outcome in &outcomes {
             let error = outcome.error.as_ref().expect("rate limited");
             assert_eq!(error.reason(), "RateLimited");
