@@ -634,54 +634,44 @@ async fn adopt_by_name(
 ) -> Result<Option<VirtualRegistry>> {
     let desired = &request.desired;
     let named = |registry: &VirtualRegistry| registry.name == desired.name;
-    let mut from_shared_list = match shared {
-        Some(shared) => Some(
-            shared
-                .views
-                .listings
-                .adoptable(client, shared.connection, &desired.group, shared.now, named)
-                .await?
-                .into_iter()
-                .next(),
-        ),
-        None => None,
-    };
-    loop {
-        let shared_list_used = from_shared_list.is_some();
-        let found = match from_shared_list.take() {
-            Some(found) => found,
-            None => client
-                .list_registries(&desired.group)
-                .await?
-                .into_iter()
-                .find(named),
-        };
-        let Some(found) = found else {
+    if let Some(shared) = shared {
+        let listed = shared
+            .views
+            .listings
+            .adoptable(client, shared.connection, &desired.group, shared.now, named)
+            .await?;
+        let Some(found) = listed.into_iter().next() else {
             return Ok(None);
         };
         // The group list carries no associations; the registry itself does.
-        let remote = match client.get_registry(found.id).await {
-            Ok(remote) => remote,
-            Err(error) if error.is_not_found() && shared_list_used => {
-                // Listed, then deleted: a list of our own tells what the group holds now.
-                if let Some(shared) = shared {
-                    shared
-                        .views
-                        .record_write(shared.connection, &desired.group, Some(found.id));
-                }
-                continue;
+        match client.get_registry(found.id).await {
+            Ok(remote) => return Ok(Some(adopted(outcome, remote))),
+            // Listed, then deleted: a list of our own below tells what the group holds now.
+            Err(error) if error.is_not_found() => {
+                shared
+                    .views
+                    .record_write(shared.connection, &desired.group, Some(found.id));
             }
             Err(error) => return Err(error.into()),
-        };
-        outcome.actions.push(
-            Action::new(
-                "Adopted",
-                format!("adopted existing registry {} ({})", remote.id, remote.name),
-            )
-            .read_only(),
-        );
-        return Ok(Some(remote));
+        }
     }
+    let listed = client.list_registries(&desired.group).await?;
+    let Some(found) = listed.into_iter().find(named) else {
+        return Ok(None);
+    };
+    let remote = client.get_registry(found.id).await?;
+    Ok(Some(adopted(outcome, remote)))
+}
+
+fn adopted(outcome: &mut RegistryOutcome, remote: VirtualRegistry) -> VirtualRegistry {
+    outcome.actions.push(
+        Action::new(
+            "Adopted",
+            format!("adopted existing registry {} ({})", remote.id, remote.name),
+        )
+        .read_only(),
+    );
+    remote
 }
 
 async fn delete_association_tolerating_gone(
