@@ -1919,6 +1919,98 @@ async fn a_failed_shared_registry_list_is_one_request_and_every_waiter_gets_its_
     .await;
 }
 
+#[tokio::test]
+async fn inserts_into_one_registry_go_one_at_a_time_as_gitlabs_unique_positions_require() {
+    guarded(async {
+        // GitLab reads the highest position, then commits; here 200 ms apart.
+        let env = Env::with_config(SimConfig {
+            insert_commit_delay: Duration::from_millis(200),
+            ..sim_config()
+        })
+        .await;
+        let dockerhub = stub().await;
+        let new_upstream = |name: &str, registry_id: i64| {
+            let mut request = upstream_request(
+                desired(name, &format!("{}/{name}", dockerhub.url())),
+                KnownUpstream::default(),
+                t0(),
+            );
+            request.registry_for_create = Some(registry_id);
+            request
+        };
+
+        // Without the registry views, three creates through one registry at once read the
+        // same position: GitLab's constraint fails all but one.
+        let cache = env.registry("cache").await;
+        let racing: Vec<UpstreamRequest> =
+            ["a", "b", "c"].map(|name| new_upstream(name, cache)).into();
+        let outcomes = futures::future::join_all(
+            racing
+                .iter()
+                .map(|request| upstream::reconcile(&env.client, request)),
+        )
+        .await;
+        let failed: Vec<&str> = outcomes
+            .iter()
+            .filter_map(|outcome| outcome.error.as_ref().map(|error| error.reason()))
+            .collect();
+        assert_eq!(failed, ["GitLabUnavailable", "GitLabUnavailable"]);
+        assert_eq!(order_of(&env.snapshot(), cache).len(), 1);
+
+        // With them (as `run` holds them; `apply` sends one request at a time), a registry's
+        // reconcile adding two members and two creates through that registry, all at once,
+        // all land.
+        let other = env.registry("other").await;
+        let created: Vec<i64> = outcomes.iter().filter_map(|o| o.upstream_id).collect();
+        let second = env
+            .upstream("x", &format!("{}/x", dockerhub.url()), cache)
+            .await
+            .upstream_id
+            .expect("id");
+        let views = registry::RegistryViews::new(registry::REGISTRY_VIEW_MAX_AGE);
+        let listings = gitlab_registry_operator::sync::listing::UpstreamListings::new(
+            Duration::from_secs(300),
+        );
+        let mut registry_request =
+            registry_request("other", &[("a", created[0]), ("x", second)], Some(other));
+        for name in ["d", "e"] {
+            registry_request.desired.members.push(DesiredMember {
+                name: name.into(),
+                resolution: Resolution::Pending,
+            });
+        }
+        let creates: Vec<UpstreamRequest> = ["d", "e"].map(|name| new_upstream(name, other)).into();
+        let shared_listing = upstream::SharedListing {
+            listings: &listings,
+            connection: "sim|default",
+            nothing_changed: false,
+            registry_views: Some(&views),
+        };
+        let (registry_outcome, create_outcomes) = futures::future::join(
+            registry::reconcile_with_views(
+                &env.client,
+                &registry_request,
+                Some(shared_views(&views, t0())),
+            ),
+            futures::future::join_all(creates.iter().map(|request| {
+                upstream::reconcile_with_listing(&env.client, request, Some(shared_listing))
+            })),
+        )
+        .await;
+        assert!(
+            registry_outcome.error.is_none(),
+            "{:?}",
+            registry_outcome.error
+        );
+        for outcome in &create_outcomes {
+            assert!(outcome.error.is_none(), "{:?}", outcome.error);
+        }
+        let order = order_of(&env.snapshot(), other);
+        assert_eq!(order.len(), 4, "{order:?}");
+    })
+    .await;
+}
+
 // ---- deletion ----------------------------------------------------------------------------
 
 #[tokio::test]

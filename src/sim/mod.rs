@@ -110,6 +110,12 @@ pub struct SimConfig {
     pub upstream_timeout: Duration,
     /// Host shown in repository and tag `location`s.
     pub registry_host: String,
+    /// Time between reading a registry's highest position and committing a new association
+    /// (an upstream created through the registry, or associated with it), as in GitLab's
+    /// transaction. GitLab's `UNIQUE (registry_id, position) DEFERRABLE INITIALLY DEFERRED`
+    /// constraint then fails the later of two inserts that read the same position (INFERRED:
+    /// `500`, an unhandled `RecordNotUnique`). Zero (the default): inserts are atomic.
+    pub insert_commit_delay: Duration,
 }
 
 impl Default for SimConfig {
@@ -124,6 +130,7 @@ impl Default for SimConfig {
             tag_list_details: false,
             upstream_timeout: Duration::from_secs(5),
             registry_host: "registry.gitlab.example.com".into(),
+            insert_commit_delay: Duration::ZERO,
         }
     }
 }

@@ -757,9 +757,13 @@ async fn create_upstream(
         password,
         cache_validity_hours,
     };
-    let (upstream, association) =
-        app.state()
-            .create_upstream(id, input, app.config.allow_local_network)?;
+    let read_position = read_position_then_wait(&app, id).await;
+    let (upstream, association) = app.state().create_upstream_at_read_position(
+        id,
+        input,
+        app.config.allow_local_network,
+        read_position,
+    )?;
     Ok(json_response(
         201,
         views::upstream_in_registry(&upstream, &association),
@@ -947,10 +951,26 @@ async fn associate(AxumState(app): AxumState<App>, params: Params) -> ApiResult<
     let upstream_id = check.integer("upstream_id", true);
     check.finish()?;
     let as_id = |value: Option<i64>| u64::try_from(value.unwrap_or(0)).unwrap_or(0);
-    let association = app
-        .state()
-        .associate(as_id(registry_id), as_id(upstream_id))?;
+    let read_position = read_position_then_wait(&app, as_id(registry_id)).await;
+    let association = app.state().associate_at_read_position(
+        as_id(registry_id),
+        as_id(upstream_id),
+        read_position,
+    )?;
     Ok(json_response(201, views::association(&association)))
+}
+
+/// With an `insert_commit_delay`, reads the position a new association of the registry would
+/// take and waits that long before the commit, as GitLab's transaction does; `None` (insert
+/// atomically) without one, or when the registry does not exist (the commit reports it).
+async fn read_position_then_wait(app: &App, registry_id: u64) -> Option<i64> {
+    let delay = app.config.insert_commit_delay;
+    if delay.is_zero() {
+        return None;
+    }
+    let read_position = app.state().next_association_position(registry_id).ok()?;
+    tokio::time::sleep(delay).await;
+    Some(read_position)
 }
 
 async fn reposition(

@@ -86,6 +86,15 @@ impl ApiError {
         }
     }
 
+    /// `500 {"message": "500 Internal Server Error"}`: what GitLab answers when a database
+    /// constraint fails at commit (INFERRED: no API handler rescues `RecordNotUnique`).
+    pub fn internal() -> Self {
+        Self {
+            status: 500,
+            body: json!({ "message": "500 Internal Server Error" }),
+        }
+    }
+
     /// `404 {"message": "404 <what> Not Found"}`, e.g. `Group`, `Project`, `Upstream`, `Tag`.
     pub fn not_found_named(what: &str) -> Self {
         Self {
@@ -880,6 +889,20 @@ impl State {
         input: NewUpstream,
         allow_local_network: bool,
     ) -> ApiResult<(Upstream, Association)> {
+        self.create_upstream_at_read_position(registry_id, input, allow_local_network, None)
+    }
+
+    /// As [`create_upstream`](Self::create_upstream), with the association's position read
+    /// earlier in the transaction (see
+    /// [`associate_at_read_position`](Self::associate_at_read_position)): when the constraint
+    /// fails, nothing is created.
+    pub fn create_upstream_at_read_position(
+        &mut self,
+        registry_id: u64,
+        input: NewUpstream,
+        allow_local_network: bool,
+        read_position: Option<i64>,
+    ) -> ApiResult<(Upstream, Association)> {
         let group_id = self.registry(registry_id)?.group_id;
         let mut errors = ValidationErrors::default();
         let fields = UpstreamChanges {
@@ -908,7 +931,7 @@ impl State {
             );
         }
         errors.into_result()?;
-        let position = next_position(&associated);
+        let position = commit_position(&associated, read_position)?;
         let now = self.now();
         let upstream = Upstream {
             id: take_id(&mut self.ids.upstream),
@@ -1038,6 +1061,24 @@ impl State {
     }
 
     pub fn associate(&mut self, registry_id: u64, upstream_id: u64) -> ApiResult<Association> {
+        self.associate_at_read_position(registry_id, upstream_id, None)
+    }
+
+    /// The position the next association of registry `id` takes (highest + 1).
+    pub fn next_association_position(&self, registry_id: u64) -> ApiResult<i64> {
+        self.registry(registry_id)?;
+        Ok(next_position(&self.associations_of_registry(registry_id)))
+    }
+
+    /// As [`associate`](Self::associate), committing at `read_position` when the position
+    /// was read earlier in the transaction: taken by an insert committed since, the unique
+    /// constraint fails this one.
+    pub fn associate_at_read_position(
+        &mut self,
+        registry_id: u64,
+        upstream_id: u64,
+        read_position: Option<i64>,
+    ) -> ApiResult<Association> {
         let group_id = self.registry(registry_id)?.group_id;
         match self.upstreams.get(&upstream_id) {
             Some(upstream) if upstream.group_id == group_id => {}
@@ -1055,7 +1096,7 @@ impl State {
             errors.add("position", "must be less than or equal to 5");
         }
         errors.into_result()?;
-        let position = next_position(&associated);
+        let position = commit_position(&associated, read_position)?;
         let association = Association {
             id: take_id(&mut self.ids.association),
             registry_id,
@@ -1633,6 +1674,18 @@ impl State {
                 })
                 .collect(),
         }
+    }
+}
+
+/// The position a new association commits at: the one read earlier in its transaction,
+/// unless an insert committed since holds it; else the next one.
+fn commit_position(associated: &[&Association], read_position: Option<i64>) -> ApiResult<i64> {
+    match read_position {
+        Some(position) if associated.iter().any(|held| held.position == position) => {
+            Err(ApiError::internal())
+        }
+        Some(position) => Ok(position),
+        None => Ok(next_position(associated)),
     }
 }
 
