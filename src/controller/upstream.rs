@@ -137,22 +137,39 @@ pub fn nothing_changed_since_last_reconcile(upstream: &Upstream) -> bool {
             == status.last_handled_reconcile_at.as_ref()
 }
 
-/// The registry an Upstream is created through, from the registries (GitLab id, position of
-/// the Upstream in their list) that list it: one that lists it first, since the create puts
-/// it at position 1 where it belongs; else the Upstreams are spread over the registries by
-/// their position in the lowest-id one, so creates go to different registries and run at once
-/// (GitLab takes one insert at a time per registry), each registry moving at most its one
-/// created member into place afterwards. Pure, and the same for every reconcile while the
-/// registries do not change.
-fn registry_to_create_through(mut listing: Vec<(i64, usize)>) -> Option<i64> {
+/// A registry that lists the Upstream and has a GitLab id, or is on its way to one.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct ListingRegistry {
+    name: String,
+    /// The Upstream's position in the registry's list.
+    position: usize,
+    id: Option<i64>,
+}
+
+/// The registry an Upstream is created through, chosen among the registries that list it
+/// (including those still being created, so the choice does not depend on which registry
+/// got its id first): one that lists it first, since the create puts it at position 1 where
+/// it belongs; else the Upstreams are spread over the registries by their position in the
+/// first registry by name, so creates go to different registries and run at once (GitLab
+/// takes one insert at a time per registry), each registry moving at most its one created
+/// member into place afterwards. `None` while the chosen registry has no id yet: the
+/// Upstream waits for it (its id triggers the next reconcile). Pure, and the same for every
+/// reconcile while the registries do not change.
+fn registry_to_create_through(mut listing: Vec<ListingRegistry>) -> Option<i64> {
     listing.sort_unstable();
-    if let Some((id, _)) = listing.iter().find(|(_, position)| *position == 0) {
-        return Some(*id);
+    if let Some(first) = listing.iter().find(|registry| registry.position == 0) {
+        return first.id;
     }
-    let (_, position_in_lowest) = listing.first()?;
-    listing
-        .get(position_in_lowest % listing.len())
-        .map(|(id, _)| *id)
+    let position_in_first = listing.first()?.position;
+    listing.get(position_in_first % listing.len())?.id
+}
+
+/// Whether a registry without a GitLab id is getting one: not suspended, and not failed.
+fn on_its_way_to_an_id(registry: &VirtualRegistry) -> bool {
+    let failed = registry.status.as_ref().is_some_and(|status| {
+        conditions::find(&status.conditions, SYNCED).is_some_and(|synced| synced.status == "False")
+    });
+    !registry.spec.suspend && !failed
 }
 
 /// The engine's input from the object, its credentials and the registries in the cluster.
@@ -168,19 +185,26 @@ pub fn build_request<'a>(
         .map_err(|error| Error::InvalidSpec(format!("connectivityCheck.interval: {error}")))?;
     let name = upstream.gitlab_name();
     let namespace = upstream.namespace();
-    let listing: Vec<(i64, usize)> = registries
+    let listing: Vec<ListingRegistry> = registries
         .filter(|registry| {
             registry.namespace() == namespace && registry.meta().deletion_timestamp.is_none()
         })
         .filter(|registry| registry.spec.group == spec.group)
         .filter_map(|registry| {
-            let id = registry.status.as_ref().and_then(|s| s.registry_id)?;
+            let id = registry.status.as_ref().and_then(|s| s.registry_id);
+            if id.is_none() && !on_its_way_to_an_id(registry) {
+                return None;
+            }
             let position = registry
                 .spec
                 .upstreams
                 .iter()
                 .position(|u| u.name == upstream.name_any())?;
-            Some((id, position))
+            Some(ListingRegistry {
+                name: registry.name_any(),
+                position,
+                id,
+            })
         })
         .collect();
     let registry_for_create = registry_to_create_through(listing);
@@ -369,15 +393,40 @@ mod tests {
     const DOCKERHUB: &str = "apiVersion: gitlabregistry.io/v1alpha1\nkind: Upstream\nmetadata: {name: dockerhub, namespace: team, generation: 2}\nspec: {group: my-org, url: 'https://registry-1.docker.io'}\n";
 
     #[test]
-    fn creates_through_the_lowest_id_registry_of_the_same_group_and_namespace_that_lists_it() {
+    fn creates_through_the_first_registry_by_name_of_the_same_group_and_namespace_listing_it() {
         let upstream = upstream(DOCKERHUB);
-        let registries = [
+        let mut registries = [
             registry("a", "my-org", &["dockerhub"], Some(9)),
             registry("b", "my-org", &["dockerhub"], Some(4)),
             registry("c", "other-org", &["dockerhub"], Some(1)),
             registry("d", "my-org", &["quay"], Some(2)),
             registry("e", "my-org", &["dockerhub"], None),
         ];
+        let through = |registries: &[VirtualRegistry]| {
+            build_request(
+                &upstream,
+                None,
+                registries.iter(),
+                jiff::Timestamp::UNIX_EPOCH,
+            )
+            .expect("valid")
+            .registry_for_create
+        };
+        assert_eq!(through(&registries), Some(9));
+
+        // `a` still being created: wait for it, whichever registry got its id first.
+        registries[0].status = None;
+        assert_eq!(through(&registries), None);
+        // `a` failed before it got an id, or is suspended: not waited for.
+        let failing = ConditionUpdate::new(SYNCED, false, "LimitExceeded", "5 registries");
+        let mut status = VirtualRegistryStatus::default();
+        conditions::set_condition(&mut status.conditions, failing, Some(1), &now());
+        registries[0].status = Some(status);
+        assert_eq!(through(&registries), Some(4));
+        registries[0].status = None;
+        registries[0].spec.suspend = true;
+        assert_eq!(through(&registries), Some(4));
+
         let request = build_request(
             &upstream,
             None,
@@ -385,7 +434,6 @@ mod tests {
             jiff::Timestamp::UNIX_EPOCH,
         )
         .expect("valid");
-        assert_eq!(request.registry_for_create, Some(4));
         assert_eq!(request.desired.name, "dockerhub");
         assert_eq!(
             request.desired.connectivity_interval,
@@ -401,19 +449,50 @@ mod tests {
         assert_eq!(none.registry_for_create, None);
     }
 
+    fn listing(name: &str, position: usize, id: Option<i64>) -> ListingRegistry {
+        ListingRegistry {
+            name: name.into(),
+            position,
+            id,
+        }
+    }
+
     #[test]
     fn creates_go_through_a_registry_listing_the_upstream_first_else_spread_by_position() {
-        assert_eq!(registry_to_create_through(vec![(5, 1), (6, 0)]), Some(6));
-        // Listed third everywhere: the third of the registries by id.
-        assert_eq!(
-            registry_to_create_through(vec![(3, 2), (1, 2), (2, 2)]),
-            Some(3)
-        );
-        // Five registries listing the same five Upstreams: one create into each.
+        let first = vec![listing("a", 1, Some(5)), listing("b", 0, Some(6))];
+        assert_eq!(registry_to_create_through(first), Some(6));
+        // Listed third everywhere: the third of the registries by name.
+        let third = vec![
+            listing("c", 2, Some(1)),
+            listing("a", 2, Some(3)),
+            listing("b", 2, Some(2)),
+        ];
+        assert_eq!(registry_to_create_through(third), Some(1));
+        // Five registries listing the same five Upstreams: one create into each, the same
+        // whether or not the others have their ids yet.
+        let names = ["r0", "r1", "r2", "r3", "r4"];
         let through: Vec<_> = (0..5)
-            .map(|position| registry_to_create_through((10..15).map(|id| (id, position)).collect()))
+            .map(|position| {
+                registry_to_create_through(
+                    names
+                        .iter()
+                        .zip(10..)
+                        .map(|(name, id)| listing(name, position, Some(id)))
+                        .collect(),
+                )
+            })
             .collect();
         assert_eq!(through, [Some(10), Some(11), Some(12), Some(13), Some(14)]);
+        let only_r1_has_an_id = |position| {
+            registry_to_create_through(
+                names
+                    .iter()
+                    .map(|name| listing(name, position, (*name == "r1").then_some(11)))
+                    .collect(),
+            )
+        };
+        assert_eq!(only_r1_has_an_id(1), Some(11));
+        assert_eq!(only_r1_has_an_id(3), None, "waits for r3");
         assert_eq!(registry_to_create_through(Vec::new()), None);
     }
 
