@@ -410,17 +410,17 @@ async fn find_remote_testing_new(
         client.test_upstream_connection(&desired.group, &desired.url, credentials),
     );
     // A test that was answered is on record even when the lookup failed.
-    let tested = match tested {
+    let test_error = match tested {
         Ok(result) => {
             pass.tested_now = true;
             record_check(outcome, &result, request);
-            Ok(())
+            None
         }
-        Err(error) => Err(error),
+        Err(error) => Some(error),
     };
     let found = found?;
-    match tested {
-        Err(error) if found.is_none() => Err(error.into()),
+    match test_error {
+        Some(error) if found.is_none() => Err(error.into()),
         _ => Ok(found),
     }
 }
