@@ -381,11 +381,10 @@ pub async fn reconcile(
                 (
                     controller::registry::build_request(registry, fleet.upstreams.iter()),
                     fleet.registry_views.clone(),
-                    controller::connection::connection_key(
-                        client.base_url(),
-                        &registry.metadata.namespace.clone().unwrap_or_default(),
+                    connection_of(
+                        client,
+                        registry.metadata.namespace.as_ref(),
                         registry.spec.gitlab.as_ref(),
-                        None,
                     ),
                 )
             };
@@ -420,11 +419,10 @@ pub async fn reconcile(
             let (request, listing) = {
                 let fleet = lock(fleet);
                 let upstream = &fleet.upstreams[index];
-                connection = controller::connection::connection_key(
-                    client.base_url(),
-                    &upstream.metadata.namespace.clone().unwrap_or_default(),
+                connection = connection_of(
+                    client,
+                    upstream.metadata.namespace.as_ref(),
                     upstream.spec.gitlab.as_ref(),
-                    None,
                 );
                 listings = fleet.listings.clone();
                 registry_views = fleet.registry_views.clone();
@@ -465,6 +463,21 @@ pub async fn reconcile(
             )
         }
     }
+}
+
+/// The connection name `run` keys listings and views by (the fleet's tokens come from no
+/// Secret, so there is no Secret version).
+fn connection_of(
+    client: &GitLabClient,
+    namespace: Option<&String>,
+    gitlab: Option<&gitlab_registry_operator::crd::GitLabConnection>,
+) -> String {
+    controller::connection::connection_key(
+        client.base_url(),
+        namespace.map_or("", String::as_str),
+        gitlab,
+        None,
+    )
 }
 
 fn after(error: Option<&gitlab_registry_operator::sync::Error>, success: Duration) -> Duration {

@@ -10,7 +10,8 @@ use kube::{Api, Resource, ResourceExt};
 
 use super::connection::{Connection, gitlab_connection};
 use super::status::{
-    apply_status, mark_failed, mark_suspended, now, publish_actions, publish_outcome,
+    apply_status, mark_failed, mark_suspended, nothing_requested_since, now, publish_actions,
+    publish_outcome,
 };
 use super::{Context, Error, Result, reconciler};
 use crate::crd::conditions::{self, SYNCED, UPSTREAMS_RESOLVED};
@@ -102,8 +103,8 @@ fn creation_blocked(upstream: &Upstream) -> bool {
     upstream
         .status
         .as_ref()
-        .and_then(|status| conditions::find(&status.conditions, SYNCED))
-        .is_some_and(|synced| synced.status == "False" && synced.reason != "WaitingForRegistry")
+        .and_then(|status| conditions::false_reason(&status.conditions, SYNCED))
+        .is_some_and(|reason| reason != "WaitingForRegistry")
 }
 
 /// Whether the last reconcile left the registry waiting for Upstreams to get their GitLab
@@ -113,9 +114,11 @@ fn waiting_for_upstreams(registry: &VirtualRegistry, status: &VirtualRegistrySta
     let waiting = conditions::find(&status.conditions, UPSTREAMS_RESOLVED)
         .is_some_and(|resolved| resolved.reason == "WaitingForUpstream");
     waiting
-        && status.observed_generation == registry.metadata.generation
-        && registry.annotations().get(RECONCILE_REQUESTED_AT)
-            == status.last_handled_reconcile_at.as_ref()
+        && nothing_requested_since(
+            registry,
+            status.observed_generation,
+            status.last_handled_reconcile_at.as_ref(),
+        )
 }
 
 /// The engine's input from the object and the Upstream objects in the cluster. Pure.

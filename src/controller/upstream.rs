@@ -10,7 +10,10 @@ use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 
 use super::connection::{Connection, gitlab_connection, read_secret, secret_key};
-use super::status::{apply_status, mark_failed, mark_suspended, now, publish, publish_outcome};
+use super::status::{
+    apply_status, mark_failed, mark_suspended, nothing_requested_since, now, publish,
+    publish_outcome,
+};
 use super::{Context, Error, Result, reconciler};
 use crate::cleanup::parse_duration;
 use crate::crd::conditions::{self, SYNCED};
@@ -130,11 +133,12 @@ pub fn nothing_changed_since_last_reconcile(upstream: &Upstream) -> bool {
     let Some(status) = &upstream.status else {
         return false;
     };
-    status.observed_generation.is_some()
-        && status.observed_generation == upstream.metadata.generation
-        && conditions::is_true(&status.conditions, SYNCED)
-        && upstream.annotations().get(RECONCILE_REQUESTED_AT)
-            == status.last_handled_reconcile_at.as_ref()
+    conditions::is_true(&status.conditions, SYNCED)
+        && nothing_requested_since(
+            upstream,
+            status.observed_generation,
+            status.last_handled_reconcile_at.as_ref(),
+        )
 }
 
 /// A registry that lists the Upstream and has a GitLab id, or is on its way to one.
@@ -166,9 +170,10 @@ fn registry_to_create_through(mut listing: Vec<ListingRegistry>) -> Option<i64> 
 
 /// Whether a registry without a GitLab id is getting one: not suspended, and not failed.
 fn on_its_way_to_an_id(registry: &VirtualRegistry) -> bool {
-    let failed = registry.status.as_ref().is_some_and(|status| {
-        conditions::find(&status.conditions, SYNCED).is_some_and(|synced| synced.status == "False")
-    });
+    let failed = registry
+        .status
+        .as_ref()
+        .is_some_and(|status| conditions::false_reason(&status.conditions, SYNCED).is_some());
     !registry.spec.suspend && !failed
 }
 
@@ -223,19 +228,11 @@ pub fn build_request<'a>(
         known: KnownUpstream {
             upstream_id: status.upstream_id,
             group_id: status.group_id,
-            applied_credentials: status
-                .applied_credentials
-                .map(|applied| CredentialsVersion {
-                    secret_name: applied.secret_name,
-                    resource_version: applied.resource_version,
-                }),
+            applied_credentials: status.applied_credentials.as_ref().map(credentials_version),
             last_check_configuration: status.last_connectivity_check.as_ref().and_then(|check| {
                 Some(TestedConfiguration {
                     url: check.url.clone()?,
-                    credentials: check.credentials.as_ref().map(|tested| CredentialsVersion {
-                        secret_name: tested.secret_name.clone(),
-                        resource_version: tested.resource_version.clone(),
-                    }),
+                    credentials: check.credentials.as_ref().map(credentials_version),
                 })
             }),
             last_check: status
@@ -269,14 +266,10 @@ pub fn status_from_outcome(
     status.observed_generation = generation;
     status.upstream_id = outcome.upstream_id;
     status.group_id = outcome.group_id;
-    status.applied_credentials =
-        outcome
-            .applied_credentials
-            .as_ref()
-            .map(|applied| AppliedCredentials {
-                secret_name: applied.secret_name.clone(),
-                resource_version: applied.resource_version.clone(),
-            });
+    status.applied_credentials = outcome
+        .applied_credentials
+        .as_ref()
+        .map(applied_credentials);
     status.last_connectivity_check =
         outcome
             .last_check
@@ -293,10 +286,7 @@ pub fn status_from_outcome(
                     .last_check_configuration
                     .as_ref()
                     .and_then(|tested| tested.credentials.as_ref())
-                    .map(|tested| AppliedCredentials {
-                        secret_name: tested.secret_name.clone(),
-                        resource_version: tested.resource_version.clone(),
-                    }),
+                    .map(applied_credentials),
             });
     status.last_handled_purge_cache_at = outcome.last_handled_purge_cache.clone();
     status.last_handled_reconcile_at = upstream.annotations().get(RECONCILE_REQUESTED_AT).cloned();
@@ -314,6 +304,22 @@ pub fn status_from_outcome(
     let ready = conditions::ready_summary(&status.conditions, &components);
     conditions::set_condition(&mut status.conditions, ready, generation, &now);
     status
+}
+
+/// A credentials Secret version as status records it, for the engine.
+fn credentials_version(recorded: &AppliedCredentials) -> CredentialsVersion {
+    CredentialsVersion {
+        secret_name: recorded.secret_name.clone(),
+        resource_version: recorded.resource_version.clone(),
+    }
+}
+
+/// A credentials Secret version from the engine, as status records it.
+fn applied_credentials(version: &CredentialsVersion) -> AppliedCredentials {
+    AppliedCredentials {
+        secret_name: version.secret_name.clone(),
+        resource_version: version.resource_version.clone(),
+    }
 }
 
 fn suspended_status(current: &UpstreamStatus, generation: Option<i64>) -> UpstreamStatus {

@@ -107,6 +107,13 @@ pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
     find(conditions, type_).is_some_and(|c| c.status == "True")
 }
 
+/// The reason of the condition of a type when it is set and False.
+pub fn false_reason<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a str> {
+    find(conditions, type_)
+        .filter(|c| c.status == "False")
+        .map(|c| c.reason.as_str())
+}
+
 /// `Ready` as the summary of `components`: True with reason `Synced` when every component is
 /// True; otherwise False (or Unknown, when a component is not yet known) with the reason and
 /// message of the first component that is not True.

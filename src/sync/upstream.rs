@@ -177,40 +177,7 @@ pub async fn reconcile_with_listing(
         outcome.error = Some(error);
     }
     if let Some(listing) = listing {
-        let wrote = outcome.error.is_some() || outcome.actions.iter().any(|action| action.writes);
-        if let Some(created) = pass.created.filter(|_| outcome.error.is_none()) {
-            // The create was this reconcile's one write, and GitLab answered with the whole
-            // upstream: the reconcile that follows (a registry getting its id) reads it from
-            // there instead of a GET.
-            if let Some(gone) = request.known.upstream_id {
-                listing.listings.record_write(
-                    listing.connection,
-                    &request.desired.group,
-                    Some(gone),
-                );
-            }
-            listing.listings.record_write_result(
-                listing.connection,
-                &request.desired.group,
-                created,
-            );
-        } else if wrote {
-            let ids: Vec<i64> = [request.known.upstream_id, outcome.upstream_id]
-                .into_iter()
-                .flatten()
-                .collect();
-            if ids.is_empty() {
-                // A create that failed may still have been carried out.
-                listing
-                    .listings
-                    .record_write(listing.connection, &request.desired.group, None);
-            }
-            for id in ids {
-                listing
-                    .listings
-                    .record_write(listing.connection, &request.desired.group, Some(id));
-            }
-        }
+        record_writes(listing, request, &outcome, pass.created);
     }
     outcome.reachable = outcome.last_check.as_ref().map(reachable_condition);
     outcome.next_check_in = outcome.last_check.as_ref().map(|check| {
@@ -222,6 +189,41 @@ pub async fn reconcile_with_listing(
             .max(Duration::from_secs(1))
     });
     outcome
+}
+
+/// Tells the listings which upstreams this reconcile wrote to (or may have, when it failed),
+/// so no listing sent before the write serves them again. An upstream it created, with
+/// GitLab's whole answer, is served from that answer: the reconcile that follows (a registry
+/// getting its id) reads nothing.
+fn record_writes(
+    listing: SharedListing<'_>,
+    request: &UpstreamRequest,
+    outcome: &UpstreamOutcome,
+    created: Option<Upstream>,
+) {
+    let wrote = outcome.error.is_some() || outcome.actions.iter().any(|action| action.writes);
+    if !wrote {
+        return;
+    }
+    let (listings, connection, group) =
+        (listing.listings, listing.connection, &request.desired.group);
+    let created = created.filter(|_| outcome.error.is_none());
+    let created_id = created.as_ref().map(|created| created.id);
+    let written: Vec<i64> = [request.known.upstream_id, outcome.upstream_id]
+        .into_iter()
+        .flatten()
+        .filter(|id| Some(*id) != created_id)
+        .collect();
+    if written.is_empty() && created.is_none() {
+        // A create that failed may still have been carried out.
+        listings.record_write(connection, group, None);
+    }
+    for id in written {
+        listings.record_write(connection, group, Some(id));
+    }
+    if let Some(created) = created {
+        listings.record_write_result(connection, group, created);
+    }
 }
 
 /// Whether the request itself leaves the remote read to a listing: an upstream we know, in
