@@ -373,15 +373,11 @@ async fn a_listing_answered_after_our_patch_never_serves_the_patched_upstream() 
         let env = env(3).await;
         // The list is carried out at once and answered 500 ms later: it shows GitLab before
         // the PATCH below, whatever order the two answers arrive in.
-        env.sim.inject_fault(FaultSpec {
-            once: vec![OneShotFault {
-                count: 1,
-                method: Some("GET".into()),
-                route: Some(GROUP_UPSTREAMS.into()),
-                fault: FaultAction::Delay { delay_ms: 500 },
-            }],
-            ..FaultSpec::default()
-        });
+        env.sim.inject_fault(gets_fail(
+            1,
+            Some(GROUP_UPSTREAMS),
+            FaultAction::Delay { delay_ms: 500 },
+        ));
         let now = t0() + minutes(1);
         let listing_reader = async {
             let outcome = env.reconcile(&converged(&env, 1, now), true).await;
@@ -472,15 +468,11 @@ async fn a_failing_list_falls_back_to_gets_with_the_same_outcome_and_is_not_kept
             },
         );
         // Every list attempt fails with a 500 (the client tries 3 times: max_retries 2).
-        env.sim.inject_fault(FaultSpec {
-            once: vec![OneShotFault {
-                count: 3,
-                method: Some("GET".into()),
-                route: Some(GROUP_UPSTREAMS.into()),
-                fault: FaultAction::Status { status: 500 },
-            }],
-            ..FaultSpec::default()
-        });
+        env.sim.inject_fault(gets_fail(
+            3,
+            Some(GROUP_UPSTREAMS),
+            FaultAction::Status { status: 500 },
+        ));
         env.sim.reset_request_counts();
         let requests: Vec<_> = (0..env.ids.len())
             .map(|index| converged(&env, index, t0()))
@@ -515,15 +507,7 @@ async fn a_failing_list_falls_back_to_gets_with_the_same_outcome_and_is_not_kept
 async fn errors_read_the_same_as_without_listings_when_gitlab_fails_both_reads() {
     guarded(async {
         let env = env(1).await;
-        let fault = FaultSpec {
-            once: vec![OneShotFault {
-                count: 100,
-                method: Some("GET".into()),
-                route: None,
-                fault: FaultAction::Status { status: 503 },
-            }],
-            ..FaultSpec::default()
-        };
+        let fault = gets_fail(100, None, FaultAction::Status { status: 503 });
         env.sim.inject_fault(fault.clone());
         let request = converged(&env, 0, t0());
         let plain = upstream::reconcile(&env.client, &request).await;
@@ -535,6 +519,19 @@ async fn errors_read_the_same_as_without_listings_when_gitlab_fails_both_reads()
         assert!(listed.is_transient());
     })
     .await;
+}
+
+/// The next `count` GETs (to `route`, or to any route) answered with `fault`.
+fn gets_fail(count: u32, route: Option<&str>, fault: FaultAction) -> FaultSpec {
+    FaultSpec {
+        once: vec![OneShotFault {
+            count,
+            method: Some("GET".into()),
+            route: route.map(str::to_owned),
+            fault,
+        }],
+        ..FaultSpec::default()
+    }
 }
 
 /// A declared upstream GitLab does not hold yet (`new-<name>`), with no status.
