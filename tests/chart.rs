@@ -982,3 +982,729 @@ fn helm_refuses_unknown_top_level_keys_and_bad_log_formats() {
             .unwrap_or_else(|e| panic!("logFormat={format} is accepted: {e}"));
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Alerts and dashboard: every query names only what the operator exports
+
+/// Every sample name the operator's metrics registry exports, with the label names its
+/// samples carry. Each family is recorded once through the real recording methods, so that
+/// the exposition holds samples (and so label names) of all of them.
+fn exported_metrics() -> BTreeMap<String, BTreeSet<String>> {
+    use gitlab_registry_operator::controller::metrics::Metrics;
+    use gitlab_registry_operator::gitlab::RequestObserver;
+    use std::time::Duration;
+
+    let metrics = Metrics::default();
+    metrics.reconcile_started("Upstream");
+    metrics.reconcile_finished("Upstream", Duration::from_millis(3), Some("RateLimited"));
+    metrics.reconcile_finished("Upstream", Duration::from_millis(3), None);
+    metrics.observe("GET", "/groups/:id", Some(200), Duration::from_millis(1));
+    metrics.count_tags("kept", "KeepN", 1);
+    metrics.count_run("Failed");
+    metrics.upstream_reachability("team", "quay", Some(false));
+    let text = metrics.encode();
+
+    let mut families: BTreeMap<String, String> = BTreeMap::new();
+    let mut samples: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(declaration) = line.strip_prefix("# TYPE ") {
+            let (name, type_) = declaration.split_once(' ').expect("# TYPE name type");
+            families.insert(name.to_owned(), type_.to_owned());
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let name_end = line.find(['{', ' ']).expect("a sample line");
+            let labels: BTreeSet<String> = line[name_end..]
+                .strip_prefix('{')
+                .and_then(|rest| rest.split_once('}'))
+                .map(|(labels, _)| {
+                    labels
+                        .split(',')
+                        .filter_map(|pair| pair.split_once('='))
+                        .map(|(label, _)| label.to_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            samples
+                .entry(line[..name_end].to_owned())
+                .or_default()
+                .extend(labels);
+        }
+    }
+    assert!(!families.is_empty(), "no metric family in {text}");
+    for (family, type_) in &families {
+        let suffixes: &[&str] = match type_.as_str() {
+            "counter" => &["_total"],
+            "histogram" => &["_bucket", "_sum", "_count"],
+            _ => &[""],
+        };
+        for suffix in suffixes {
+            assert!(
+                samples.contains_key(&format!("{family}{suffix}")),
+                "exported_metrics() records no sample of {family}{suffix}: record one, so its labels are known"
+            );
+        }
+    }
+    samples
+}
+
+/// A PromQL expression's metric names, the label names its selectors match on, and the label
+/// names of its `by`/`without`/`on`/`ignoring` clauses.
+struct QueryNames {
+    metrics: BTreeSet<String>,
+    selector_labels: BTreeMap<String, BTreeSet<String>>,
+    grouping_labels: BTreeSet<String>,
+}
+
+/// The PromQL keywords followed by a list of label names.
+const GROUPING: [&str; 6] = [
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+];
+
+fn query_names(expr: &str) -> QueryNames {
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    let mut names = QueryNames {
+        metrics: BTreeSet::new(),
+        selector_labels: BTreeMap::new(),
+        grouping_labels: BTreeSet::new(),
+    };
+    let mut rest = expr;
+    while let Some(start) = rest.find(|c: char| is_name(c) || c == '"') {
+        rest = &rest[start..];
+        if let Some(quoted) = rest.strip_prefix('"') {
+            // A string (a matcher's value): skipped whole.
+            let end = quoted.find('"').expect("closed string");
+            rest = &quoted[end + 1..];
+            continue;
+        }
+        let end = rest.find(|c: char| !is_name(c)).unwrap_or(rest.len());
+        let word = &rest[..end];
+        rest = &rest[end..];
+        if word.starts_with("gitlab_registry_operator_") {
+            names.metrics.insert(word.to_owned());
+            if let Some(selector) = rest.strip_prefix('{') {
+                let labels = names.selector_labels.entry(word.to_owned()).or_default();
+                rest = selector_labels(selector, labels);
+            }
+        } else if GROUPING.contains(&word)
+            && let Some(list) = rest.trim_start().strip_prefix('(')
+        {
+            let close = list.find(')').expect("closed label list");
+            names.grouping_labels.extend(
+                list[..close]
+                    .split(',')
+                    .map(|label| label.trim().to_owned())
+                    .filter(|label| !label.is_empty()),
+            );
+            rest = &list[close + 1..];
+        }
+    }
+    names
+}
+
+/// Reads the matchers `label op "value", ...}` after a selector's `{` into `labels`; returns
+/// what follows the closing `}`.
+fn selector_labels<'a>(selector: &'a str, labels: &mut BTreeSet<String>) -> &'a str {
+    let mut rest = selector;
+    loop {
+        rest = rest.trim_start_matches([' ', ',', '\n']);
+        if let Some(after) = rest.strip_prefix('}') {
+            return after;
+        }
+        let name_end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .expect("a matcher");
+        labels.insert(rest[..name_end].to_owned());
+        let quote = rest.find('"').expect("a quoted matcher value");
+        let mut escaped = false;
+        let value_end = rest[quote + 1..]
+            .char_indices()
+            .find(|&(_, c)| {
+                let closes = c == '"' && !escaped;
+                escaped = c == '\\' && !escaped;
+                closes
+            })
+            .map(|(index, _)| quote + 1 + index)
+            .expect("a closed matcher value");
+        rest = &rest[value_end + 1..];
+    }
+}
+
+/// Fails unless `expr` names only exported metrics and labels they carry; returns its metrics.
+fn assert_query_uses_exported_names(
+    what: &str,
+    expr: &str,
+    exported: &BTreeMap<String, BTreeSet<String>>,
+) -> BTreeSet<String> {
+    let names = query_names(expr);
+    assert!(
+        !names.metrics.is_empty(),
+        "{what} queries no operator metric: {expr}"
+    );
+    let mut labels_of_query: BTreeSet<String> = BTreeSet::new();
+    for metric in &names.metrics {
+        let labels = exported.get(metric).unwrap_or_else(|| {
+            panic!(
+                "{what} queries {metric}, which the operator does not export (it exports {:?})",
+                exported.keys().collect::<Vec<_>>()
+            )
+        });
+        labels_of_query.extend(labels.iter().cloned());
+        for label in names.selector_labels.get(metric).into_iter().flatten() {
+            assert!(
+                labels.contains(label),
+                "{what} matches {metric} on label {label:?}, which it does not carry ({labels:?})"
+            );
+        }
+    }
+    for label in &names.grouping_labels {
+        assert!(
+            labels_of_query.contains(label),
+            "{what} groups by {label:?}, a label none of {:?} carries",
+            names.metrics
+        );
+    }
+    names.metrics
+}
+
+#[test]
+fn query_names_are_read_from_promql() {
+    let names = query_names(
+        r#"sum by (kind, le) (rate(gitlab_registry_operator_x_bucket{kind=~"Up|Down", reason!="a,b}"}[5m])) unless on (kind) gitlab_registry_operator_y > 3"#,
+    );
+    assert_eq!(
+        names.metrics,
+        BTreeSet::from([
+            "gitlab_registry_operator_x_bucket".into(),
+            "gitlab_registry_operator_y".into()
+        ])
+    );
+    assert_eq!(
+        names.selector_labels["gitlab_registry_operator_x_bucket"],
+        BTreeSet::from(["kind".into(), "reason".into()])
+    );
+    assert_eq!(
+        names.grouping_labels,
+        BTreeSet::from(["kind".into(), "le".into()])
+    );
+    let exported = exported_metrics();
+    assert!(
+        exported["gitlab_registry_operator_reconcile_errors_total"]
+            .is_superset(&BTreeSet::from(["kind".into(), "reason".into()])),
+        "{exported:?}"
+    );
+    assert!(exported["gitlab_registry_operator_reconcile_duration_seconds_bucket"].contains("le"));
+}
+
+fn alert_rules(objects: &[Value]) -> BTreeMap<String, Value> {
+    let rule = one_of_kind(objects, "PrometheusRule");
+    assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
+    rule["spec"]["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .flat_map(|group| group["rules"].as_array().expect("rules").iter())
+        .map(|rule| {
+            (
+                rule["alert"].as_str().expect("alert name").to_owned(),
+                rule.clone(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn prometheus_rule_alerts_on_what_the_operator_exports() {
+    let Some(helm) = helm("prometheus_rule_alerts_on_what_the_operator_exports") else {
+        return;
+    };
+    assert!(
+        of_kind(&render(&helm, &[]), "PrometheusRule").is_empty(),
+        "no PrometheusRule unless asked for"
+    );
+    let exported = exported_metrics();
+    let objects = render(
+        &helm,
+        &[
+            "--set",
+            "prometheusRule.enabled=true",
+            "--set",
+            "prometheusRule.labels.release=prometheus",
+        ],
+    );
+    assert_eq!(
+        one_of_kind(&objects, "PrometheusRule")["metadata"]["labels"]["release"],
+        "prometheus"
+    );
+    let rules = alert_rules(&objects);
+    let expected = [
+        "GitLabRegistryOperatorReconcileErrors",
+        "GitLabRegistryOperatorGitLabUnavailable",
+        "GitLabRegistryOperatorGitLabRateLimited",
+        "GitLabRegistryOperatorUpstreamUnreachable",
+        "GitLabRegistryOperatorCleanupFailed",
+        "GitLabRegistryOperatorCleanupNeedsApproval",
+        "GitLabRegistryOperatorNoSuccessfulReconcile",
+    ];
+    assert_eq!(
+        rules.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+        BTreeSet::from(expected)
+    );
+    for (alert, rule) in &rules {
+        let expr = rule["expr"].as_str().expect("expr");
+        assert_query_uses_exported_names(alert, expr, &exported);
+        assert!(
+            ["warning", "critical"].contains(&rule["labels"]["severity"].as_str().unwrap_or("")),
+            "{alert}: severity"
+        );
+        for annotation in ["summary", "description"] {
+            let text = rule["annotations"][annotation].as_str().unwrap_or("");
+            assert!(!text.is_empty(), "{alert}: {annotation}");
+            assert!(
+                !text.contains("<no value>"),
+                "{alert}: Helm ate a Prometheus template: {text}"
+            );
+        }
+    }
+    let expr = |alert: &str| rules[alert]["expr"].as_str().expect("expr").to_owned();
+    assert!(expr("GitLabRegistryOperatorReconcileErrors").contains("by (kind, reason)"));
+    assert!(expr("GitLabRegistryOperatorReconcileErrors").contains("[15m]"));
+    assert!(
+        rules["GitLabRegistryOperatorReconcileErrors"]["annotations"]["summary"]
+            .as_str()
+            .is_some_and(|summary| summary.contains("{{ $labels.reason }}"))
+    );
+    assert!(expr("GitLabRegistryOperatorGitLabUnavailable").contains(r#"status=~"5..|none""#));
+    assert!(expr("GitLabRegistryOperatorGitLabRateLimited").contains(r#"status="429""#));
+    assert_eq!(
+        rules["GitLabRegistryOperatorUpstreamUnreachable"]["for"],
+        "30m"
+    );
+    assert!(expr("GitLabRegistryOperatorUpstreamUnreachable").contains("== 0"));
+    assert!(expr("GitLabRegistryOperatorCleanupFailed").contains(r#"outcome="Failed""#));
+    assert!(
+        expr("GitLabRegistryOperatorCleanupNeedsApproval").contains(r#"outcome="NeedsApproval""#)
+    );
+
+    // "3 resyncs" follows the resync the Deployment passes.
+    for (resync, seconds) in [
+        ("10m", 1800),
+        ("1h30m", 16200),
+        ("45s", 135),
+        ("1d", 259200),
+    ] {
+        let objects = render(
+            &helm,
+            &[
+                "--set",
+                "prometheusRule.enabled=true",
+                "--set",
+                &format!("resync={resync}"),
+            ],
+        );
+        let expr = alert_rules(&objects)["GitLabRegistryOperatorNoSuccessfulReconcile"]["expr"]
+            .as_str()
+            .expect("expr")
+            .to_owned();
+        assert!(
+            expr.contains(&format!("[{seconds}s]")) && expr.contains(&format!("< {seconds})")),
+            "resync {resync}: 3 resyncs are {seconds}s: {expr}"
+        );
+        assert!(args(&objects).contains(&format!("--resync={resync}")));
+    }
+}
+
+#[test]
+fn grafana_dashboard_is_a_sidecar_configmap_querying_exported_metrics() {
+    let Some(helm) = helm("grafana_dashboard_is_a_sidecar_configmap_querying_exported_metrics")
+    else {
+        return;
+    };
+    assert!(
+        of_kind(&render(&helm, &[]), "ConfigMap").is_empty(),
+        "no dashboard unless asked for"
+    );
+    let objects = render(
+        &helm,
+        &[
+            "--set",
+            "grafanaDashboard.enabled=true",
+            "--set",
+            "grafanaDashboard.namespace=monitoring",
+            "--set",
+            "grafanaDashboard.annotations.grafana_folder=Operators",
+        ],
+    );
+    let config_map = one_of_kind(&objects, "ConfigMap");
+    assert_eq!(config_map["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(config_map["metadata"]["namespace"], "monitoring");
+    assert_eq!(
+        config_map["metadata"]["annotations"]["grafana_folder"],
+        "Operators"
+    );
+    let data = config_map["data"].as_object().expect("data");
+    assert_eq!(data.len(), 1, "one dashboard");
+    let (key, json_text) = data.iter().next().expect("the dashboard");
+    assert!(key.ends_with(".json"), "{key}");
+    let file = std::fs::read_to_string(chart_path("dashboards/gitlab-registry-operator.json"))
+        .expect("dashboard file");
+    assert_eq!(
+        json_text.as_str().expect("text").trim_end(),
+        file.trim_end()
+    );
+    let dashboard: Value = serde_json::from_str(&file).expect("dashboard is JSON");
+    assert_eq!(dashboard["uid"], "gitlab-registry-operator");
+    assert!(
+        dashboard["templating"]["list"]
+            .as_array()
+            .expect("variables")
+            .iter()
+            .any(|variable| variable["type"] == "datasource" && variable["name"] == "datasource"),
+        "a data source variable"
+    );
+
+    let exported = exported_metrics();
+    let mut queried = BTreeSet::new();
+    let mut panels: Vec<&Value> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .collect();
+    while let Some(panel) = panels.pop() {
+        panels.extend(panel["panels"].as_array().into_iter().flatten());
+        if panel["type"] == "row" {
+            continue;
+        }
+        let title = panel["title"].as_str().expect("title");
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{title}");
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{title} has no query");
+        for target in targets {
+            let expr = target["expr"].as_str().expect("expr");
+            queried.extend(assert_query_uses_exported_names(title, expr, &exported));
+        }
+    }
+    // Every family is on the dashboard (a histogram through its buckets).
+    for sample in exported.keys() {
+        let family = sample
+            .strip_suffix("_sum")
+            .or_else(|| sample.strip_suffix("_count"))
+            .unwrap_or(sample);
+        assert!(
+            queried.contains(sample)
+                || queried.contains(&format!("{family}_bucket"))
+                || queried.contains(family),
+            "the dashboard shows nothing of {sample}"
+        );
+    }
+}
+
+#[test]
+fn service_monitor_keeps_the_upstream_namespace_label() {
+    let Some(helm) = helm("service_monitor_keeps_the_upstream_namespace_label") else {
+        return;
+    };
+    let objects = render(&helm, &["--set", "serviceMonitor.enabled=true"]);
+    let monitor = one_of_kind(&objects, "ServiceMonitor");
+    assert_eq!(
+        monitor["spec"]["endpoints"][0]["honorLabels"], true,
+        "without honorLabels Prometheus renames the Upstream's namespace label exported_namespace"
+    );
+    assert!(
+        exported_metrics()["gitlab_registry_operator_upstream_reachable"].contains("namespace")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argo CD health script
+
+const HEALTH_SCRIPT: &str = "argocd/health.lua";
+const KINDS: [&str; 3] = ["VirtualRegistry", "Upstream", "CleanupPolicy"];
+
+/// `lua5.4` (or `$LUA`); `None` (after saying why) when there is none, so the caller skips.
+fn lua(test: &str) -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("LUA").filter(|path| !path.is_empty()) {
+        return Some(PathBuf::from(path));
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("lua5.4"))
+            .find(|candidate| candidate.is_file())
+    });
+    if found.is_none() {
+        eprintln!("SKIPPED {test}: no lua5.4 (apt-get install lua5.4, or set LUA)");
+    }
+    found
+}
+
+/// A Lua literal of a JSON value (`null` becomes `nil`, which leaves a table key unset).
+fn lua_literal(value: &Value) -> String {
+    match value {
+        Value::Null => "nil".to_owned(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        // Bytes other than printable ASCII, quotes and backslashes as decimal escapes.
+        Value::String(text) => {
+            let mut literal = String::from("\"");
+            for byte in text.bytes() {
+                if (byte.is_ascii_graphic() && byte != b'"' && byte != b'\\') || byte == b' ' {
+                    literal.push(char::from(byte));
+                } else {
+                    literal.push_str(&format!("\\{byte:03}"));
+                }
+            }
+            literal.push('"');
+            literal
+        }
+        Value::Array(items) => format!(
+            "{{{}}}",
+            items.iter().map(lua_literal).collect::<Vec<_>>().join(", ")
+        ),
+        Value::Object(map) => format!(
+            "{{{}}}",
+            map.iter()
+                .map(|(key, value)| format!(
+                    "[{}] = {}",
+                    lua_literal(&json!(key)),
+                    lua_literal(value)
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// (status, message) of the chart's health script run by Lua on `object`, as Argo CD runs it:
+/// the object in the global `obj`, the script's returned table read back.
+fn health(lua: &Path, object: &Value) -> (String, String) {
+    use std::io::Write;
+    let script = chart_path(HEALTH_SCRIPT);
+    let harness = format!(
+        "obj = {}\nlocal hs = dofile({})\nio.write(hs.status, \"\\n\", hs.message or \"\")\n",
+        lua_literal(object),
+        lua_literal(&json!(script.to_string_lossy()))
+    );
+    let mut child = Command::new(lua)
+        .arg("-")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", lua.display()));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(harness.as_bytes())
+        .expect("harness written");
+    let output = child.wait_with_output().expect("lua ran");
+    assert!(
+        output.status.success(),
+        "{HEALTH_SCRIPT} fails on {object}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).expect("utf-8");
+    let (status, message) = stdout.split_once('\n').expect("status and message");
+    (status.to_owned(), message.to_owned())
+}
+
+fn sample(kind: &str, generation: i64, suspend: bool, status: Value) -> Value {
+    json!({
+        "apiVersion": "gitlabregistry.io/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": "sample", "namespace": "team", "generation": generation},
+        "spec": {"suspend": suspend},
+        "status": status,
+    })
+}
+
+fn ready(status: &str, reason: &str, message: &str, generation: i64) -> Value {
+    json!({"type": "Ready", "status": status, "reason": reason, "message": message,
+           "observedGeneration": generation, "lastTransitionTime": "2026-12-01T10:00:00Z"})
+}
+
+#[test]
+fn argocd_health_follows_ready_generation_waiting_reasons_and_suspend() {
+    let Some(lua) = lua("argocd_health_follows_ready_generation_waiting_reasons_and_suspend")
+    else {
+        return;
+    };
+    assert_eq!(lua_literal(&json!("a \"é\n")), r#""a \034\195\169\010""#);
+    for kind in KINDS {
+        let status_with = |observed: i64, conditions: Value| json!({"observedGeneration": observed, "conditions": conditions});
+        // Generation 2, observed, with only this Ready.
+        let settled = |status: &str, reason: &str, message: &str| {
+            sample(
+                kind,
+                2,
+                false,
+                status_with(2, json!([ready(status, reason, message, 2)])),
+            )
+        };
+        let healthy = status_with(
+            4,
+            json!([
+                {"type": "Synced", "status": "True", "reason": "Synced", "message": "", "observedGeneration": 4},
+                ready("True", "Synced", "in line with the spec", 4),
+            ]),
+        );
+        let only_synced = status_with(
+            2,
+            json!([{"type": "Synced", "status": "False", "reason": "InvalidSpec", "message": "bad", "observedGeneration": 2}]),
+        );
+        let unauthorized = status_with(2, json!([ready("False", "Unauthorized", "401", 2)]));
+        let cases = [
+            (
+                "Ready=True of the current generation",
+                sample(kind, 4, false, healthy),
+                "Healthy",
+                "in line with the spec",
+            ),
+            (
+                "no status yet",
+                sample(kind, 1, false, Value::Null),
+                "Progressing",
+                "Waiting for the operator to report conditions",
+            ),
+            (
+                "no conditions yet",
+                sample(kind, 1, false, json!({"conditions": []})),
+                "Progressing",
+                "Waiting for the operator to report conditions",
+            ),
+            (
+                "observedGeneration behind",
+                sample(
+                    kind,
+                    5,
+                    false,
+                    status_with(4, json!([ready("True", "Synced", "in line", 4)])),
+                ),
+                "Progressing",
+                "Waiting for the operator to observe generation 5",
+            ),
+            (
+                "Ready of an older generation",
+                sample(
+                    kind,
+                    5,
+                    false,
+                    status_with(5, json!([ready("True", "Synced", "in line", 4)])),
+                ),
+                "Progressing",
+                "Waiting for Ready of generation 5",
+            ),
+            (
+                "waiting for a registry",
+                settled("False", "WaitingForRegistry", "no registry lists it"),
+                "Progressing",
+                "WaitingForRegistry: no registry lists it",
+            ),
+            (
+                "waiting for an upstream",
+                settled("False", "WaitingForUpstream", "quay has no id yet"),
+                "Progressing",
+                "WaitingForUpstream: quay has no id yet",
+            ),
+            (
+                "a component not known yet",
+                settled("Unknown", "Pending", "Reachable is not known yet"),
+                "Progressing",
+                "Pending: Reachable is not known yet",
+            ),
+            (
+                "GitLab refused",
+                settled("False", "Unauthorized", "401 Unauthorized"),
+                "Degraded",
+                "Unauthorized: 401 Unauthorized",
+            ),
+            (
+                "no Ready among other conditions",
+                sample(kind, 2, false, only_synced),
+                "Progressing",
+                "Waiting for the Ready condition",
+            ),
+            (
+                "suspended, whatever the status says",
+                sample(kind, 3, true, unauthorized),
+                "Suspended",
+                "spec.suspend is true: the operator sends nothing to GitLab",
+            ),
+        ];
+        for (case, object, expected_status, expected_message) in cases {
+            let (status, message) = health(&lua, &object);
+            assert_eq!(
+                (status.as_str(), message.as_str()),
+                (expected_status, expected_message),
+                "{kind}, {case}"
+            );
+        }
+    }
+}
+
+#[test]
+fn health_script_waits_only_on_reasons_the_operator_reports() {
+    let script = std::fs::read_to_string(chart_path(HEALTH_SCRIPT)).expect("health.lua");
+    let table = script
+        .split_once("local waiting_reasons = {")
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .map(|(table, _)| table)
+        .expect("a waiting_reasons table");
+    let reasons: Vec<&str> = table
+        .lines()
+        .filter_map(|line| line.trim().strip_suffix(" = true,"))
+        .collect();
+    assert!(reasons.contains(&"WaitingForRegistry"), "{reasons:?}");
+    let mut sources = String::new();
+    let mut dirs = vec![repo_path("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("src is readable") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                // The simulator plays GitLab; its strings are not the operator's reasons.
+                if !path.ends_with("sim") {
+                    dirs.push(path);
+                }
+            } else if path.extension().is_some_and(|ext| ext == "rs") {
+                sources.push_str(&std::fs::read_to_string(&path).expect("readable"));
+            }
+        }
+    }
+    for reason in reasons {
+        assert!(
+            sources.contains(&format!("\"{reason}\"")),
+            "{HEALTH_SCRIPT} waits on {reason}, a reason no code in src/ reports"
+        );
+    }
+}
+
+#[test]
+fn readme_shows_the_health_script_for_each_kind_as_it_is() {
+    let script = std::fs::read_to_string(chart_path(HEALTH_SCRIPT)).expect("health.lua");
+    let readme = std::fs::read_to_string(chart_path("README.md")).expect("README.md");
+    let block = readme
+        .split_once("\n## Argo CD health\n")
+        .and_then(|(_, section)| section.split_once("```yaml\n"))
+        .and_then(|(_, block)| block.split_once("\n```\n"))
+        .map(|(block, _)| block)
+        .expect("README.md has an `## Argo CD health` section with a yaml block");
+    let config_map: Value = serde_saphyr::from_str(block).expect("the block is YAML");
+    assert_eq!(config_map["kind"], "ConfigMap");
+    assert_eq!(config_map["metadata"]["name"], "argocd-cm");
+    let data = config_map["data"].as_object().expect("data");
+    let expected: BTreeSet<String> = KINDS
+        .iter()
+        .map(|kind| format!("resource.customizations.health.gitlabregistry.io_{kind}"))
+        .collect();
+    assert_eq!(data.keys().cloned().collect::<BTreeSet<_>>(), expected);
+    for (key, copy) in data {
+        assert_eq!(
+            copy.as_str(),
+            Some(script.as_str()),
+            "README.md's {key} differs from {HEALTH_SCRIPT}: paste the file again"
+        );
+    }
+}

@@ -784,6 +784,71 @@ async fn a_refused_connection_test_is_a_warning_event_and_a_synced_false_status(
     .await;
 }
 
+/// The `upstream_reachable{namespace,name}` series of the `dockerhub` Upstream, if exported.
+fn dockerhub_reachable(metrics: &Metrics) -> Option<String> {
+    let prefix = format!(
+        "gitlab_registry_operator_upstream_reachable{{namespace=\"{NAMESPACE}\",name=\"dockerhub\"}} "
+    );
+    metrics
+        .encode()
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix).map(str::to_owned))
+}
+
+#[tokio::test]
+async fn reachability_and_the_last_successful_reconcile_reach_the_metrics() {
+    guarded(async {
+        let mut env = Env::start().await;
+        let stub = UpstreamStub::start(StubBehaviour::default())
+            .await
+            .expect("stub");
+        env.registry_listing("dockerhub");
+        let upstream = upstream_object(&stub.url(), &[FINALIZER], json!({}));
+        env.know_upstream(&upstream);
+        env.reconcile_upstream(&upstream).await.expect("created");
+        assert_eq!(dockerhub_reachable(&env.ctx.metrics).as_deref(), Some("1"));
+        let text = env.ctx.metrics.encode();
+        let last_success = text
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(
+                    "gitlab_registry_operator_last_successful_reconcile_timestamp_seconds{kind=\"Upstream\"} ",
+                )
+            })
+            .and_then(|value| value.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no last success of Upstream: {text}"));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs_f64();
+        assert!(
+            last_success > now - 3600.0 && last_success <= now,
+            "a Unix time of this run: {last_success}"
+        );
+
+        // Deleted: its series goes with it.
+        let seen = env.api.take();
+        let status = status_patches(&seen, UPSTREAMS_PATH)[0].body["status"].clone();
+        let mut current = deleting(upstream);
+        current.status = Some(serde_json::from_value(status).expect("status"));
+        env.reconcile_upstream(&current).await.expect("cleaned up");
+        assert_eq!(dockerhub_reachable(&env.ctx.metrics), None);
+
+        // A refused connection test: 0, and a suspended Upstream is not tested, so no series.
+        let env = Env::start().await;
+        let refusing = UpstreamStub::start(StubBehaviour::status(401))
+            .await
+            .expect("stub");
+        let upstream = upstream_object(&refusing.url(), &[FINALIZER], json!({}));
+        env.reconcile_upstream(&upstream).await.expect("reconciled");
+        assert_eq!(dockerhub_reachable(&env.ctx.metrics).as_deref(), Some("0"));
+        let suspended = upstream_object(&refusing.url(), &[FINALIZER], json!({"suspend": true}));
+        env.reconcile_upstream(&suspended).await.expect("reconciled");
+        assert_eq!(dockerhub_reachable(&env.ctx.metrics), None);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_gitlab_rate_limit_requeues_after_gitlabs_delay() {
     guarded(async {

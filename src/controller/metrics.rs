@@ -1,13 +1,17 @@
-//! Prometheus metrics of the operator: reconciles, errors by reason, durations, GitLab
-//! requests by route and status, and cleanup counters. Labels are bounded sets (kinds,
-//! reasons, route templates), never object names or ids.
+//! Prometheus metrics of the operator: reconciles, errors by reason, durations, the time of
+//! the last successful reconcile, GitLab requests by route and status, cleanup counters and
+//! each Upstream's reachability. Labels are bounded sets (kinds, reasons, route templates),
+//! never ids; only the per-Upstream gauges name their object, one series per Upstream that
+//! goes away with it.
 
 use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -50,6 +54,13 @@ pub struct RunLabels {
     pub outcome: String,
 }
 
+/// One object, for the few per-object series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ObjectLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     pub reconciles: Family<KindLabels, Counter>,
@@ -59,6 +70,8 @@ pub struct Metrics {
     pub gitlab_request_duration: Family<RouteLabels, Histogram>,
     pub cleanup_tags: Family<TagLabels, Counter>,
     pub cleanup_runs: Family<RunLabels, Counter>,
+    pub last_successful_reconcile: Family<KindLabels, Gauge<f64, AtomicU64>>,
+    pub upstream_reachable: Family<ObjectLabels, Gauge>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -79,6 +92,8 @@ impl Default for Metrics {
         );
         let cleanup_tags = Family::<TagLabels, Counter>::default();
         let cleanup_runs = Family::<RunLabels, Counter>::default();
+        let last_successful_reconcile = Family::<KindLabels, Gauge<f64, AtomicU64>>::default();
+        let upstream_reachable = Family::<ObjectLabels, Gauge>::default();
         registry.register(
             "reconciles",
             "Reconciles started, by kind",
@@ -114,6 +129,16 @@ impl Default for Metrics {
             "Cleanup runs, by outcome",
             cleanup_runs.clone(),
         );
+        registry.register(
+            "last_successful_reconcile_timestamp_seconds",
+            "Unix time of the last reconcile that succeeded, by kind",
+            last_successful_reconcile.clone(),
+        );
+        registry.register(
+            "upstream_reachable",
+            "1 when the Upstream's last GitLab connection test succeeded (Reachable=True), 0 when it failed",
+            upstream_reachable.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             reconciles,
@@ -123,6 +148,8 @@ impl Default for Metrics {
             gitlab_request_duration,
             cleanup_tags,
             cleanup_runs,
+            last_successful_reconcile,
+            upstream_reachable,
         }
     }
 }
@@ -157,6 +184,32 @@ impl Metrics {
                     reason: reason.into(),
                 })
                 .inc();
+        } else {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default();
+            self.last_successful_reconcile
+                .get_or_create(&KindLabels { kind: kind.into() })
+                .set(now.as_secs_f64());
+        }
+    }
+
+    /// Records an Upstream's `Reachable` condition: `Some(true)`/`Some(false)` as its status
+    /// says, `None` (not tested, suspended, deleted) drops its series.
+    pub fn upstream_reachability(&self, namespace: &str, name: &str, reachable: Option<bool>) {
+        let labels = ObjectLabels {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        match reachable {
+            Some(reachable) => {
+                self.upstream_reachable
+                    .get_or_create(&labels)
+                    .set(i64::from(reachable));
+            }
+            None => {
+                self.upstream_reachable.remove(&labels);
+            }
         }
     }
 
@@ -235,5 +288,40 @@ mod tests {
         assert!(
             text.contains("gitlab_registry_operator_cleanup_runs_total{outcome=\"Succeeded\"} 1")
         );
+        assert!(
+            !text.contains("last_successful_reconcile_timestamp_seconds{"),
+            "a failed reconcile is no success: {text}"
+        );
+    }
+
+    #[test]
+    fn a_success_stamps_its_kind_and_reachability_follows_the_condition() {
+        let metrics = Metrics::default();
+        metrics.reconcile_finished("CleanupPolicy", Duration::from_millis(5), None);
+        let text = metrics.encode();
+        let stamp: f64 = text
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(
+                    "gitlab_registry_operator_last_successful_reconcile_timestamp_seconds{kind=\"CleanupPolicy\"} ",
+                )
+            })
+            .expect("stamped")
+            .parse()
+            .expect("a number");
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs_f64();
+        assert!(stamp > now - 3600.0 && stamp <= now, "{stamp} vs {now}");
+
+        let series =
+            "gitlab_registry_operator_upstream_reachable{namespace=\"team\",name=\"quay\"}";
+        metrics.upstream_reachability("team", "quay", Some(false));
+        assert!(metrics.encode().contains(&format!("{series} 0")));
+        metrics.upstream_reachability("team", "quay", Some(true));
+        assert!(metrics.encode().contains(&format!("{series} 1")));
+        metrics.upstream_reachability("team", "quay", None);
+        assert!(!metrics.encode().contains(series));
     }
 }

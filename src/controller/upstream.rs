@@ -50,12 +50,14 @@ async fn apply(upstream: &Upstream, ctx: &Context, api: &Api<Upstream>) -> Resul
     let generation = upstream.metadata.generation;
     if upstream.spec.suspend {
         let status = suspended_status(&current, generation);
+        record_reachability(ctx, upstream, None);
         apply_status(api, upstream, upstream.status.as_ref(), &status).await?;
         return Ok(Requeue::await_change());
     }
     match dereference_and_sync(upstream, ctx).await {
         Ok(outcome) => {
             let status = status_from_outcome(upstream, &current, &outcome);
+            record_reachability(ctx, upstream, reachability(&status));
             apply_status(api, upstream, upstream.status.as_ref(), &status).await?;
             publish_outcome(ctx, upstream, &outcome.actions, outcome.error.as_ref()).await;
             if let Some(error) = outcome.error {
@@ -70,10 +72,32 @@ async fn apply(upstream: &Upstream, ctx: &Context, api: &Api<Upstream>) -> Resul
             let mut status = current.clone();
             status.observed_generation = generation;
             mark_failed(&mut status.conditions, &error, generation);
+            record_reachability(ctx, upstream, reachability(&status));
             apply_status(api, upstream, upstream.status.as_ref(), &status).await?;
             Err(error)
         }
     }
+}
+
+/// What the `Reachable` condition of `status` says: `None` before the first connection test.
+/// Pure.
+pub fn reachability(status: &UpstreamStatus) -> Option<bool> {
+    match conditions::find(&status.conditions, conditions::REACHABLE)?
+        .status
+        .as_str()
+    {
+        "True" => Some(true),
+        "False" => Some(false),
+        _ => None,
+    }
+}
+
+fn record_reachability(ctx: &Context, upstream: &Upstream, reachable: Option<bool>) {
+    ctx.metrics.upstream_reachability(
+        &upstream.namespace().unwrap_or_default(),
+        &upstream.name_any(),
+        reachable,
+    );
 }
 
 /// Everything the engine needs, read from the cluster, then one engine run.
@@ -334,6 +358,7 @@ fn suspended_status(current: &UpstreamStatus, generation: Option<i64>) -> Upstre
 }
 
 async fn cleanup(upstream: &Upstream, ctx: &Context) -> Result<Requeue> {
+    record_reachability(ctx, upstream, None);
     let upstream_id = upstream.status.as_ref().and_then(|s| s.upstream_id);
     let Some(upstream_id) =
         upstream_id.filter(|_| upstream.spec.deletion_policy == DeletionPolicy::Delete)

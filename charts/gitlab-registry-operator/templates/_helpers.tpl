@@ -118,3 +118,18 @@ token source, and the CA comes from one place.
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end }}
+
+{{/*
+The resync interval in seconds (at least 1), from the same duration string passed as --resync
+(e.g. 10m, 1h30m, 90s): the alerts measure "3 resyncs" with it.
+*/}}
+{{- define "gitlab-registry-operator.resyncSeconds" -}}
+{{- $unitMs := dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000 "d" 86400000 }}
+{{- $totalMs := 0 }}
+{{- range regexFindAll "[0-9]+(ms|s|m|h|d)" .Values.resync -1 }}
+{{- $number := regexFind "^[0-9]+" . }}
+{{- $unit := trimPrefix $number . }}
+{{- $totalMs = add $totalMs (mul (atoi $number) (get $unitMs $unit)) }}
+{{- end }}
+{{- max 1 (div $totalMs 1000) }}
+{{- end }}
