@@ -1,8 +1,11 @@
 //! The Helm chart in `charts/gitlab-registry-operator`: its CRDs are copies of `crds/`, its
 //! README documents exactly the values in `values.yaml`, its schema covers and checks every
 //! value, and (with a helm binary) what it renders: least-privilege RBAC without wildcards, a
-//! hardened Deployment passing the flags `run` takes, the token from a Secret, and the
-//! optional ServiceMonitor and NetworkPolicy.
+//! hardened Deployment passing the flags `run` takes, the token from a Secret, the optional
+//! ServiceMonitor and NetworkPolicy, and the optional PrometheusRule and Grafana dashboard,
+//! whose queries may name only what the operator's metrics registry exports (the alerts are
+//! also unit-tested with promtool when present). The Argo CD health script runs on sample
+//! objects with lua5.4 when present, and the README shows it as it is.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -1317,6 +1320,218 @@ fn prometheus_rule_alerts_on_what_the_operator_exports() {
     }
 }
 
+/// A tool from `$variable`, else `binary` on `PATH`; `None` (after saying why and how to
+/// get it) when there is none, so the caller skips.
+fn tool(variable: &str, binary: &str, test: &str, how: &str) -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(variable).filter(|path| !path.is_empty()) {
+        return Some(PathBuf::from(path));
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(binary))
+            .find(|candidate| candidate.is_file())
+    });
+    if found.is_none() {
+        eprintln!("SKIPPED {test}: no {binary} ({how}, or set {variable})");
+    }
+    found
+}
+
+fn promtool(test: &str) -> Option<PathBuf> {
+    tool("PROMTOOL", "promtool", test, "apt-get install prometheus")
+}
+
+/// One alert unit test for `promtool test rules`: input series (`series`, `values`), then
+/// at `eval_time` exactly the alerts `alert` with these extra labels (severity aside).
+fn alert_case(series: &[(&str, &str)], eval_time: &str, alert: &str, firing: &[Value]) -> Value {
+    json!({
+        "interval": "1m",
+        "input_series": series
+            .iter()
+            .map(|(series, values)| json!({"series": series, "values": values}))
+            .collect::<Vec<_>>(),
+        "alert_rule_test": [{
+            "eval_time": eval_time,
+            "alertname": alert,
+            "exp_alerts": firing.iter().map(|labels| json!({"exp_labels": labels})).collect::<Vec<_>>(),
+        }],
+    })
+}
+
+#[test]
+fn alerts_fire_when_and_only_when_they_should() {
+    let Some(helm) = helm("alerts_fire_when_and_only_when_they_should") else {
+        return;
+    };
+    let Some(promtool) = promtool("alerts_fire_when_and_only_when_they_should") else {
+        return;
+    };
+    // The default resync (10m): 3 resyncs are 30 minutes.
+    let objects = render(&helm, &["--set", "prometheusRule.enabled=true"]);
+    let spec = &one_of_kind(&objects, "PrometheusRule")["spec"];
+    let dir = std::env::temp_dir().join(format!("gro-alerts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    // JSON is YAML: promtool reads both.
+    let rules_file = dir.join("rules.json");
+    std::fs::write(&rules_file, spec.to_string()).expect("rules written");
+    let rules_path = rules_file.to_string_lossy().into_owned();
+    run_helm(&promtool, &["check", "rules", &rules_path])
+        .unwrap_or_else(|e| panic!("promtool check rules refuses the PrometheusRule: {e}"));
+
+    // promtool compares annotations too; their templates were checked above.
+    let mut bare = spec.clone();
+    for group in bare["groups"].as_array_mut().expect("groups") {
+        for rule in group["rules"].as_array_mut().expect("rules") {
+            rule.as_object_mut().expect("rule").remove("annotations");
+        }
+    }
+    std::fs::write(dir.join("bare.json"), bare.to_string()).expect("rules written");
+    let m = |name: &str| format!("gitlab_registry_operator_{name}");
+    let warning = |labels: Value| {
+        let mut labels = labels;
+        labels["severity"] = json!("warning");
+        labels
+    };
+    let critical = |labels: Value| {
+        let mut labels = labels;
+        labels["severity"] = json!("critical");
+        labels
+    };
+    let errors = m("reconcile_errors_total{kind=\"Upstream\",reason=\"Unauthorized\"}");
+    let reachable = |name: &str| {
+        m(&format!(
+            "upstream_reachable{{namespace=\"team\",name=\"{name}\"}}"
+        ))
+    };
+    let requests = |status: &str| {
+        m(&format!(
+            "gitlab_requests_total{{method=\"GET\",route=\"/groups/:id\",status=\"{status}\"}}"
+        ))
+    };
+    let runs = |outcome: &str| m(&format!("cleanup_runs_total{{outcome=\"{outcome}\"}}"));
+    let reconciles = m("reconciles_total{kind=\"VirtualRegistry\"}");
+    let last_success = m("last_successful_reconcile_timestamp_seconds{kind=\"VirtualRegistry\"}");
+    let registry = json!({"kind": "VirtualRegistry"});
+    let tests = [
+        alert_case(
+            &[(&errors, "0+1x20")],
+            "10m",
+            "GitLabRegistryOperatorReconcileErrors",
+            &[warning(
+                json!({"kind": "Upstream", "reason": "Unauthorized"}),
+            )],
+        ),
+        alert_case(
+            &[(&errors, "3x40")],
+            "30m",
+            "GitLabRegistryOperatorReconcileErrors",
+            &[],
+        ),
+        alert_case(
+            &[
+                (&reachable("quay"), "0x40"),
+                (&reachable("dockerhub"), "1x40"),
+            ],
+            "31m",
+            "GitLabRegistryOperatorUpstreamUnreachable",
+            &[warning(json!({"namespace": "team", "name": "quay"}))],
+        ),
+        alert_case(
+            &[(&reachable("quay"), "0x40")],
+            "25m",
+            "GitLabRegistryOperatorUpstreamUnreachable",
+            &[],
+        ),
+        alert_case(
+            &[
+                (&requests("502"), "0+10x30"),
+                (&requests("none"), "0+10x30"),
+                (&requests("200"), "0+5x30"),
+            ],
+            "20m",
+            "GitLabRegistryOperatorGitLabUnavailable",
+            &[critical(json!({}))],
+        ),
+        alert_case(
+            &[(&requests("502"), "0+1x30"), (&requests("200"), "0+10x30")],
+            "20m",
+            "GitLabRegistryOperatorGitLabUnavailable",
+            &[],
+        ),
+        alert_case(
+            &[(&requests("429"), "0+1x40"), (&requests("200"), "0+10x40")],
+            "30m",
+            "GitLabRegistryOperatorGitLabRateLimited",
+            &[warning(json!({}))],
+        ),
+        alert_case(
+            &[
+                (&runs("Failed"), "0 0 1 1 1"),
+                (&runs("Succeeded"), "0 1 2 3 4"),
+            ],
+            "4m",
+            "GitLabRegistryOperatorCleanupFailed",
+            &[warning(json!({}))],
+        ),
+        alert_case(
+            &[(&runs("Succeeded"), "0 1 2 3 4")],
+            "4m",
+            "GitLabRegistryOperatorCleanupFailed",
+            &[],
+        ),
+        alert_case(
+            &[(&runs("NeedsApproval"), "0 0 1 1 1")],
+            "4m",
+            "GitLabRegistryOperatorCleanupNeedsApproval",
+            &[warning(json!({}))],
+        ),
+        // Reconciles run every minute; the last success was at the start: fires after 30 min.
+        alert_case(
+            &[(&reconciles, "0+10x60"), (&last_success, "0x60")],
+            "40m",
+            "GitLabRegistryOperatorNoSuccessfulReconcile",
+            &[critical(registry.clone())],
+        ),
+        alert_case(
+            &[(&reconciles, "0+10x60"), (&last_success, "0x60")],
+            "25m",
+            "GitLabRegistryOperatorNoSuccessfulReconcile",
+            &[],
+        ),
+        // Failing from the start, never a success: fires too.
+        alert_case(
+            &[(&reconciles, "0+10x60")],
+            "40m",
+            "GitLabRegistryOperatorNoSuccessfulReconcile",
+            &[critical(registry)],
+        ),
+        // Succeeding every minute: quiet.
+        alert_case(
+            &[(&reconciles, "0+10x60"), (&last_success, "0+60x60")],
+            "40m",
+            "GitLabRegistryOperatorNoSuccessfulReconcile",
+            &[],
+        ),
+        // Every object deleted long ago, nothing left to reconcile: quiet.
+        alert_case(
+            &[(&reconciles, "50x60"), (&last_success, "0x60")],
+            "40m",
+            "GitLabRegistryOperatorNoSuccessfulReconcile",
+            &[],
+        ),
+    ];
+    let unit_tests = json!({
+        "rule_files": ["bare.json"],
+        "evaluation_interval": "1m",
+        "tests": tests,
+    });
+    let tests_file = dir.join("tests.json");
+    std::fs::write(&tests_file, unit_tests.to_string()).expect("tests written");
+    let result = run_helm(&promtool, &["test", "rules", &tests_file.to_string_lossy()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    result.unwrap_or_else(|e| panic!("promtool test rules: {e}"));
+}
+
 #[test]
 fn grafana_dashboard_is_a_sidecar_configmap_querying_exported_metrics() {
     let Some(helm) = helm("grafana_dashboard_is_a_sidecar_configmap_querying_exported_metrics")
@@ -1424,20 +1639,8 @@ fn service_monitor_keeps_the_upstream_namespace_label() {
 const HEALTH_SCRIPT: &str = "argocd/health.lua";
 const KINDS: [&str; 3] = ["VirtualRegistry", "Upstream", "CleanupPolicy"];
 
-/// `lua5.4` (or `$LUA`); `None` (after saying why) when there is none, so the caller skips.
 fn lua(test: &str) -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("LUA").filter(|path| !path.is_empty()) {
-        return Some(PathBuf::from(path));
-    }
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("lua5.4"))
-            .find(|candidate| candidate.is_file())
-    });
-    if found.is_none() {
-        eprintln!("SKIPPED {test}: no lua5.4 (apt-get install lua5.4, or set LUA)");
-    }
-    found
+    tool("LUA", "lua5.4", test, "apt-get install lua5.4")
 }
 
 /// A Lua literal of a JSON value (`null` becomes `nil`, which leaves a table key unset).
