@@ -1532,6 +1532,49 @@ fn alerts_fire_when_and_only_when_they_should() {
     result.unwrap_or_else(|e| panic!("promtool test rules: {e}"));
 }
 
+/// The queries of every panel of the dashboard file, by panel title.
+fn dashboard_queries() -> Vec<(String, String)> {
+    let file = std::fs::read_to_string(chart_path("dashboards/gitlab-registry-operator.json"))
+        .expect("dashboard file");
+    let dashboard: Value = serde_json::from_str(&file).expect("dashboard is JSON");
+    let mut queries = Vec::new();
+    let mut panels: Vec<Value> = dashboard["panels"].as_array().cloned().unwrap_or_default();
+    while let Some(panel) = panels.pop() {
+        panels.extend(panel["panels"].as_array().cloned().unwrap_or_default());
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let title = panel["title"].as_str().unwrap_or("untitled").to_owned();
+            queries.push((title, target["expr"].as_str().expect("expr").to_owned()));
+        }
+    }
+    queries
+}
+
+#[test]
+fn dashboard_queries_are_valid_promql() {
+    let Some(promtool) = promtool("dashboard_queries_are_valid_promql") else {
+        return;
+    };
+    // Each query as a recording rule, Grafana's interval variables as a plain range.
+    let rules: Vec<Value> = dashboard_queries()
+        .iter()
+        .enumerate()
+        .map(|(index, (_, expr))| {
+            json!({"record": format!("dashboard:query_{index}"),
+                   "expr": expr.replace("$__rate_interval", "5m").replace("$__range", "1h")})
+        })
+        .collect();
+    assert!(!rules.is_empty(), "the dashboard has queries");
+    let file = std::env::temp_dir().join(format!("gro-dashboard-{}.json", std::process::id()));
+    std::fs::write(
+        &file,
+        json!({"groups": [{"name": "dashboard", "rules": rules}]}).to_string(),
+    )
+    .expect("written");
+    let result = run_helm(&promtool, &["check", "rules", &file.to_string_lossy()]);
+    let _ = std::fs::remove_file(&file);
+    result.unwrap_or_else(|e| panic!("a dashboard query is not valid PromQL: {e}"));
+}
+
 #[test]
 fn grafana_dashboard_is_a_sidecar_configmap_querying_exported_metrics() {
     let Some(helm) = helm("grafana_dashboard_is_a_sidecar_configmap_querying_exported_metrics")
@@ -1581,8 +1624,6 @@ fn grafana_dashboard_is_a_sidecar_configmap_querying_exported_metrics() {
         "a data source variable"
     );
 
-    let exported = exported_metrics();
-    let mut queried = BTreeSet::new();
     let mut panels: Vec<&Value> = dashboard["panels"]
         .as_array()
         .expect("panels")
@@ -1590,17 +1631,21 @@ fn grafana_dashboard_is_a_sidecar_configmap_querying_exported_metrics() {
         .collect();
     while let Some(panel) = panels.pop() {
         panels.extend(panel["panels"].as_array().into_iter().flatten());
-        if panel["type"] == "row" {
-            continue;
+        if panel["type"] != "row" {
+            let title = &panel["title"];
+            assert_eq!(panel["datasource"]["uid"], "${datasource}", "{title}");
+            assert!(
+                panel["targets"]
+                    .as_array()
+                    .is_some_and(|targets| !targets.is_empty()),
+                "{title} has no query"
+            );
         }
-        let title = panel["title"].as_str().expect("title");
-        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{title}");
-        let targets = panel["targets"].as_array().expect("targets");
-        assert!(!targets.is_empty(), "{title} has no query");
-        for target in targets {
-            let expr = target["expr"].as_str().expect("expr");
-            queried.extend(assert_query_uses_exported_names(title, expr, &exported));
-        }
+    }
+    let exported = exported_metrics();
+    let mut queried = BTreeSet::new();
+    for (title, expr) in dashboard_queries() {
+        queried.extend(assert_query_uses_exported_names(&title, &expr, &exported));
     }
     // Every family is on the dashboard (a histogram through its buckets).
     for sample in exported.keys() {
