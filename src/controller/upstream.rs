@@ -81,7 +81,7 @@ async fn apply(upstream: &Upstream, ctx: &Context, api: &Api<Upstream>) -> Resul
 
 /// What the `Reachable` condition of `status` says: `None` before the first connection test.
 /// Pure.
-pub fn reachability(status: &UpstreamStatus) -> Option<bool> {
+fn reachability(status: &UpstreamStatus) -> Option<bool> {
     match conditions::find(&status.conditions, conditions::REACHABLE)?
         .status
         .as_str()
