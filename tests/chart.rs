@@ -487,26 +487,13 @@ fn expected_operator_grants() -> BTreeMap<(String, String), BTreeSet<String>> {
             verbs.iter().map(|verb| (*verb).to_owned()).collect(),
         );
     };
+    // What `run` was seen to call (tests/process.rs derives it from the recorded requests).
     for kind in ["virtualregistries", "upstreams", "cleanuppolicies"] {
-        grant(
-            "gitlabregistry.io",
-            kind,
-            &["get", "list", "watch", "patch", "update"],
-        );
-        grant(
-            "gitlabregistry.io",
-            &format!("{kind}/status"),
-            &["get", "patch", "update"],
-        );
-        grant(
-            "gitlabregistry.io",
-            &format!("{kind}/finalizers"),
-            &["update"],
-        );
+        grant("gitlabregistry.io", kind, &["list", "watch", "patch"]);
+        grant("gitlabregistry.io", &format!("{kind}/status"), &["patch"]);
     }
     grant("", "secrets", &["get", "list", "watch"]);
     grant("", "pods", &["list", "watch"]);
-    grant("", "events", &["create", "patch"]);
     grant("events.k8s.io", "events", &["create", "patch"]);
     expected
 }
@@ -668,8 +655,9 @@ fn watch_namespace_grants_rights_in_that_namespace_only() {
     assert_eq!(lease_role["metadata"]["namespace"], RELEASE_NAMESPACE);
     assert_eq!(
         lease_role["rules"],
-        json!([{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-                "verbs": ["get", "create", "update"]}])
+        json!([{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+               {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                "resourceNames": ["gitlab-registry-operator"], "verbs": ["get", "patch"]}])
     );
     let bindings = of_kind(&objects, "RoleBinding");
     assert_eq!(bindings.len(), 2, "one binding per Role");
