@@ -1021,6 +1021,14 @@ fn grants(objects: &[Value]) -> Vec<Grant> {
 fn assert_rbac_fits(name: &str, objects: &[Value], calls: &[Call]) {
     let grants = grants(objects);
     let distinct: BTreeSet<&Call> = calls.iter().collect();
+    let seen: BTreeSet<String> = distinct
+        .iter()
+        .map(|c| {
+            let scope = c.namespace.as_deref().unwrap_or("<cluster>");
+            format!("{} {}/{} in {scope}", c.verb, c.group, c.resource)
+        })
+        .collect();
+    println!("{name}: `run` sent {seen:#?}");
     let refused: Vec<&&Call> = distinct
         .iter()
         .filter(|call| !grants.iter().any(|grant| grant.allows(call)))
