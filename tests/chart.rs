@@ -4,6 +4,9 @@
 //! hardened Deployment passing the flags `run` takes, the token from a Secret, and the
 //! optional ServiceMonitor and NetworkPolicy.
 
+#[path = "support/chart.rs"]
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -329,27 +332,11 @@ fn schema_refuses_unknown_keys_bad_enums_and_wrong_types() {
 // ---------------------------------------------------------------------------------------------
 // Rendering with helm
 
-/// The helm binary: `$HELM`, else `.ci/bin/helm` (from `bash .ci/install-helm`), else `helm` on
-/// `PATH`. `None` (after saying why) when there is none, so the caller skips.
+/// The helm binary, or `None` (after saying why) when there is none, so the caller skips.
 fn helm(test: &str) -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("HELM").filter(|path| !path.is_empty()) {
-        return Some(PathBuf::from(path));
-    }
-    let installed = repo_path(".ci/bin/helm");
-    if installed.is_file() {
-        return Some(installed);
-    }
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("helm"))
-            .find(|candidate| candidate.is_file())
-    });
-    if on_path.is_none() {
-        eprintln!(
-            "SKIPPED {test}: no helm binary (set HELM, run `bash .ci/install-helm`, or put helm on PATH)"
-        );
-    }
-    on_path
+    support::helm()
+        .map_err(|reason| eprintln!("SKIPPED {test}: {reason}"))
+        .ok()
 }
 
 /// Runs `helm <args>` on the chart; Ok(stdout) or Err(stderr).
