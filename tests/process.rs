@@ -161,6 +161,13 @@ fn status(code: u16, reason: &str, message: &str) -> Response {
 /// An apiserver refusal: code, reason, message.
 struct Refusal(u16, &'static str, String);
 
+fn created(result: Result<Value, Refusal>) -> Response {
+    match result {
+        Ok(object) => ok(201, object),
+        Err(Refusal(code, reason, message)) => status(code, reason, &message),
+    }
+}
+
 fn ok(code: u16, body: Value) -> Response {
     (
         StatusCode::from_u16(code).expect("status code"),
@@ -505,19 +512,25 @@ async fn handle(State(server): State<Arc<ApiServer>>, request: Request) -> Respo
         }
         "create" => {
             let namespace = target.namespace.clone().unwrap_or_default();
-            let result = server.cluster().create(
+            created(server.cluster().create(
                 &server.changes,
                 &target.group,
                 &target.resource,
                 &namespace,
                 body,
-            );
-            match result {
-                Ok(object) => ok(201, object),
-                Err(Refusal(code, reason, message)) => status(code, reason, &message),
-            }
+            ))
         }
-        "patch" => patch(&server, &target, &content_type, body, has_status),
+        "patch" => {
+            let field_manager = query.get("fieldManager").map(String::as_str);
+            patch(
+                &server,
+                &target,
+                &content_type,
+                field_manager,
+                body,
+                has_status,
+            )
+        }
         "update" => {
             let namespace = target.namespace.clone().unwrap_or_default();
             let name = target.name.clone().unwrap_or_default();
@@ -548,6 +561,7 @@ fn patch(
     server: &ApiServer,
     target: &Target,
     content_type: &str,
+    field_manager: Option<&str>,
     body: Value,
     has_status: bool,
 ) -> Response {
@@ -556,11 +570,29 @@ fn patch(
     let key: Key = (
         target.group.clone(),
         target.resource.clone(),
-        namespace,
+        namespace.clone(),
         name.clone(),
     );
+    let apply = content_type.starts_with("application/apply-patch");
+    if apply && field_manager.is_none_or(str::is_empty) {
+        return status(
+            422,
+            "Invalid",
+            "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+        );
+    }
     let mut cluster = server.cluster();
     let Some(current) = cluster.objects.get(&key).cloned() else {
+        // Server-side apply of the main resource creates a missing object.
+        if apply && target.subresource.is_none() {
+            return created(cluster.create(
+                &server.changes,
+                &target.group,
+                &target.resource,
+                &namespace,
+                body,
+            ));
+        }
         return status(
             404,
             "NotFound",
@@ -596,9 +628,7 @@ fn patch(
         if json_patch::patch(&mut patched, &operations).is_err() {
             return lost_test();
         }
-    } else if content_type.starts_with("application/apply-patch")
-        && target.subresource.as_deref() == Some("status")
-    {
+    } else if apply && target.subresource.as_deref() == Some("status") {
         // The operator is the one manager of status and applies all of it each time.
         patched["status"] = body["status"].clone();
     } else if content_type.starts_with("application/merge-patch+json")
