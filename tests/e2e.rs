@@ -344,7 +344,8 @@ where
     .await;
 }
 
-/// Applies the CRDs (cluster-wide; installed by an administrator, not by the chart's RBAC).
+/// Applies the CRDs (cluster-wide; installed by an administrator, not by the chart's RBAC)
+/// and waits until the apiserver serves them.
 async fn install_crds(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for (_, definition) in crd::all() {
@@ -355,6 +356,21 @@ async fn install_crds(client: &Client) {
         )
         .await
         .expect("CRD applied");
+    }
+    for (_, definition) in crd::all() {
+        let name = definition.name_any();
+        wait_for(&format!("CRD {name} Established"), || async {
+            crds.get(&name).await.is_ok_and(|crd| {
+                crd.status
+                    .and_then(|status| status.conditions)
+                    .is_some_and(|conditions| {
+                        conditions
+                            .iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                    })
+            })
+        })
+        .await;
     }
 }
 
