@@ -59,11 +59,20 @@ pub const CONFLICT_RETRY: Duration = Duration::from_millis(500);
 
 /// The error of a finalizer patch (adding or removing it). kube's finalizer helper sends a
 /// JSON patch whose `test` checks the finalizer list it read; the apiserver answers a failed
-/// `test` with 422 (the patch itself is always well formed), so a 422 here, like a 409, means
-/// the list changed under us.
+/// `test` with 422 `Invalid` naming no field (INFERRED from the apiserver's patch handler: a
+/// generic 422 with the patch library's message), so such a 422, like a 409, means the list
+/// changed under us. A 422 naming fields is the patched object failing validation (a CRD
+/// tightened under stored objects): an error, not a race.
 pub fn finalizer_patch_error(error: kube::Error) -> Error {
     match &error {
-        kube::Error::Api(status) if status.code == 409 || status.code == 422 => {
+        kube::Error::Api(status) if status.code == 409 => Error::Conflict(error),
+        kube::Error::Api(status)
+            if status.code == 422
+                && status
+                    .details
+                    .as_ref()
+                    .is_none_or(|details| details.causes.iter().all(|c| c.field.is_empty())) =>
+        {
             Error::Conflict(error)
         }
         _ => Error::Finalizer(error.to_string()),
@@ -181,6 +190,17 @@ mod tests {
             let lost_test = finalizer_patch_error(api_error(code, "Invalid"));
             assert!(lost_test.is_conflict(), "{code}");
         }
+        let invalid_object: kube::core::Status = serde_json::from_value(serde_json::json!({
+            "status": "Failure", "code": 422, "reason": "Invalid",
+            "message": "VirtualRegistry.gitlabregistry.io \"cache\" is invalid: spec.group: Required value",
+            "details": {"causes": [{"reason": "FieldValueRequired", "message": "Required value", "field": "spec.group"}]},
+        }))
+        .expect("a Status");
+        let invalid_object = finalizer_patch_error(kube::Error::Api(Box::new(invalid_object)));
+        assert!(
+            !invalid_object.is_conflict(),
+            "a 422 naming a field is the object failing validation"
+        );
         let forbidden = finalizer_patch_error(api_error(403, "Forbidden"));
         assert!(!forbidden.is_conflict());
         assert_eq!(forbidden.reason(), "FinalizerError");
