@@ -446,3 +446,108 @@ fn defaults_fill_an_minimal_upstream() {
     assert_eq!(policy.spec.limits.max_deletions_per_run, 1000);
     assert_eq!(policy.spec.strategy, crd::CleanupStrategy::Operator);
 }
+
+/// An instance of `schema` with every field filled: each `date-time` string is `time`, each
+/// condition list holds the types the printer columns filter on.
+fn filled_from_schema(schema: &Value, time: &str) -> Value {
+    match schema["type"].as_str() {
+        Some("object") => {
+            let properties = schema["properties"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
+            Value::Object(
+                properties
+                    .iter()
+                    .map(|(name, child)| (name.clone(), filled_from_schema(child, time)))
+                    .collect(),
+            )
+        }
+        Some("array") if schema["x-kubernetes-list-map-keys"] == json!(["type"]) => {
+            let condition = filled_from_schema(&schema["items"], time);
+            Value::Array(
+                ["Ready", "Synced", "Reachable"]
+                    .into_iter()
+                    .map(|type_| {
+                        let mut condition = condition.clone();
+                        condition["type"] = json!(type_);
+                        condition["status"] = json!("True");
+                        condition
+                    })
+                    .collect(),
+            )
+        }
+        Some("array") => json!([filled_from_schema(&schema["items"], time)]),
+        Some("string") if schema["format"] == "date-time" => json!(time),
+        Some("string") => schema["enum"].get(0).cloned().unwrap_or(json!("text")),
+        Some("integer") | Some("number") => json!(7),
+        Some("boolean") => json!(true),
+        _ => json!("text"),
+    }
+}
+
+/// What kubectl shows in `column` of `object`: the values its jsonPath selects.
+fn column_values<'a>(object: &'a Value, json_path: &str) -> Vec<&'a Value> {
+    use jsonpath_rust::JsonPath;
+    object
+        .query(&format!("${json_path}"))
+        .unwrap_or_else(|error| panic!("jsonPath {json_path}: {error}"))
+}
+
+#[test]
+fn printer_columns_show_no_future_time_as_a_date() {
+    let now = jiff::Timestamp::now();
+    let past = (now - jiff::SignedDuration::from_hours(30 * 24)).to_string();
+    let future = (now + jiff::SignedDuration::from_hours(30 * 24)).to_string();
+    for (file, definition) in crd::all() {
+        let schema = validation::open_api_schema(&definition);
+        let columns = definition.spec.versions[0]
+            .additional_printer_columns
+            .clone()
+            .unwrap_or_default();
+        let mut future_strings = 0;
+        // Every time of the object ahead, then every time behind; it was created in the past.
+        for time in [&future, &past] {
+            let mut object = filled_from_schema(&schema, time);
+            object["metadata"] =
+                json!({"name": "sample", "namespace": "team", "creationTimestamp": past});
+            for column in &columns {
+                let values = column_values(&object, &column.json_path);
+                assert!(
+                    !values.is_empty(),
+                    "{file}: column {:?} ({}) shows nothing for a full object",
+                    column.name,
+                    column.json_path
+                );
+                for value in values {
+                    let shown = value.as_str().unwrap_or_default();
+                    let is_time = shown.parse::<jiff::Timestamp>().ok();
+                    if column.type_ == "date" {
+                        let at = is_time.unwrap_or_else(|| {
+                            panic!("{file}: date column {:?} shows {value}", column.name)
+                        });
+                        assert!(
+                            at <= now,
+                            "{file}: column {:?} is a date and shows the future time {shown}: kubectl prints <invalid>; make it type string",
+                            column.name
+                        );
+                    } else if time == &future && is_time.is_some_and(|at| at > now) {
+                        future_strings += 1;
+                    }
+                }
+            }
+        }
+        let age = columns
+            .iter()
+            .find(|c| c.name == "Age")
+            .expect("Age column");
+        assert_eq!(age.type_, "date", "{file}: Age stays a date");
+        assert_eq!(age.json_path, ".metadata.creationTimestamp");
+        if file.starts_with("cleanuppolicies") {
+            assert_eq!(
+                future_strings, 2,
+                "{file}: Next run and Last run show a time ahead as RFC 3339"
+            );
+        }
+    }
+}

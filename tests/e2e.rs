@@ -2,11 +2,18 @@
 //! controllers in this process against a GitLab simulator, applies `examples/` into a fresh
 //! namespace, waits for `Ready`, edits, deletes, and checks GitLab's state through the
 //! simulator. Skipped, with the reason printed, when no cluster is reachable (as in CI here).
+//! One variant installs the chart's rendered RBAC into a fresh namespace and runs the
+//! controllers, with leader election, as the chart's ServiceAccount (a TokenRequest token).
+
+#[path = "support/chart.rs"]
+mod chart;
 
 use std::time::Duration;
 
 use gitlab_registry_operator::controller::context::{DefaultConnection, OperatorConfig};
-use gitlab_registry_operator::controller::runtime::{RuntimeOptions, run_until};
+use gitlab_registry_operator::controller::runtime::{
+    LEASE_NAME, RuntimeOptions, run_until, run_with_client,
+};
 use gitlab_registry_operator::crd::{self, Upstream, VirtualRegistry};
 use gitlab_registry_operator::sim::{Seed, SimConfig, Simulator};
 use k8s_openapi::api::core::v1::Namespace;
@@ -65,16 +72,7 @@ async fn examples_become_ready_then_follow_edits_and_deletion() {
         }
     };
 
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for (_, definition) in crd::all() {
-        crds.patch(
-            &definition.name_any(),
-            &PatchParams::apply("e2e").force(),
-            &Patch::Apply(&definition),
-        )
-        .await
-        .expect("CRD applied");
-    }
+    install_crds(&client).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let sim = Simulator::start(SimConfig::embedded_demo(), Seed::demo())
@@ -233,16 +231,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
             return;
         }
     };
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for (_, definition) in crd::all() {
-        crds.patch(
-            &definition.name_any(),
-            &PatchParams::apply("e2e").force(),
-            &Patch::Apply(&definition),
-        )
-        .await
-        .expect("CRD applied");
-    }
+    install_crds(&client).await;
     let sim = Simulator::start(SimConfig::embedded_demo(), Seed::demo())
         .await
         .expect("simulator");
@@ -335,19 +324,233 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
     })
     .await;
 
-    let _ = registries
-        .delete("lease-cache", &DeleteParams::default())
-        .await;
-    wait_for("registry gone", || async {
-        registries
-            .get_opt("lease-cache")
-            .await
-            .is_ok_and(|r| r.is_none())
-    })
-    .await;
+    delete_and_wait(&registries, "lease-cache").await;
     let _ = namespaces
         .delete(&namespace, &DeleteParams::default())
         .await;
     let _ = stop_second.send(());
     let _ = tokio::time::timeout(Duration::from_secs(30), second).await;
+}
+
+/// Deletes `name` and waits until it is gone (its finalizer run).
+async fn delete_and_wait<K>(api: &Api<K>, name: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let _ = api.delete(name, &DeleteParams::default()).await;
+    wait_for(&format!("{name} gone"), || async {
+        api.get_opt(name).await.is_ok_and(|object| object.is_none())
+    })
+    .await;
+}
+
+/// Applies the CRDs (cluster-wide; installed by an administrator, not by the chart's RBAC)
+/// and waits until the apiserver serves them.
+async fn install_crds(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for (_, definition) in crd::all() {
+        crds.patch(
+            &definition.name_any(),
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(&definition),
+        )
+        .await
+        .expect("CRD applied");
+    }
+    for (_, definition) in crd::all() {
+        let name = definition.name_any();
+        wait_for(&format!("CRD {name} Established"), || async {
+            crds.get(&name).await.is_ok_and(|crd| {
+                crd.status
+                    .and_then(|status| status.conditions)
+                    .is_some_and(|conditions| {
+                        conditions
+                            .iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                    })
+            })
+        })
+        .await;
+    }
+}
+
+/// Server-side applies `objects` (namespaced ones into `namespace`) as the e2e field manager.
+async fn apply_all(client: &Client, namespace: &str, objects: &[&serde_json::Value]) {
+    let discovery = kube::Discovery::new(client.clone())
+        .run()
+        .await
+        .expect("discovery");
+    for object in objects {
+        let object: kube::api::DynamicObject =
+            serde_json::from_value((*object).clone()).expect("object");
+        let gvk = kube::api::GroupVersionKind::try_from(object.types.as_ref().expect("types"))
+            .expect("gvk");
+        let (resource, capabilities) = discovery.resolve_gvk(&gvk).expect("known kind");
+        let api: Api<kube::api::DynamicObject> =
+            if capabilities.scope == kube::discovery::Scope::Namespaced {
+                Api::namespaced_with(client.clone(), namespace, &resource)
+            } else {
+                Api::all_with(client.clone(), &resource)
+            };
+        api.patch(
+            &object.name_any(),
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(&object),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{} {} applied: {e}", gvk.kind, object.name_any()));
+    }
+}
+
+/// The chart's RBAC for `watchNamespace` with leader election, installed into a fresh
+/// namespace (also the release namespace); the controllers run as its ServiceAccount with a
+/// token from the TokenRequest API, take the Lease, and reconcile a registry and a
+/// CleanupPolicy with keepInUse.
+#[tokio::test(flavor = "multi_thread")]
+async fn controllers_with_leader_election_work_under_the_charts_own_rbac() {
+    let client = match cluster().await {
+        Ok(client) => client,
+        Err(reason) => {
+            println!("SKIPPED e2e chart RBAC: {reason}");
+            return;
+        }
+    };
+    let helm = match chart::helm() {
+        Ok(helm) => helm,
+        Err(reason) => {
+            println!("SKIPPED e2e chart RBAC: {reason}");
+            return;
+        }
+    };
+    install_crds(&client).await;
+    let namespace = format!("gro-e2e-rbac-{}", std::process::id());
+    let release = format!("gro-rbac-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("namespace"),
+        )
+        .await
+        .expect("namespace created");
+
+    let rendered = chart::render(
+        &helm,
+        &release,
+        &namespace,
+        &[
+            "--set",
+            &format!("watchNamespace={namespace}"),
+            "--set",
+            "leaderElection.enabled=true",
+        ],
+    );
+    let rbac = chart::rbac_objects(&rendered);
+    assert!(
+        rbac.iter().all(|o| o["kind"] != "ClusterRole"),
+        "watchNamespace: no cluster-wide rights"
+    );
+    apply_all(&client, &namespace, &rbac).await;
+    let account = rbac
+        .iter()
+        .find(|o| o["kind"] == "ServiceAccount")
+        .and_then(|o| o["metadata"]["name"].as_str())
+        .expect("the chart's ServiceAccount")
+        .to_owned();
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(client.clone(), &namespace);
+    let token_request: k8s_openapi::api::authentication::v1::TokenRequest =
+        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}))
+            .expect("token request");
+    let token = accounts
+        .create_token_request(&account, &PostParams::default(), &token_request)
+        .await
+        .expect("TokenRequest")
+        .status
+        .expect("token status")
+        .token;
+    let mut identity = kube::Config::infer().await.expect("kubeconfig");
+    identity.auth_info = kube::config::AuthInfo {
+        token: Some(secrecy::SecretString::from(token)),
+        ..Default::default()
+    };
+    let operator_client = Client::try_from(identity).expect("client as the ServiceAccount");
+
+    let sim = Simulator::start(SimConfig::embedded_demo(), Seed::demo())
+        .await
+        .expect("simulator");
+    let config = OperatorConfig {
+        default_gitlab: Some(DefaultConnection {
+            url: sim.base_url().parse().expect("url"),
+            token: sim.config().token.clone(),
+        }),
+        resync: Duration::from_secs(30),
+        ..OperatorConfig::default()
+    };
+    let identity_name = format!("rbac-e2e-{}", std::process::id());
+    let options = RuntimeOptions {
+        metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+        leader_election: true,
+        leader_election_namespace: Some(namespace.clone()),
+        leader_election_identity: Some(identity_name.clone()),
+        watch_namespace: Some(namespace.clone()),
+        max_concurrent_reconciles: 16,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(run_with_client(
+        operator_client,
+        config,
+        options,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), &namespace);
+    wait_for("the ServiceAccount to hold the Lease", || async {
+        leases
+            .get_opt(LEASE_NAME)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|lease| lease.spec.and_then(|spec| spec.holder_identity))
+            == Some(identity_name.clone())
+    })
+    .await;
+
+    let registry = json!({"apiVersion": "gitlabregistry.io/v1alpha1", "kind": "VirtualRegistry",
+                          "metadata": {"name": "rbac-cache"}, "spec": {"group": "my-org"}});
+    let policy = json!({"apiVersion": "gitlabregistry.io/v1alpha1", "kind": "CleanupPolicy",
+        "metadata": {"name": "rbac-cleanup", "annotations": {"gitlabregistry.io/run-requested-at": "e2e"}},
+        "spec": {"schedule": "0 3 * * *", "dryRun": true,
+                 "target": {"containerRepositories": {"project": "my-org/app"}},
+                 "rules": {"nameRegexDelete": ".*", "keepN": 3},
+                 "safety": {"keepInUse": true}}});
+    apply_all(&client, &namespace, &[&registry, &policy]).await;
+    let registries: Api<VirtualRegistry> = Api::namespaced(client.clone(), &namespace);
+    wait_for("rbac-cache Ready under the chart's RBAC", || async {
+        registries
+            .get("rbac-cache")
+            .await
+            .is_ok_and(|r| is_ready(&r))
+    })
+    .await;
+    let policies: Api<crd::CleanupPolicy> = Api::namespaced(client.clone(), &namespace);
+    wait_for("the requested cleanup run", || async {
+        policies.get("rbac-cleanup").await.is_ok_and(|p| {
+            p.status
+                .is_some_and(|s| s.last_handled_run_request.as_deref() == Some("e2e"))
+        })
+    })
+    .await;
+    assert!(!operator.is_finished(), "the operator keeps running");
+
+    delete_and_wait(&registries, "rbac-cache").await;
+    delete_and_wait(&policies, "rbac-cleanup").await;
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(30), operator).await;
+    let _ = namespaces
+        .delete(&namespace, &DeleteParams::default())
+        .await;
 }

@@ -32,10 +32,51 @@ pub enum Error {
     Sync(#[from] sync::Error),
     /// The Kubernetes API failed.
     #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
+    Kube(kube::Error),
+    /// Another writer changed the object between our read and our write: a 409, or a 422 from
+    /// the failed JSON-patch `test` of a finalizer patch. Not a failure: retried promptly,
+    /// against the newer object the watch brings.
+    #[error("conflict with another write, retrying: {0}")]
+    Conflict(kube::Error),
     /// The finalizer helper failed (adding or removing the finalizer, or the cleanup).
     #[error("finalizer: {0}")]
     Finalizer(String),
+}
+
+/// A 409 from any write is a conflict.
+impl From<kube::Error> for Error {
+    fn from(error: kube::Error) -> Self {
+        match &error {
+            kube::Error::Api(status) if status.code == 409 => Self::Conflict(error),
+            _ => Self::Kube(error),
+        }
+    }
+}
+
+/// How long a conflict waits before the retry: long enough for the watch to bring the newer
+/// object into the store the retry reads.
+pub const CONFLICT_RETRY: Duration = Duration::from_millis(500);
+
+/// The error of a finalizer patch (adding or removing it). kube's finalizer helper sends a
+/// JSON patch whose `test` checks the finalizer list it read; the apiserver answers a failed
+/// `test` with 422 `Invalid` naming no field (INFERRED from the apiserver's patch handler: a
+/// generic 422 with the patch library's message), so such a 422, like a 409, means the list
+/// changed under us. A 422 naming fields is the patched object failing validation (a CRD
+/// tightened under stored objects): an error, not a race.
+pub fn finalizer_patch_error(error: kube::Error) -> Error {
+    match &error {
+        kube::Error::Api(status) if status.code == 409 => Error::Conflict(error),
+        kube::Error::Api(status)
+            if status.code == 422
+                && status
+                    .details
+                    .as_ref()
+                    .is_none_or(|details| details.causes.iter().all(|c| c.field.is_empty())) =>
+        {
+            Error::Conflict(error)
+        }
+        _ => Error::Finalizer(error.to_string()),
+    }
 }
 
 impl Error {
@@ -47,6 +88,7 @@ impl Error {
             Self::InvalidSpec(_) => "InvalidSpec",
             Self::Sync(error) => error.reason(),
             Self::Kube(_) => "KubernetesError",
+            Self::Conflict(_) => "Conflict",
             Self::Finalizer(_) => "FinalizerError",
         }
     }
@@ -64,12 +106,17 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Sync(error) => error.is_transient(),
-            Self::Kube(_) | Self::Finalizer(_) => true,
+            Self::Kube(_) | Self::Conflict(_) | Self::Finalizer(_) => true,
             Self::ConnectionMissing
             | Self::SecretNotFound { .. }
             | Self::SecretKeyMissing { .. }
             | Self::InvalidSpec(_) => false,
         }
+    }
+
+    /// A lost race with another writer, retried promptly and not counted as an error.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Self::Conflict(_))
     }
 
     pub fn retry_after(&self) -> Option<Duration> {
@@ -81,10 +128,14 @@ impl Error {
 }
 
 /// How long to wait before the next attempt after `error`, the `attempt`-th failure in a row.
+/// A conflict is retried after [`CONFLICT_RETRY`].
 /// Transient errors back off exponentially from 5 s to 5 min (honouring GitLab's
 /// `Retry-After`); permanent ones wait `permanent_delay`, since only a change can fix them and
 /// changes trigger a reconcile by themselves.
 pub fn retry_delay(error: &Error, attempt: u32, permanent_delay: Duration) -> Duration {
+    if error.is_conflict() {
+        return CONFLICT_RETRY;
+    }
     if !error.is_transient() {
         return permanent_delay;
     }
@@ -111,6 +162,48 @@ mod tests {
         }));
         assert!(!invalid.is_transient());
         assert_eq!(invalid.reason(), "InvalidSpec");
+    }
+
+    fn api_error(code: u16, reason: &str) -> kube::Error {
+        kube::Error::Api(Box::new(
+            kube::core::Status::failure("refused", reason).with_code(code),
+        ))
+    }
+
+    #[test]
+    fn conflicts_are_retried_promptly_and_other_api_errors_back_off() {
+        let conflict = Error::from(api_error(409, "Conflict"));
+        assert!(conflict.is_conflict());
+        assert_eq!(conflict.reason(), "Conflict");
+        assert_eq!(
+            retry_delay(&conflict, 9, Duration::from_secs(600)),
+            CONFLICT_RETRY
+        );
+        let invalid_status = Error::from(api_error(422, "Invalid"));
+        assert!(
+            !invalid_status.is_conflict(),
+            "a 422 outside a finalizer patch is an error"
+        );
+        assert_eq!(invalid_status.reason(), "KubernetesError");
+
+        for code in [409, 422] {
+            let lost_test = finalizer_patch_error(api_error(code, "Invalid"));
+            assert!(lost_test.is_conflict(), "{code}");
+        }
+        let invalid_object: kube::core::Status = serde_json::from_value(serde_json::json!({
+            "status": "Failure", "code": 422, "reason": "Invalid",
+            "message": "VirtualRegistry.gitlabregistry.io \"cache\" is invalid: spec.group: Required value",
+            "details": {"causes": [{"reason": "FieldValueRequired", "message": "Required value", "field": "spec.group"}]},
+        }))
+        .expect("a Status");
+        let invalid_object = finalizer_patch_error(kube::Error::Api(Box::new(invalid_object)));
+        assert!(
+            !invalid_object.is_conflict(),
+            "a 422 naming a field is the object failing validation"
+        );
+        let forbidden = finalizer_patch_error(api_error(403, "Forbidden"));
+        assert!(!forbidden.is_conflict());
+        assert_eq!(forbidden.reason(), "FinalizerError");
     }
 
     #[test]

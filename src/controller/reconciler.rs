@@ -12,7 +12,8 @@ use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{Context, Error, Result, error::retry_delay};
+use super::error::{CONFLICT_RETRY, finalizer_patch_error, retry_delay};
+use super::{Context, Error, Result};
 use crate::crd::FINALIZER;
 
 fn object_key<K: Resource<DynamicType = ()>>(object: &K) -> String {
@@ -55,25 +56,42 @@ where
     .await
     .map_err(|error| match error {
         finalizer::Error::ApplyFailed(inner) | finalizer::Error::CleanupFailed(inner) => inner,
+        finalizer::Error::AddFinalizer(error) | finalizer::Error::RemoveFinalizer(error) => {
+            finalizer_patch_error(error)
+        }
         other => Error::Finalizer(other.to_string()),
     });
-    ctx.metrics.reconcile_finished(
-        &kind,
-        started.elapsed(),
-        result.as_ref().err().map(Error::reason),
-    );
+    // A conflict is neither a success nor an error: the retry decides.
+    let error_reason = result
+        .as_ref()
+        .err()
+        .filter(|error| !error.is_conflict())
+        .map(Error::reason);
+    ctx.metrics
+        .reconcile_finished(&kind, started.elapsed(), error_reason);
     if result.is_ok() {
         ctx.record_success(&key);
     }
     result
 }
 
-/// Transient errors back off per object; permanent ones wait for a change or the resync.
+/// Conflicts are retried promptly (logged at debug); transient errors back off per object;
+/// permanent ones wait for a change or the resync.
 pub fn error_policy<K: Resource<DynamicType = ()>>(
     object: Arc<K>,
     error: &Error,
     ctx: Arc<Context>,
 ) -> Requeue {
+    if error.is_conflict() {
+        tracing::debug!(
+            kind = %K::kind(&()),
+            namespace = object.namespace().unwrap_or_default(),
+            name = object.name_any(),
+            %error,
+            "conflict with another write: retrying"
+        );
+        return Requeue::requeue(CONFLICT_RETRY);
+    }
     let attempt = ctx.record_failure(&object_key(object.as_ref()));
     tracing::warn!(
         kind = %K::kind(&()),

@@ -154,10 +154,21 @@ pub async fn run_until(
     options: RuntimeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let client = Client::try_default()
         .await
         .map_err(|error| Error::NoCluster(error.to_string()))?;
+    run_with_client(client, config, options, shutdown).await
+}
+
+/// As [`run_until`], talking to Kubernetes through `client`: another identity than the
+/// kubeconfig's (the e2e test runs as the chart's ServiceAccount), or a test's API server.
+pub async fn run_with_client(
+    client: Client,
+    config: OperatorConfig,
+    options: RuntimeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     check_crds_installed(&client, options.watch_namespace.as_deref()).await?;
 
     let metrics = Arc::new(Metrics::default());

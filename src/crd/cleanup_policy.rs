@@ -30,9 +30,11 @@ pub const DELETED_SAMPLE_SIZE: usize = 20;
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
+    // Times that can lie ahead are strings (RFC 3339): kubectl prints a `date` column as an
+    // age, and a future time as `<invalid>`. Only `Age` is a date.
     printcolumn(
         name = "Last run",
-        type_ = "date",
+        type_ = "string",
         json_path = ".status.lastRun.completionTime"
     ),
     printcolumn(
@@ -40,7 +42,11 @@ pub const DELETED_SAMPLE_SIZE: usize = 20;
         type_ = "integer",
         json_path = ".status.lastRun.tagsDeleted"
     ),
-    printcolumn(name = "Next run", type_ = "date", json_path = ".status.nextRunTime"),
+    printcolumn(
+        name = "Next run",
+        type_ = "string",
+        json_path = ".status.nextRunTime"
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
