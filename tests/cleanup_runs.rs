@@ -155,6 +155,7 @@ fn app_seed() -> Seed {
                 repository(102, "worker", generated_tags("worker", 150)),
             ],
             tag_protection_rules: vec![protection(r"^v1\.1")],
+            branches: Vec::new(),
         }],
         ..Seed::default()
     }
@@ -178,18 +179,21 @@ fn group_seed() -> Seed {
                     repository(101, "worker", generated_tags("web-worker", 40)),
                 ],
                 tag_protection_rules: Vec::new(),
+                branches: Vec::new(),
             },
             SeedProject {
                 id: 11,
                 path_with_namespace: "acme/platform/tools".into(),
                 repositories: vec![repository(102, "cli", generated_tags("tools", 40))],
                 tag_protection_rules: Vec::new(),
+                branches: Vec::new(),
             },
             SeedProject {
                 id: 12,
                 path_with_namespace: "other/site".into(),
                 repositories: vec![repository(103, "", generated_tags("site", 40))],
                 tag_protection_rules: Vec::new(),
+                branches: Vec::new(),
             },
         ],
         ..Seed::default()
@@ -224,6 +228,7 @@ fn rules() -> RuleSpec {
         name_regex_keep: Some("main|stable-.*".into()),
         keep_n: Some(5),
         older_than: Some("7d".into()),
+        ..RuleSpec::default()
     }
 }
 
@@ -231,6 +236,7 @@ fn fast_limits() -> RunLimits {
     RunLimits {
         max_deletions_per_run: 10_000,
         requests_per_second: 2_000,
+        max_deletion_percent: None,
     }
 }
 
@@ -248,6 +254,7 @@ fn project_run(project: &str, in_use: InUse) -> CleanupRun {
         limits: fast_limits(),
         now: now(),
         mode: Mode::Apply,
+        approved_deletions: Default::default(),
     }
 }
 
@@ -303,6 +310,7 @@ fn expected_deletions(
             protected_tags: ProtectedTags::compile(patterns).expect("patterns"),
             in_use: in_use.map(|index| index.repository(&repository_location)),
             keep_shared_digests,
+            ..Protections::default()
         };
         let selection = cleanup::select(&tags, &compiled, &protections, now());
         expected.insert(

@@ -1069,6 +1069,7 @@ fn cleanup_seed(tags: Vec<SeedTag>) -> Seed {
                 minimum_access_level_for_push: AccessLevel::Maintainer,
                 minimum_access_level_for_delete: AccessLevel::Owner,
             }],
+            branches: Vec::new(),
         }],
         ..Seed::default()
     }
@@ -1098,9 +1099,11 @@ fn cleanup_run(rules: RuleSpec, in_use: InUse) -> CleanupRun {
         limits: RunLimits {
             max_deletions_per_run: 10_000,
             requests_per_second: 1_000,
+            max_deletion_percent: None,
         },
         now: now(),
         mode: Mode::Apply,
+        approved_deletions: Default::default(),
     }
 }
 
@@ -1177,6 +1180,7 @@ fn everyday_rules() -> RuleSpec {
         name_regex_keep: Some("main".into()),
         keep_n: Some(5),
         older_than: Some("7d".into()),
+        ..RuleSpec::default()
     }
 }
 
@@ -1368,6 +1372,7 @@ async fn a_regex_matching_everything_still_spares_latest_protected_in_use_shared
             name_regex_keep: None,
             keep_n: Some(2),
             older_than: None,
+            ..RuleSpec::default()
         };
         let report = finish(&client, &cleanup_run(rules, InUse::Known(Arc::new(pods)))).await;
         assert_eq!(report.failures, 0, "{}", report.message);
@@ -1413,6 +1418,7 @@ async fn clock_skew_between_gitlab_and_the_operator_never_deletes_a_young_or_new
             name_regex_keep: None,
             keep_n: None,
             older_than: Some("2d".into()),
+            ..RuleSpec::default()
         };
         let report = finish(&client, &cleanup_run(rules.clone(), no_pods())).await;
         assert_eq!(report.failures, 0, "{}", report.message);
@@ -1902,6 +1908,7 @@ async fn tokens_and_passwords_appear_in_no_log_event_status_error_metric_or_plan
                 gitlab: Some((sim.base_url().parse().expect("url"), SecretString::from(token))),
                 extra_ca_pem: None,
                 resend_credentials: true,
+                approved_deletions: Default::default(),
             };
             outputs.push(("options".into(), format!("{options:?}")));
             let report = standalone::execute(&options).await.expect("report");

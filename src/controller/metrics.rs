@@ -59,6 +59,7 @@ pub struct Metrics {
     pub gitlab_request_duration: Family<RouteLabels, Histogram>,
     pub cleanup_tags: Family<TagLabels, Counter>,
     pub cleanup_runs: Family<RunLabels, Counter>,
+    pub cleanup_pending_approvals: Counter,
 }
 
 fn duration_histogram() -> Histogram {
@@ -79,6 +80,7 @@ impl Default for Metrics {
         );
         let cleanup_tags = Family::<TagLabels, Counter>::default();
         let cleanup_runs = Family::<RunLabels, Counter>::default();
+        let cleanup_pending_approvals = Counter::default();
         registry.register(
             "reconciles",
             "Reconciles started, by kind",
@@ -114,6 +116,12 @@ impl Default for Metrics {
             "Cleanup runs, by outcome",
             cleanup_runs.clone(),
         );
+        registry.register(
+            "cleanup_pending_approvals",
+            "Repositories whose cleanup deletions a run held back over maxDeletionPercent, \
+             waiting for approval",
+            cleanup_pending_approvals.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             reconciles,
@@ -123,6 +131,7 @@ impl Default for Metrics {
             gitlab_request_duration,
             cleanup_tags,
             cleanup_runs,
+            cleanup_pending_approvals,
         }
     }
 }
@@ -168,6 +177,12 @@ impl Metrics {
                     reason: reason.into(),
                 })
                 .inc_by(count);
+        }
+    }
+
+    pub fn count_pending_approvals(&self, repositories: u64) {
+        if repositories > 0 {
+            self.cleanup_pending_approvals.inc_by(repositories);
         }
     }
 

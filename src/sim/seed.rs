@@ -77,6 +77,9 @@ pub struct SeedProject {
     pub repositories: Vec<SeedRepository>,
     #[serde(default)]
     pub tag_protection_rules: Vec<SeedProtectionRule>,
+    /// Branch names of the project's repository, e.g. `["main", "feature/Login-Form"]`.
+    #[serde(default)]
+    pub branches: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -312,6 +315,7 @@ impl Seed {
                         minimum_access_level_for_push: AccessLevel::Maintainer,
                         minimum_access_level_for_delete: AccessLevel::Owner,
                     }],
+                    branches: Vec::new(),
                 },
                 SeedProject {
                     id: 201,
@@ -321,12 +325,14 @@ impl Seed {
                         repository(303, "migrations", migration_tags),
                     ],
                     tag_protection_rules: Vec::new(),
+                    branches: Vec::new(),
                 },
                 SeedProject {
                     id: 202,
                     path_with_namespace: "my-org/platform/tools".into(),
                     repositories: vec![repository(304, "", tools_tags)],
                     tag_protection_rules: Vec::new(),
+                    branches: Vec::new(),
                 },
             ],
             registries: Vec::new(),
