@@ -315,7 +315,7 @@ impl Seed {
                         minimum_access_level_for_push: AccessLevel::Maintainer,
                         minimum_access_level_for_delete: AccessLevel::Owner,
                     }],
-                    branches: Vec::new(),
+                    branches: vec!["main".into(), "feature/Login-Form".into()],
                 },
                 SeedProject {
                     id: 201,

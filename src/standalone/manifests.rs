@@ -463,7 +463,7 @@ mod tests {
             .expect("examples are valid");
         assert_eq!(manifests.upstreams.len(), 2);
         assert_eq!(manifests.registries.len(), 1);
-        assert_eq!(manifests.cleanup_policies.len(), 4);
+        assert_eq!(manifests.cleanup_policies.len(), 5);
         assert_eq!(manifests.secrets.len(), 1);
     }
 
