@@ -412,7 +412,7 @@ async fn plan_prints_pending_approvals_and_apply_approve_deletes_exactly_that_pl
         .to_owned();
     let table = stdout(&run(Some(&sim), &["plan", "-f", &dir_arg]));
     assert!(
-        table.contains(&format!("needs approval: my-org/app would lose"))
+        table.contains("needs approval: my-org/app would lose")
             && table.contains(&format!("--approve {fingerprint}")),
         "{table}"
     );
