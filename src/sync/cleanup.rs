@@ -905,16 +905,6 @@ impl<'a> Engine<'a> {
             ProtectionState::Unknown(reason) => Some(format!(
                 "tag protection rules unreadable ({reason}): nothing deleted here"
             )),
-            _ if matches!(branches, Some(BranchState::Unknown(_))) => {
-                let reason = match &branches {
-                    Some(BranchState::Unknown(reason)) => reason.as_str(),
-                    _ => "",
-                };
-                Some(format!(
-                    "branches of project {project} unreadable ({reason}), so keepBranchTags \
-                     cannot tell which branches exist: nothing deleted here"
-                ))
-            }
             _ if in_use.is_some() && repository.location.trim().is_empty() => Some(
                 "GitLab reports no location for this repository, so images Pods run cannot be \
                  matched: nothing deleted here"
@@ -925,6 +915,15 @@ impl<'a> Engine<'a> {
         if let Some(reason) = blocked {
             if !report.selected.is_empty() {
                 report.skipped = Some(reason);
+            }
+            return;
+        }
+        if let Some(BranchState::Unknown(reason)) = &branches {
+            if !report.selected.is_empty() {
+                report.skipped = Some(format!(
+                    "branches of project {project} unreadable ({reason}), so keepBranchTags \
+                     cannot tell which branches exist: nothing deleted here"
+                ));
             }
             return;
         }
