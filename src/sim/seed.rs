@@ -1,7 +1,7 @@
-//! Seed data for the simulator: the groups, projects, container repositories, tags, tag
-//! protection rules and (optionally) virtual registries, upstreams and cache entries that
-//! exist before the first request. Readable from JSON or YAML; [`Seed::demo`] is the data the
-//! demo and `sim` use by default.
+//! Seed data for the simulator: the groups, projects (with their branches), container
+//! repositories, tags, tag protection rules and (optionally) virtual registries, upstreams and
+//! cache entries that exist before the first request. Readable from JSON or YAML;
+//! [`Seed::demo`] is the data the demo and `sim` use by default.
 
 use std::path::Path;
 
