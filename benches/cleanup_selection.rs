@@ -67,6 +67,7 @@ fn rule_spec() -> RuleSpec {
         name_regex_keep: Some("release-.*|main|stable-.*".into()),
         keep_n: Some(10),
         older_than: Some("14d".into()),
+        ..RuleSpec::default()
     }
 }
 
@@ -105,6 +106,7 @@ async fn cleanup_run(tag_list_details: bool) {
                 tags,
             }],
             tag_protection_rules: Vec::new(),
+            branches: Vec::new(),
         }],
         ..Seed::default()
     };
@@ -137,9 +139,11 @@ async fn cleanup_run(tag_list_details: bool) {
             max_deletions_per_run: RUN_TAGS as u32,
             // Unpaced: the figure is requests, not time.
             requests_per_second: 1_000_000,
+            max_deletion_percent: None,
         },
         now,
         mode: Mode::Apply,
+        approved_deletions: Default::default(),
     };
     let started = Instant::now();
     let report = run_cleanup(&client, &run).await.expect("valid run");

@@ -191,6 +191,7 @@ fn cleanup_policy_ready(index: usize) -> bool {
         name_regex_keep: Some("main|stable-.*".into()),
         keep_n: Some(10),
         older_than: Some("14d".into()),
+        ..RuleSpec::default()
     };
     let schedule = Schedule::parse(&format!("{} 3 * * *", index % 60), "UTC");
     CompiledRules::compile(&rules).is_ok()

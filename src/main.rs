@@ -58,6 +58,10 @@ struct StandaloneArgs {
     /// (standalone mode keeps no record of the password GitLab holds).
     #[arg(long)]
     resend_credentials: bool,
+    /// Approve a cleanup's deletions over limits.maxDeletionPercent by the fingerprint the
+    /// output lists (repeatable); like the annotation gitlabregistry.io/approve-deletion.
+    #[arg(long = "approve", value_name = "FINGERPRINT")]
+    approve: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -257,6 +261,11 @@ fn standalone(args: StandaloneArgs, mode: gitlab_registry_operator::sync::Mode) 
         gitlab,
         extra_ca_pem,
         resend_credentials: args.resend_credentials,
+        approved_deletions: args
+            .approve
+            .iter()
+            .flat_map(|value| gitlab_registry_operator::cleanup::parse_approvals(value))
+            .collect(),
     };
     let report = match tokio_runtime().block_on(standalone::execute(&options)) {
         Ok(report) => report,

@@ -979,6 +979,7 @@ fn exported_metrics() -> BTreeMap<String, BTreeSet<String>> {
     metrics.observe("GET", "/groups/:id", Some(200), Duration::from_millis(1));
     metrics.count_tags("kept", "KeepN", 1);
     metrics.count_run("Failed");
+    metrics.count_pending_approvals(1);
     metrics.upstream_reachability("team", "quay", Some(false));
     let text = metrics.encode();
 

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gitlab_registry_operator::cleanup::{
-    self, CacheEntryInfo, CompiledRules, InUseIndex, KeepReason, ProtectedTags, Protections,
-    RuleSpec, TagInfo,
+    self, CacheEntryInfo, CompiledRules, FamilySpec, InUseIndex, KeepReason, ProtectedTags,
+    Protections, RuleSpec, TagInfo,
 };
 use gitlab_registry_operator::crd::cleanup_policy::{GitLabCadence, RunOutcome};
 use gitlab_registry_operator::gitlab::{
@@ -155,6 +155,7 @@ fn app_seed() -> Seed {
                 repository(102, "worker", generated_tags("worker", 150)),
             ],
             tag_protection_rules: vec![protection(r"^v1\.1")],
+            branches: Vec::new(),
         }],
         ..Seed::default()
     }
@@ -178,18 +179,21 @@ fn group_seed() -> Seed {
                     repository(101, "worker", generated_tags("web-worker", 40)),
                 ],
                 tag_protection_rules: Vec::new(),
+                branches: Vec::new(),
             },
             SeedProject {
                 id: 11,
                 path_with_namespace: "acme/platform/tools".into(),
                 repositories: vec![repository(102, "cli", generated_tags("tools", 40))],
                 tag_protection_rules: Vec::new(),
+                branches: Vec::new(),
             },
             SeedProject {
                 id: 12,
                 path_with_namespace: "other/site".into(),
                 repositories: vec![repository(103, "", generated_tags("site", 40))],
                 tag_protection_rules: Vec::new(),
+                branches: Vec::new(),
             },
         ],
         ..Seed::default()
@@ -224,6 +228,7 @@ fn rules() -> RuleSpec {
         name_regex_keep: Some("main|stable-.*".into()),
         keep_n: Some(5),
         older_than: Some("7d".into()),
+        ..RuleSpec::default()
     }
 }
 
@@ -231,6 +236,7 @@ fn fast_limits() -> RunLimits {
     RunLimits {
         max_deletions_per_run: 10_000,
         requests_per_second: 2_000,
+        max_deletion_percent: None,
     }
 }
 
@@ -248,6 +254,7 @@ fn project_run(project: &str, in_use: InUse) -> CleanupRun {
         limits: fast_limits(),
         now: now(),
         mode: Mode::Apply,
+        approved_deletions: Default::default(),
     }
 }
 
@@ -303,6 +310,7 @@ fn expected_deletions(
             protected_tags: ProtectedTags::compile(patterns).expect("patterns"),
             in_use: in_use.map(|index| index.repository(&repository_location)),
             keep_shared_digests,
+            ..Protections::default()
         };
         let selection = cleanup::select(&tags, &compiled, &protections, now());
         expected.insert(
@@ -1350,4 +1358,374 @@ async fn unreadable_repositories_are_skipped_whole_and_a_bad_token_stops_the_run
         Some("Unauthorized")
     );
     assert_eq!(sim.request_counts().values().sum::<u64>(), 1);
+}
+
+// ---- issue 17: branch-aware retention, families, deletion budget with approval ----------
+
+const BRANCHES_ROUTE: &str = "/projects/:id/repository/branches";
+const BUILD_PATTERN: &str = "(.+)-[0-9a-f]{8}";
+
+/// `<slug>-<8 hex>` builds, 30+ days old, each with its own digest.
+fn branch_build(slug: &str, build: u32, days: i64) -> SeedTag {
+    let name = format!("{slug}-{build:08x}");
+    tag(&name, Some(digest(&name)), Some(hours_ago(24 * days)))
+}
+
+/// Project `acme/app` (branches `main` and `feature/Login-Form`) with repositories `api` and
+/// `worker` holding builds of both branches and of `gone`, whose branch no longer exists,
+/// and project `acme/other` with `extra_branches` branches.
+fn branch_seed(extra_branches: usize) -> Seed {
+    let builds = |offset: u32| {
+        vec![
+            branch_build("main", offset + 1, 40),
+            branch_build("main", offset + 2, 35),
+            branch_build("main", offset + 3, 30),
+            branch_build("feature-login-form", offset + 4, 45),
+            branch_build("feature-login-form", offset + 5, 44),
+            branch_build("gone", offset + 6, 50),
+            branch_build("gone", offset + 7, 49),
+            tag(
+                "v1.0.0",
+                Some(digest(&format!("v1-{offset}"))),
+                Some(hours_ago(24 * 90)),
+            ),
+        ]
+    };
+    Seed {
+        groups: vec![group(1, "acme")],
+        projects: vec![
+            SeedProject {
+                id: 10,
+                path_with_namespace: "acme/app".into(),
+                repositories: vec![
+                    repository(100, "api", builds(0)),
+                    repository(101, "worker", builds(0x100)),
+                ],
+                tag_protection_rules: Vec::new(),
+                branches: vec!["main".into(), "feature/Login-Form".into()],
+            },
+            SeedProject {
+                id: 11,
+                path_with_namespace: "acme/other".into(),
+                repositories: vec![repository(102, "", builds(0x200))],
+                tag_protection_rules: Vec::new(),
+                branches: (0..extra_branches)
+                    .map(|n| format!("Topic/{n}"))
+                    .chain(["main".to_owned()])
+                    .collect(),
+            },
+        ],
+        ..Seed::default()
+    }
+}
+
+fn branch_rules() -> RuleSpec {
+    RuleSpec {
+        name_regex_delete: Some(".*".into()),
+        keep_branch_tags: Some(BUILD_PATTERN.into()),
+        ..RuleSpec::default()
+    }
+}
+
+fn group_run(rules: RuleSpec) -> CleanupRun {
+    CleanupRun {
+        target: CleanupTarget::Group {
+            group: PathOrId::parse("acme"),
+            path_regex: None,
+        },
+        rules,
+        ..project_run("acme/app", InUse::Known(Arc::new(InUseIndex::new())))
+    }
+}
+
+async fn delete_branch_over_http(sim: &SimHandle, project: &str, branch: &str) -> u16 {
+    reqwest::Client::new()
+        .delete(format!(
+            "{}/projects/{}/repository/branches/{}",
+            sim.api_url(),
+            project.replace('/', "%2F"),
+            branch.replace('/', "%2F")
+        ))
+        .header("PRIVATE-TOKEN", TOKEN)
+        .send()
+        .await
+        .expect("delete branch")
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn branch_builds_are_kept_until_their_branch_is_deleted() {
+    // 120 branches in acme/other: two pages of branches, read once for the project.
+    let sim = start(branch_seed(120), true).await;
+    let client = client(&sim);
+    let first = run(&client, &group_run(branch_rules())).await;
+    assert_eq!(first.outcome, RunOutcome::Succeeded, "{}", first.message);
+    // acme/app: 3 main and 2 feature builds per repository; acme/other: its 3 main builds.
+    assert_eq!(
+        first.kept_by_reason.get(&KeepReason::BranchExists),
+        Some(&13)
+    );
+    for repository in &first.repository_reports {
+        let mut deleted = repository.deleted.clone();
+        deleted.sort();
+        let gone_or_release = |name: &String| name.starts_with("gone-") || name == "v1.0.0";
+        if repository.path == "acme/other" {
+            // No feature/Login-Form branch in that project.
+            assert_eq!(deleted.len(), 5, "{deleted:?}");
+            assert!(
+                deleted
+                    .iter()
+                    .all(|name| gone_or_release(name) || name.starts_with("feature-login-form-"))
+            );
+        } else {
+            assert_eq!(deleted.len(), 3, "{}: {deleted:?}", repository.path);
+            assert!(deleted.iter().all(gone_or_release), "{deleted:?}");
+        }
+    }
+    // Once per project per run, all pages: 1 for acme/app, 2 for acme/other.
+    assert_eq!(sim.request_count("GET", BRANCHES_ROUTE), 3);
+    assert!(
+        first.message.contains("BranchExists 13"),
+        "{}",
+        first.message
+    );
+
+    // The feature branch is merged and deleted: its builds fall to the other rules.
+    assert_eq!(
+        delete_branch_over_http(&sim, "acme/app", "feature/Login-Form").await,
+        204
+    );
+    assert_eq!(
+        delete_branch_over_http(&sim, "acme/app", "feature/Login-Form").await,
+        404
+    );
+    let second = run(&client, &group_run(branch_rules())).await;
+    assert_eq!(second.outcome, RunOutcome::Succeeded, "{}", second.message);
+    let tags = sim_tags(&sim);
+    for path in ["acme/app/api", "acme/app/worker"] {
+        let left = &tags[path];
+        assert_eq!(left.len(), 3, "{path}: {left:?}");
+        assert!(
+            left.iter().all(|name| name.starts_with("main-")),
+            "{left:?}"
+        );
+    }
+    // acme/other never had that branch: its feature builds went in the first run.
+    assert!(
+        tags["acme/other"]
+            .iter()
+            .all(|name| name.starts_with("main-")),
+        "{:?}",
+        tags["acme/other"]
+    );
+}
+
+#[tokio::test]
+async fn a_project_whose_branches_cannot_be_read_deletes_nothing_and_says_why() {
+    let sim = start(branch_seed(0), true).await;
+    let client = client(&sim);
+    let before = sim_tags(&sim);
+    sim.inject_fault(FaultSpec {
+        once: vec![OneShotFault {
+            count: 1,
+            method: Some("GET".into()),
+            route: Some(BRANCHES_ROUTE.into()),
+            fault: FaultAction::Status { status: 403 },
+        }],
+        ..FaultSpec::default()
+    });
+    // Group order is by path: acme/app is read first and refused.
+    let report = run(&client, &group_run(branch_rules())).await;
+    assert_eq!(report.outcome, RunOutcome::Partial, "{}", report.message);
+    assert!(
+        report.message.contains("branches of project 10 unreadable"),
+        "{}",
+        report.message
+    );
+    let after = sim_tags(&sim);
+    assert_eq!(after["acme/app/api"], before["acme/app/api"]);
+    assert_eq!(after["acme/app/worker"], before["acme/app/worker"]);
+    // The other project's branches were readable: its cleanup went ahead.
+    assert_eq!(after["acme/other"].len(), before["acme/other"].len() - 5);
+}
+
+#[tokio::test]
+async fn families_keep_the_newest_builds_of_every_branch_and_match_the_pure_selection() {
+    let sim = start(branch_seed(0), true).await;
+    let client = client(&sim);
+    let rules = RuleSpec {
+        name_regex_delete: Some(".*".into()),
+        keep_n_per_family: Some(FamilySpec {
+            pattern: BUILD_PATTERN.into(),
+            n: 2,
+        }),
+        ..RuleSpec::default()
+    };
+    let expected = expected_deletions(&sim, &rules, None, true, |_| true);
+    let report = run(&client, &group_run(rules)).await;
+    assert_eq!(report.outcome, RunOutcome::Succeeded, "{}", report.message);
+    assert_eq!(deleted_by_report(&report), without_empty(expected));
+    // Per repository: main-1, feature's none, gone's none, and v1.0.0 (not a build) go.
+    assert_eq!(
+        report.kept_by_reason.get(&KeepReason::KeepNPerFamily),
+        Some(&18)
+    );
+    let tags = sim_tags(&sim);
+    for left in tags.values() {
+        assert_eq!(left.len(), 6, "{left:?}");
+        assert!(!left.contains("v1.0.0"));
+    }
+    assert_eq!(sim.request_count("GET", BRANCHES_ROUTE), 0);
+}
+
+/// One repository of 10 old builds whose rules would delete 8 (keepN 2): over a 50% budget.
+fn budget_seed() -> Seed {
+    Seed {
+        groups: vec![group(1, "acme")],
+        projects: vec![SeedProject {
+            id: 10,
+            path_with_namespace: "acme/app".into(),
+            repositories: vec![repository(
+                100,
+                "",
+                (0..10)
+                    .map(|n| branch_build("main", n, 20 + i64::from(n)))
+                    .collect(),
+            )],
+            tag_protection_rules: Vec::new(),
+            branches: vec!["main".into()],
+        }],
+        ..Seed::default()
+    }
+}
+
+fn budget_run(approved: &[&str]) -> CleanupRun {
+    let mut run = project_run("acme/app", InUse::Known(Arc::new(InUseIndex::new())));
+    run.rules = RuleSpec {
+        name_regex_delete: Some(".*".into()),
+        keep_n: Some(2),
+        ..RuleSpec::default()
+    };
+    run.limits.max_deletion_percent = Some(50);
+    run.approved_deletions = approved.iter().map(|fp| (*fp).to_owned()).collect();
+    run
+}
+
+#[tokio::test]
+async fn a_run_over_its_deletion_budget_waits_for_approval_of_exactly_that_set() {
+    let sim = start(budget_seed(), true).await;
+    let client = client(&sim);
+    let before = sim_tags(&sim);
+
+    // Over the budget: nothing deleted, the approval to ask for reported.
+    let first = run(&client, &budget_run(&[])).await;
+    assert_eq!(
+        first.outcome,
+        RunOutcome::NeedsApproval,
+        "{}",
+        first.message
+    );
+    assert_eq!(delete_count(&sim), 0);
+    assert_eq!(first.tags_deleted, 0);
+    assert_eq!(first.pending_approvals.len(), 1);
+    let pending = first.pending_approvals[0].clone();
+    assert_eq!(
+        (
+            pending.repository.as_str(),
+            pending.would_delete,
+            pending.total
+        ),
+        ("acme/app", 8, 10)
+    );
+    let selected: Vec<String> = first.repository_reports[0].selected.clone();
+    assert_eq!(
+        pending.fingerprint,
+        cleanup::fingerprint("acme/app", &selected)
+    );
+    assert!(
+        first.message.contains(&pending.fingerprint)
+            && first.message.contains("gitlabregistry.io/approve-deletion"),
+        "{}",
+        first.message
+    );
+
+    // A dry run and a plan ask for the same approval, and delete nothing.
+    let mut dry = budget_run(&[]);
+    dry.dry_run = true;
+    let mut plan = budget_run(&[]);
+    plan.mode = Mode::Plan;
+    for simulated in [dry, plan] {
+        let report = run(&client, &simulated).await;
+        assert_eq!(report.outcome, RunOutcome::NeedsApproval);
+        assert_eq!(report.pending_approvals, vec![pending.clone()]);
+        assert_eq!(report.tags_deleted, 0);
+    }
+    // Approved in a dry run: it reports the deletions the approval lets through.
+    let mut approved_dry = budget_run(&[&pending.fingerprint]);
+    approved_dry.dry_run = true;
+    assert_eq!(run(&client, &approved_dry).await.tags_deleted, 8);
+    assert_eq!(delete_count(&sim), 0);
+    assert_eq!(sim_tags(&sim), before);
+
+    // The selection changes before the approved run (a new build pushed, keepN moves): the
+    // approval no longer matches and is asked again.
+    reqwest::Client::new()
+        .put(format!(
+            "{}/-/sim/repositories/100/tags/main-000000ff",
+            sim.base_url()
+        ))
+        .json(&serde_json::json!({
+            "digest": digest("main-000000ff"),
+            "created_at": hours_ago(24 * 10),
+        }))
+        .send()
+        .await
+        .expect("push a tag")
+        .error_for_status()
+        .expect("tag pushed");
+    let changed = run(&client, &budget_run(&[&pending.fingerprint])).await;
+    assert_eq!(
+        changed.outcome,
+        RunOutcome::NeedsApproval,
+        "{}",
+        changed.message
+    );
+    assert_eq!(delete_count(&sim), 0);
+    let again = changed.pending_approvals[0].clone();
+    assert_ne!(again.fingerprint, pending.fingerprint);
+    assert_eq!((again.would_delete, again.total), (9, 11));
+
+    // Approving the new fingerprint deletes exactly the set it names.
+    let approved = run(
+        &client,
+        &budget_run(&[&pending.fingerprint, &again.fingerprint]),
+    )
+    .await;
+    assert_eq!(
+        approved.outcome,
+        RunOutcome::Succeeded,
+        "{}",
+        approved.message
+    );
+    assert!(approved.pending_approvals.is_empty());
+    let mut deleted = approved.repository_reports[0].deleted.clone();
+    deleted.sort();
+    let mut expected = changed.repository_reports[0].selected.clone();
+    expected.sort();
+    assert_eq!(deleted, expected);
+    assert_eq!(delete_count(&sim), 9);
+    assert_eq!(sim_tags(&sim)["acme/app"].len(), 2);
+}
+
+#[tokio::test]
+async fn a_run_within_its_deletion_budget_needs_no_approval() {
+    let sim = start(budget_seed(), true).await;
+    let client = client(&sim);
+    let mut within = budget_run(&[]);
+    within.limits.max_deletion_percent = Some(80);
+    let report = run(&client, &within).await;
+    assert_eq!(report.outcome, RunOutcome::Succeeded, "{}", report.message);
+    assert!(report.pending_approvals.is_empty());
+    assert_eq!(delete_count(&sim), 8);
 }

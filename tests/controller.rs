@@ -1138,6 +1138,70 @@ async fn missed_slots_run_once() {
     .await;
 }
 
+#[tokio::test]
+async fn a_run_over_its_deletion_budget_asks_for_approval_and_the_annotation_grants_it() {
+    guarded(async {
+        let (sim, api, ctx) = cleanup_env(Some(true)).await;
+        let before = tag_names(&sim).await;
+        let over_budget = |annotations: Value, status: Value| {
+            let mut policy = policy_object(annotations, status, false);
+            policy.spec.limits.max_deletion_percent = Some(50);
+            policy
+        };
+        // 7 of 12 tags would go: more than 50%.
+        let policy = over_budget(
+            json!({"gitlabregistry.io/run-requested-at": "1"}),
+            json!(null),
+        );
+        controller::cleanup_policy::reconcile(Arc::new(policy), ctx.clone())
+            .await
+            .expect("reconciled");
+        assert_eq!(tag_names(&sim).await, before);
+        let seen = api.take();
+        let status = status_patches(&seen, POLICIES_PATH)[0].body["status"].clone();
+        let last_run = &status["lastRun"];
+        assert_eq!(last_run["outcome"], "NeedsApproval", "{status}");
+        let pending = &last_run["pendingApproval"][0];
+        assert_eq!(pending["repository"], "my-org/app", "{status}");
+        assert_eq!((pending["wouldDelete"].as_i64(), pending["total"].as_i64()), (Some(7), Some(12)));
+        let fingerprint = pending["fingerprint"].as_str().expect("fingerprint").to_owned();
+        assert_eq!(condition(&status, "Synced")["reason"], "NeedsApproval");
+        assert!(
+            event_reasons(&seen).contains(&"NeedsApproval".to_string()),
+            "{:?}",
+            event_reasons(&seen)
+        );
+        let metrics = ctx.metrics.encode();
+        assert!(
+            metrics.contains("gitlab_registry_operator_cleanup_pending_approvals_total 1"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("gitlab_registry_operator_cleanup_runs_total{outcome=\"NeedsApproval\"} 1"),
+            "{metrics}"
+        );
+
+        // Approved: the next requested run deletes exactly that set.
+        let approved = over_budget(
+            json!({"gitlabregistry.io/run-requested-at": "2",
+                   "gitlabregistry.io/approve-deletion": format!("0000000000000000, {fingerprint}")}),
+            status.clone(),
+        );
+        controller::cleanup_policy::reconcile(Arc::new(approved), ctx)
+            .await
+            .expect("reconciled");
+        assert_eq!(
+            tag_names(&sim).await,
+            ["1.0.0", "1.0.1", "1.0.2", "latest", "main"]
+        );
+        let status = &status_patches(&api.take(), POLICIES_PATH)[0].body["status"];
+        assert_eq!(status["lastRun"]["outcome"], "Succeeded", "{status}");
+        assert!(status["lastRun"].get("pendingApproval").is_none(), "{status}");
+        assert_eq!(status["lastRun"]["keptByReason"]["KeepN"], 3, "{status}");
+    })
+    .await;
+}
+
 // ---- Leader election ---------------------------------------------------------------------
 
 /// A Lease as a fake apiserver keeps it, with the field manager that owns `holderIdentity`

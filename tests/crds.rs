@@ -301,7 +301,7 @@ fn every_example_parses_into_its_type_and_passes_schema_and_cel() {
     assert_eq!(kinds.get("Secret"), Some(&1));
     assert_eq!(kinds.get("Upstream"), Some(&2));
     assert_eq!(kinds.get("VirtualRegistry"), Some(&1));
-    assert_eq!(kinds.get("CleanupPolicy"), Some(&4));
+    assert_eq!(kinds.get("CleanupPolicy"), Some(&5));
 }
 
 fn cleanup_policy(spec: Value) -> Value {
@@ -550,4 +550,143 @@ fn printer_columns_show_no_future_time_as_a_date() {
             );
         }
     }
+}
+
+/// The YAML blocks of the README's "Retention recipes" section, each document apart.
+fn retention_recipes() -> Vec<Value> {
+    let readme = std::fs::read_to_string(repo_path("README.md")).expect("README.md");
+    let section = readme
+        .split("\n## Retention recipes\n")
+        .nth(1)
+        .expect("a Retention recipes section")
+        .split("\n## ")
+        .next()
+        .expect("section text");
+    let mut documents = Vec::new();
+    for block in section.split("```yaml\n").skip(1) {
+        let yaml = block.split("```").next().expect("closed block");
+        let values: Vec<Value> =
+            serde_saphyr::from_multiple(yaml).unwrap_or_else(|e| panic!("{e}: {yaml}"));
+        documents.extend(values.into_iter().filter(|v| !v.is_null()));
+    }
+    documents
+}
+
+#[test]
+fn retention_recipes_pass_the_schema_cel_and_the_operators_own_checks() {
+    use gitlab_registry_operator::cleanup::CompiledRules;
+    use gitlab_registry_operator::sync::cleanup::{RunLimits, rule_spec};
+    let recipes = retention_recipes();
+    let names: Vec<&str> = recipes
+        .iter()
+        .map(|recipe| recipe["metadata"]["name"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "branch-builds",
+            "release-families",
+            "two-builds-per-branch",
+            "at-most-half"
+        ]
+    );
+    let mut rules_used = std::collections::BTreeSet::new();
+    for recipe in &recipes {
+        let errors = apiserver_errors(recipe);
+        assert!(
+            errors.is_empty(),
+            "{}: {errors:#?}",
+            recipe["metadata"]["name"]
+        );
+        let policy: CleanupPolicy = serde_json::from_value(recipe.clone()).expect("CleanupPolicy");
+        let rules = rule_spec(&policy.spec).expect("rules");
+        CompiledRules::compile(&rules).expect("rules compile");
+        let limits = RunLimits::from_spec(&policy.spec.limits).expect("limits");
+        if rules.keep_n_per_family.is_some() {
+            rules_used.insert("keepNPerFamily");
+        }
+        if rules.keep_branch_tags.is_some() {
+            rules_used.insert("keepBranchTags");
+        }
+        if limits.max_deletion_percent.is_some() {
+            rules_used.insert("maxDeletionPercent");
+        }
+    }
+    assert_eq!(rules_used.len(), 3, "{rules_used:?}");
+
+    // examples/ holds the branch-builds recipe itself.
+    let example: Value = example_documents()
+        .into_iter()
+        .find(|(file, _)| file == "cleanuppolicy-branch-builds.yaml")
+        .map(|(_, document)| document)
+        .expect("examples/cleanuppolicy-branch-builds.yaml");
+    assert_eq!(example, recipes[0]);
+}
+
+#[test]
+fn cel_and_schema_refuse_bad_families_budgets_and_gitlab_policy_use() {
+    let operator = |rules: Value, safety: Value, limits: Value| {
+        cleanup_policy(
+            json!({"target": {"containerRepositories": {"project": "a/b"}},
+            "rules": rules, "safety": safety, "limits": limits}),
+        )
+    };
+    let family =
+        |n: i64| json!({"nameRegexDelete": ".*", "keepNPerFamily": {"pattern": "(.+)", "n": n}});
+    assert_refused(
+        operator(family(0), json!({}), json!({})),
+        "keepNPerFamily.n must be at least 1",
+    );
+    assert_refused(operator(family(-2), json!({}), json!({})), "minimum");
+    assert!(apiserver_errors(&operator(family(1), json!({}), json!({}))).is_empty());
+    let rules = json!({"nameRegexDelete": ".*"});
+    for percent in [0, 101] {
+        assert_refused(
+            operator(
+                rules.clone(),
+                json!({}),
+                json!({"maxDeletionPercent": percent}),
+            ),
+            "maxDeletionPercent",
+        );
+    }
+    for percent in [1, 50, 100] {
+        let object = operator(
+            rules.clone(),
+            json!({}),
+            json!({"maxDeletionPercent": percent}),
+        );
+        assert!(apiserver_errors(&object).is_empty(), "{percent}");
+    }
+    assert_refused(
+        operator(
+            rules.clone(),
+            json!({"keepBranchTags": {"pattern": ""}}),
+            json!({}),
+        ),
+        "pattern",
+    );
+    let gitlab_policy = |rules: Value, safety: Value, limits: Value| {
+        cleanup_policy(json!({"strategy": "GitLabPolicy", "cadence": "7d",
+            "target": {"containerRepositories": {"project": "a/b"}},
+            "rules": rules, "safety": safety, "limits": limits}))
+    };
+    let operator_only = "need strategy Operator";
+    assert_refused(
+        gitlab_policy(family(2), json!({}), json!({})),
+        operator_only,
+    );
+    assert_refused(
+        gitlab_policy(
+            rules.clone(),
+            json!({"keepBranchTags": {"pattern": "(.+)"}}),
+            json!({}),
+        ),
+        operator_only,
+    );
+    assert_refused(
+        gitlab_policy(rules.clone(), json!({}), json!({"maxDeletionPercent": 50})),
+        operator_only,
+    );
+    assert!(apiserver_errors(&gitlab_policy(rules, json!({}), json!({}))).is_empty());
 }

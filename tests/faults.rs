@@ -20,6 +20,7 @@ use gitlab_registry_operator::cleanup::{InUseIndex, RuleSpec};
 use gitlab_registry_operator::controller::context::DefaultConnection;
 use gitlab_registry_operator::controller::metrics::Metrics;
 use gitlab_registry_operator::controller::{self, Context, OperatorConfig};
+use gitlab_registry_operator::crd::cleanup_policy::RunOutcome;
 use gitlab_registry_operator::crd::{self, Upstream, VirtualRegistry, validation};
 use gitlab_registry_operator::gitlab::{ClientConfig, GitLabClient, PathOrId};
 use gitlab_registry_operator::sim::seed::{
@@ -1069,6 +1070,7 @@ fn cleanup_seed(tags: Vec<SeedTag>) -> Seed {
                 minimum_access_level_for_push: AccessLevel::Maintainer,
                 minimum_access_level_for_delete: AccessLevel::Owner,
             }],
+            branches: Vec::new(),
         }],
         ..Seed::default()
     }
@@ -1098,9 +1100,11 @@ fn cleanup_run(rules: RuleSpec, in_use: InUse) -> CleanupRun {
         limits: RunLimits {
             max_deletions_per_run: 10_000,
             requests_per_second: 1_000,
+            max_deletion_percent: None,
         },
         now: now(),
         mode: Mode::Apply,
+        approved_deletions: Default::default(),
     }
 }
 
@@ -1177,6 +1181,7 @@ fn everyday_rules() -> RuleSpec {
         name_regex_keep: Some("main".into()),
         keep_n: Some(5),
         older_than: Some("7d".into()),
+        ..RuleSpec::default()
     }
 }
 
@@ -1247,73 +1252,79 @@ async fn an_interrupted_cleanup_run_resumes_and_ends_exactly_where_an_uninterrup
     .await;
 }
 
+/// Every kind of fault the cleanup cases of this suite are run under: server errors, rate
+/// limits, resets, slow answers, refusals, and random errors.
+fn fault_cases() -> Vec<(&'static str, FaultSpec)> {
+    let everything = |fault: FaultAction, count: u32| FaultSpec {
+        once: vec![OneShotFault {
+            count,
+            method: None,
+            route: None,
+            fault,
+        }],
+        ..FaultSpec::default()
+    };
+    vec![
+        (
+            "500 burst on tag lists",
+            fault(3, "GET", TAGS, FaultAction::Status { status: 500 }),
+        ),
+        (
+            "503 on everything",
+            everything(FaultAction::Status { status: 503 }, 50),
+        ),
+        (
+            "429 with Retry-After",
+            fault(
+                2,
+                "GET",
+                TAGS,
+                FaultAction::RateLimited {
+                    retry_after_seconds: 0,
+                },
+            ),
+        ),
+        (
+            "endpoint rate limit",
+            everything(FaultAction::EndpointRateLimited, 1),
+        ),
+        ("connection resets", everything(FaultAction::Drop, 3)),
+        (
+            "answers past the timeout",
+            everything(FaultAction::Delay { delay_ms: 1_500 }, 2),
+        ),
+        ("401", everything(FaultAction::Status { status: 401 }, 1)),
+        (
+            "403 on protection rules",
+            fault(
+                1,
+                "GET",
+                "/projects/:id/registry/protection/tag/rules",
+                FaultAction::Status { status: 403 },
+            ),
+        ),
+        (
+            "404 on the project",
+            everything(FaultAction::Status { status: 404 }, 1),
+        ),
+        (
+            "random 50% errors",
+            FaultSpec {
+                error_rate: Some(0.5),
+                error_status: Some(500),
+                ..FaultSpec::default()
+            },
+        ),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dry_run_or_plan_sends_no_delete_under_any_kind_of_fault() {
     guarded(async {
         let sim = cleanup_sim(many_tags()).await;
         let client = impatient_client(&sim, TOKEN);
         let before = tag_names(&sim);
-        let everything = |fault: FaultAction, count: u32| FaultSpec {
-            once: vec![OneShotFault {
-                count,
-                method: None,
-                route: None,
-                fault,
-            }],
-            ..FaultSpec::default()
-        };
-        let cases: Vec<(&str, FaultSpec)> = vec![
-            (
-                "500 burst on tag lists",
-                fault(3, "GET", TAGS, FaultAction::Status { status: 500 }),
-            ),
-            (
-                "503 on everything",
-                everything(FaultAction::Status { status: 503 }, 50),
-            ),
-            (
-                "429 with Retry-After",
-                fault(
-                    2,
-                    "GET",
-                    TAGS,
-                    FaultAction::RateLimited {
-                        retry_after_seconds: 0,
-                    },
-                ),
-            ),
-            (
-                "endpoint rate limit",
-                everything(FaultAction::EndpointRateLimited, 1),
-            ),
-            ("connection resets", everything(FaultAction::Drop, 3)),
-            (
-                "answers past the timeout",
-                everything(FaultAction::Delay { delay_ms: 1_500 }, 2),
-            ),
-            ("401", everything(FaultAction::Status { status: 401 }, 1)),
-            (
-                "403 on protection rules",
-                fault(
-                    1,
-                    "GET",
-                    "/projects/:id/registry/protection/tag/rules",
-                    FaultAction::Status { status: 403 },
-                ),
-            ),
-            (
-                "404 on the project",
-                everything(FaultAction::Status { status: 404 }, 1),
-            ),
-            (
-                "random 50% errors",
-                FaultSpec {
-                    error_rate: Some(0.5),
-                    error_status: Some(500),
-                    ..FaultSpec::default()
-                },
-            ),
-        ];
+        let cases = fault_cases();
         let mut runs = 0;
         for (name, faults) in cases {
             for mode in [Mode::Apply, Mode::Plan] {
@@ -1332,6 +1343,69 @@ async fn a_dry_run_or_plan_sends_no_delete_under_any_kind_of_fault() {
         assert_eq!(runs, 20);
         assert_eq!(sim.write_count(), 0);
         assert_eq!(tag_names(&sim), before);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deletion_budget_holds_under_every_kind_of_fault() {
+    guarded(async {
+        // Branches are read too (keepBranchTags), so faults reach that route as well.
+        let budget_run = |approved: &[&str]| {
+            let rules = RuleSpec {
+                keep_branch_tags: Some("(.+)-[0-9]+".into()),
+                ..everyday_rules()
+            };
+            let mut run = cleanup_run(rules, no_pods());
+            run.limits.max_deletion_percent = Some(10);
+            run.approved_deletions = approved.iter().map(|fp| (*fp).to_owned()).collect();
+            run
+        };
+        for (name, faults) in fault_cases() {
+            let sim = cleanup_sim(many_tags()).await;
+            let client = impatient_client(&sim, TOKEN);
+            let before = tag_names(&sim);
+            // The approval a fault-free dry run asks for, and the exact set it covers.
+            let mut dry = budget_run(&[]);
+            dry.dry_run = true;
+            let plan = finish(&client, &dry).await;
+            assert_eq!(plan.outcome, RunOutcome::NeedsApproval, "{}", plan.message);
+            let fingerprint = plan.pending_approvals[0].fingerprint.clone();
+            let approved_set: BTreeSet<String> = plan.repository_reports[0]
+                .selected
+                .iter()
+                .cloned()
+                .collect();
+            assert!(approved_set.len() * 100 > before.len() * 10);
+
+            // Not approved, or approved for another plan: no DELETE, whatever the fault.
+            for approval in [None, Some("0123456789abcdef")] {
+                sim.clear_faults();
+                sim.inject_fault(faults.clone());
+                let report = finish(&client, &budget_run(approval.as_slice())).await;
+                assert_eq!(delete_requests(&sim), 0, "{name}: {}", report.message);
+                assert_ne!(report.outcome, RunOutcome::Succeeded, "{name}");
+            }
+            assert_eq!(tag_names(&sim), before, "{name}");
+
+            // Approved: only tags of the approved set go, under the fault and after it (the
+            // rest of a partly carried out plan is a new selection).
+            for faulty in [true, false] {
+                sim.clear_faults();
+                if faulty {
+                    sim.inject_fault(faults.clone());
+                }
+                let report = finish(&client, &budget_run(&[&fingerprint])).await;
+                let deleted: BTreeSet<String> =
+                    before.difference(&tag_names(&sim)).cloned().collect();
+                assert!(
+                    deleted.is_subset(&approved_set),
+                    "{name}: deleted outside the approved plan: {:?}; {}",
+                    deleted.difference(&approved_set).collect::<Vec<_>>(),
+                    report.message
+                );
+            }
+        }
     })
     .await;
 }
@@ -1368,6 +1442,7 @@ async fn a_regex_matching_everything_still_spares_latest_protected_in_use_shared
             name_regex_keep: None,
             keep_n: Some(2),
             older_than: None,
+            ..RuleSpec::default()
         };
         let report = finish(&client, &cleanup_run(rules, InUse::Known(Arc::new(pods)))).await;
         assert_eq!(report.failures, 0, "{}", report.message);
@@ -1413,6 +1488,7 @@ async fn clock_skew_between_gitlab_and_the_operator_never_deletes_a_young_or_new
             name_regex_keep: None,
             keep_n: None,
             older_than: Some("2d".into()),
+            ..RuleSpec::default()
         };
         let report = finish(&client, &cleanup_run(rules.clone(), no_pods())).await;
         assert_eq!(report.failures, 0, "{}", report.message);
@@ -1902,6 +1978,7 @@ async fn tokens_and_passwords_appear_in_no_log_event_status_error_metric_or_plan
                 gitlab: Some((sim.base_url().parse().expect("url"), SecretString::from(token))),
                 extra_ca_pem: None,
                 resend_credentials: true,
+                approved_deletions: Default::default(),
             };
             outputs.push(("options".into(), format!("{options:?}")));
             let report = standalone::execute(&options).await.expect("report");

@@ -1579,3 +1579,35 @@ async fn serve_answers_until_shutdown() {
         .unwrap();
     assert!(finished.is_ok());
 }
+
+#[tokio::test]
+async fn project_branches_are_seeded_listed_by_page_and_deleted_by_encoded_name() {
+    let yaml = "groups: [{id: 1, full_path: g}]\nprojects:\n  - id: 2\n    path_with_namespace: g/p\n    branches: [main, feature/Login-Form]\n";
+    let api = start(config(), Seed::parse(yaml).unwrap()).await;
+    let base = "/projects/g%2Fp/repository/branches";
+    let first = api.get(&format!("{base}?per_page=1")).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-total"), "2");
+    assert_eq!(first.header("x-next-page"), "2");
+    // Sorted by name, as GitLab lists branches.
+    assert_eq!(first.body[0]["name"], json!("feature/Login-Form"));
+    assert_eq!(first.body[0]["merged"], json!(false));
+    assert_eq!(
+        api.delete(&format!("{base}/feature%2FLogin-Form"))
+            .await
+            .status,
+        204
+    );
+    let deleted_again = api.delete(&format!("{base}/feature%2FLogin-Form")).await;
+    assert_eq!(deleted_again.status, 404);
+    assert_eq!(deleted_again.body["message"], json!("404 Branch Not Found"));
+    let rest = api.get(base).await;
+    assert_eq!(rest.body.as_array().map(Vec::len), Some(1));
+    assert_eq!(rest.body[0]["name"], json!("main"));
+    assert_eq!(
+        api.get("/projects/g%2Fq/repository/branches").await.status,
+        404
+    );
+    // An unknown seed key is refused, so `branches` is the one spelling.
+    assert!(Seed::parse("projects: [{id: 3, path_with_namespace: g/x, branch: [main]}]").is_err());
+}

@@ -372,3 +372,83 @@ fn run_without_a_cluster_explains_how_to_fix_it() {
         "{error}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plan_prints_pending_approvals_and_apply_approve_deletes_exactly_that_plan() {
+    let sim = simulator().await;
+    let dir = temp_dir("approve");
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(
+        dir.join("policy.yaml"),
+        "apiVersion: gitlabregistry.io/v1alpha1\nkind: CleanupPolicy\nmetadata: {name: at-most-a-tenth}\nspec:\n  target: {containerRepositories: {project: my-org/app, pathRegex: my-org/app}}\n  rules: {nameRegexDelete: '.*', keepN: 1}\n  safety: {keepInUse: false}\n  limits: {maxDeletionPercent: 10}\n",
+    )
+    .expect("manifest");
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let tags = |sim: &SimHandle| -> Vec<String> {
+        sim.snapshot()
+            .repositories
+            .into_iter()
+            .find(|repository| repository.path == "my-org/app")
+            .map(|repository| repository.tags.into_keys().collect())
+            .unwrap_or_default()
+    };
+    let before = tags(&sim);
+
+    let plan = run(Some(&sim), &["plan", "-f", &dir_arg, "-o", "json"]);
+    let report: serde_json::Value =
+        serde_json::from_slice(&plan.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(&plan)));
+    let policy = report["objects"]
+        .as_array()
+        .expect("objects")
+        .iter()
+        .find(|object| object["kind"] == "CleanupPolicy")
+        .expect("the policy");
+    let pending = &policy["pendingApproval"][0];
+    assert_eq!(pending["repository"], "my-org/app", "{policy}");
+    assert_eq!(policy["reason"], "NeedsApproval", "{policy}");
+    let fingerprint = pending["fingerprint"]
+        .as_str()
+        .expect("fingerprint")
+        .to_owned();
+    let table = stdout(&run(Some(&sim), &["plan", "-f", &dir_arg]));
+    assert!(
+        table.contains("needs approval: my-org/app would lose")
+            && table.contains(&format!("--approve {fingerprint}")),
+        "{table}"
+    );
+
+    // Without the approval (or with another one) apply deletes nothing and is not Ready.
+    for extra in [&[][..], &["--approve", "0000000000000000"][..]] {
+        let mut args = vec!["apply", "-f", &dir_arg];
+        args.extend_from_slice(extra);
+        let refused = run(Some(&sim), &args);
+        assert_ne!(refused.status.code(), Some(0), "{}", stdout(&refused));
+        assert_eq!(tags(&sim), before);
+    }
+    assert_eq!(
+        sim.request_count(
+            "DELETE",
+            "/projects/:id/registry/repositories/:repository_id/tags/:tag_name"
+        ),
+        0
+    );
+
+    let approved = run(
+        Some(&sim),
+        &[
+            "apply",
+            "-f",
+            &dir_arg,
+            "--approve",
+            &fingerprint,
+            "-o",
+            "json",
+        ],
+    );
+    let report: serde_json::Value = serde_json::from_slice(&approved.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", stdout(&approved)));
+    assert_eq!(approved.status.code(), Some(0), "{report}");
+    let deleted = pending["wouldDelete"].as_u64().expect("count") as usize;
+    assert_eq!(tags(&sim).len(), before.len() - deleted, "{report}");
+    let _ = std::fs::remove_dir_all(dir);
+}

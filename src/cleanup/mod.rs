@@ -10,8 +10,13 @@
 //!   `older_than`) compiled once into [`CompiledRules`].
 //! - [`mod@select`]: [`select()`] runs GitLab's documented cleanup algorithm over the tags of one
 //!   repository, then the operator's own protections (protected tags, images in use by Pods,
-//!   digests shared with kept tags), and returns a [`Selection`] with one [`Verdict`] per tag
+//!   digests shared with kept tags), then the operator's own rules (`keepNPerFamily`,
+//!   `keepBranchTags`), and returns a [`Selection`] with one [`Verdict`] per tag
 //!   and the reason for every tag kept.
+//! - [`branches`]: GitLab's `CI_COMMIT_REF_SLUG` of a project's branches, for
+//!   `safety.keepBranchTags`.
+//! - [`budget`]: `limits.maxDeletionPercent`, the fingerprint of a plan to approve, and the
+//!   approval annotation's value.
 //! - [`schedule`]: 5-field cron in an IANA time zone; a missed slot runs once, not once per slot.
 //! - [`in_use`]: image references as Pods show them, and an index answering "does a Pod run
 //!   this tag or digest?".
@@ -20,6 +25,8 @@
 //! Safety stance, everywhere: when two readings of the input are possible, choose the one
 //! that deletes less, and say so (see [`CompiledRules::notes`]).
 
+pub mod branches;
+pub mod budget;
 pub mod cache;
 pub mod duration;
 pub mod in_use;
@@ -27,10 +34,12 @@ pub mod rules;
 pub mod schedule;
 pub mod select;
 
+pub use branches::{ProjectBranches, ref_slug};
+pub use budget::{BudgetVerdict, PendingApproval, check_budget, fingerprint, parse_approvals};
 pub use cache::{CacheEntryInfo, CacheSelection, select_expired};
 pub use duration::{HumanDuration, format_duration, parse_duration};
 pub use in_use::{ImageReference, InUseIndex, PodImage, RepositoryInUse};
-pub use rules::{CompiledRules, RuleSpec};
+pub use rules::{CapturePattern, CompiledRules, FamilyRule, FamilySpec, RuleSpec};
 pub use schedule::{Due, Schedule};
 pub use select::{
     KeepReason, ProtectedTags, Protections, Selection, SelectionCounts, TagInfo, Verdict, select,
@@ -66,6 +75,19 @@ pub enum Error {
         input: String,
         message: String,
     },
+    /// A pattern whose captured text the rule needs has not exactly one capture group.
+    #[error("{field} {pattern:?} must have exactly one capture group, it has {groups}")]
+    InvalidCaptureGroups {
+        field: &'static str,
+        pattern: String,
+        groups: usize,
+    },
+    /// A number outside its allowed range.
+    #[error("{field} {message}")]
+    OutOfRange {
+        field: &'static str,
+        message: &'static str,
+    },
     /// A container image reference (a Pod's `image` or `imageID`) could not be read.
     #[error("invalid image reference {input:?}: {message}")]
     InvalidImageReference { input: String, message: String },
@@ -79,7 +101,22 @@ impl Error {
             | Error::InvalidRegex { .. }
             | Error::MissingField { .. }
             | Error::InvalidSchedule { .. }
+            | Error::InvalidCaptureGroups { .. }
+            | Error::OutOfRange { .. }
             | Error::InvalidImageReference { .. } => "InvalidSpec",
+        }
+    }
+
+    /// The spec field the error is about, when it is about one.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            Error::InvalidDuration { field, .. }
+            | Error::InvalidRegex { field, .. }
+            | Error::MissingField { field, .. }
+            | Error::InvalidSchedule { field, .. }
+            | Error::InvalidCaptureGroups { field, .. }
+            | Error::OutOfRange { field, .. } => Some(field),
+            Error::InvalidImageReference { .. } => None,
         }
     }
 
@@ -105,6 +142,14 @@ impl Error {
                 input,
                 message,
             },
+            Error::InvalidCaptureGroups {
+                pattern, groups, ..
+            } => Error::InvalidCaptureGroups {
+                field,
+                pattern,
+                groups,
+            },
+            Error::OutOfRange { message, .. } => Error::OutOfRange { field, message },
             other @ Error::InvalidImageReference { .. } => other,
         }
     }

@@ -26,6 +26,19 @@ use super::{Error, Result};
 pub const FIELD_NAME_REGEX_DELETE: &str = "rules.nameRegexDelete";
 pub const FIELD_NAME_REGEX_KEEP: &str = "rules.nameRegexKeep";
 pub const FIELD_OLDER_THAN: &str = "rules.olderThan";
+pub const FIELD_KEEP_N_PER_FAMILY_PATTERN: &str = "rules.keepNPerFamily.pattern";
+pub const FIELD_KEEP_N_PER_FAMILY_N: &str = "rules.keepNPerFamily.n";
+pub const FIELD_KEEP_BRANCH_TAGS_PATTERN: &str = "safety.keepBranchTags.pattern";
+
+/// `rules.keepNPerFamily`: tags grouped by the text the pattern's one capture group captures;
+/// the `n` newest of every group are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilySpec {
+    /// RE2 with exactly one capture group, anchored like the other regexes.
+    pub pattern: String,
+    /// At least 1.
+    pub n: u32,
+}
 
 /// The rules as written (GitLab's names and shapes).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -38,6 +51,11 @@ pub struct RuleSpec {
     pub keep_n: Option<u32>,
     /// Delete only tags older than this human duration (`14d`, `1month`).
     pub older_than: Option<String>,
+    /// The operator's own rule, after GitLab's: keep the `n` newest of every family.
+    pub keep_n_per_family: Option<FamilySpec>,
+    /// The operator's own protection (`safety.keepBranchTags.pattern`): keep a tag whose
+    /// captured text is the `CI_COMMIT_REF_SLUG` of an existing branch of its project.
+    pub keep_branch_tags: Option<String>,
 }
 
 /// A regex anchored at both ends, in the whole-pattern reading and, where it can differ, in
@@ -92,6 +110,56 @@ impl AnchoredPattern {
                 .as_ref()
                 .is_some_and(|textual| textual.is_match(name))
     }
+}
+
+/// A pattern with exactly one capture group, anchored like the others, that yields the text
+/// the group captures.
+#[derive(Debug, Clone)]
+pub struct CapturePattern {
+    pattern: AnchoredPattern,
+}
+
+impl CapturePattern {
+    /// Compiles `source`; a pattern without exactly one capture group (named or not) is
+    /// [`Error::InvalidCaptureGroups`].
+    pub fn compile(field: &'static str, source: &str) -> Result<Self> {
+        let pattern = AnchoredPattern::compile(field, source)?;
+        // `captures_len` counts the implicit group 0 of the whole match.
+        let groups = pattern.whole.captures_len() - 1;
+        if groups != 1 {
+            return Err(Error::InvalidCaptureGroups {
+                field,
+                pattern: source.to_owned(),
+                groups,
+            });
+        }
+        Ok(Self { pattern })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.pattern.source
+    }
+
+    /// The captured text in the whole-pattern reading, else in GitLab's textual reading
+    /// (where it differs): a name either reading matches belongs to a family, which can only
+    /// keep more. `None` when the name does not match or the group took no part.
+    pub fn captured<'h>(&self, name: &'h str) -> Option<&'h str> {
+        self.captured_in_each_reading(name).next()
+    }
+
+    /// The captured text in every reading that matches.
+    pub fn captured_in_each_reading<'h>(&self, name: &'h str) -> impl Iterator<Item = &'h str> {
+        std::iter::once(&self.pattern.whole)
+            .chain(self.pattern.textual.as_ref())
+            .filter_map(move |regex| Some(regex.captures(name)?.get(1)?.as_str()))
+    }
+}
+
+/// `rules.keepNPerFamily`, compiled.
+#[derive(Debug, Clone)]
+pub struct FamilyRule {
+    pub pattern: CapturePattern,
+    pub n: u32,
 }
 
 /// Only a `|` outside any group, or a `#` comment in extended mode, makes textual anchoring
@@ -157,6 +225,8 @@ pub struct CompiledRules {
     keep: Option<AnchoredPattern>,
     keep_n: Option<u32>,
     older_than: Option<Duration>,
+    family: Option<FamilyRule>,
+    branch_tags: Option<CapturePattern>,
     notes: Vec<String>,
 }
 
@@ -188,6 +258,31 @@ impl CompiledRules {
             .map(|text| parse_duration(text).map_err(|error| error.in_field(FIELD_OLDER_THAN)))
             .transpose()?;
 
+        let family = spec
+            .keep_n_per_family
+            .as_ref()
+            .map(|family| {
+                if family.n == 0 {
+                    return Err(Error::OutOfRange {
+                        field: FIELD_KEEP_N_PER_FAMILY_N,
+                        message: "must be at least 1",
+                    });
+                }
+                Ok(FamilyRule {
+                    pattern: CapturePattern::compile(
+                        FIELD_KEEP_N_PER_FAMILY_PATTERN,
+                        &family.pattern,
+                    )?,
+                    n: family.n,
+                })
+            })
+            .transpose()?;
+        let branch_tags = spec
+            .keep_branch_tags
+            .as_deref()
+            .map(|source| CapturePattern::compile(FIELD_KEEP_BRANCH_TAGS_PATTERN, source))
+            .transpose()?;
+
         let mut notes = Vec::new();
         if has_top_level_alternation(delete_source) {
             notes.push(format!(
@@ -213,6 +308,8 @@ impl CompiledRules {
             keep,
             keep_n: spec.keep_n,
             older_than,
+            family,
+            branch_tags,
             notes,
         })
     }
@@ -245,6 +342,16 @@ impl CompiledRules {
         self.older_than
     }
 
+    /// `rules.keepNPerFamily`, when set.
+    pub fn family(&self) -> Option<&FamilyRule> {
+        self.family.as_ref()
+    }
+
+    /// `safety.keepBranchTags.pattern`, when set: the run must read the project's branches.
+    pub fn branch_tags(&self) -> Option<&CapturePattern> {
+        self.branch_tags.as_ref()
+    }
+
     /// Human-readable remarks about how the rules are read where GitLab's reading is
     /// ambiguous; empty for ordinary rules. Worth surfacing in status or an event.
     pub fn notes(&self) -> &[String] {
@@ -263,6 +370,16 @@ impl CompiledRules {
         }
         if let Some(older_than) = self.older_than {
             summary.push_str(&format!(" olderThan {}", format_duration(older_than)));
+        }
+        if let Some(family) = &self.family {
+            summary.push_str(&format!(
+                " keepNPerFamily {} of {:?}",
+                family.n,
+                family.pattern.source()
+            ));
+        }
+        if let Some(branch_tags) = &self.branch_tags {
+            summary.push_str(&format!(" keepBranchTags {:?}", branch_tags.source()));
         }
         summary
     }
@@ -449,5 +566,86 @@ mod tests {
         assert_eq!(rules.name_regex_keep(), None);
         assert_eq!(rules.summary(), "delete \".*\" keepN 5 olderThan 30d");
         assert!(rules.notes().is_empty());
+    }
+
+    #[test]
+    fn capture_patterns_need_exactly_one_group_and_are_anchored() {
+        for (pattern, groups) in [("[a-z]+-[0-9a-f]{8}", 0), ("(a)(b)", 2), ("(?P<x>a)(b)", 2)] {
+            let error = CompiledRules::compile(&RuleSpec {
+                keep_n_per_family: Some(FamilySpec {
+                    pattern: pattern.into(),
+                    n: 2,
+                }),
+                ..spec(".*")
+            })
+            .unwrap_err();
+            assert_eq!(
+                error,
+                Error::InvalidCaptureGroups {
+                    field: FIELD_KEEP_N_PER_FAMILY_PATTERN,
+                    pattern: pattern.into(),
+                    groups,
+                }
+            );
+            assert_eq!(error.reason(), "InvalidSpec");
+        }
+        let error = CompiledRules::compile(&RuleSpec {
+            keep_branch_tags: Some("(?:a)b".into()),
+            ..spec(".*")
+        })
+        .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with(FIELD_KEEP_BRANCH_TAGS_PATTERN),
+            "{error}"
+        );
+        let zero = CompiledRules::compile(&RuleSpec {
+            keep_n_per_family: Some(FamilySpec {
+                pattern: "(.+)".into(),
+                n: 0,
+            }),
+            ..spec(".*")
+        })
+        .unwrap_err();
+        assert!(
+            zero.to_string().starts_with(FIELD_KEEP_N_PER_FAMILY_N),
+            "{zero}"
+        );
+
+        let rules = CompiledRules::compile(&RuleSpec {
+            keep_n_per_family: Some(FamilySpec {
+                pattern: "(.+)-[0-9a-f]{8}".into(),
+                n: 2,
+            }),
+            keep_branch_tags: Some("(?P<branch>.+)-[0-9a-f]{8}".into()),
+            ..spec(".*")
+        })
+        .unwrap();
+        let family = rules.family().unwrap();
+        assert_eq!(family.pattern.captured("main-0123abcd"), Some("main"));
+        assert_eq!(family.pattern.captured("x-main-0123abcd"), Some("x-main"));
+        assert_eq!(family.pattern.captured("main-0123abcd-x"), None);
+        assert_eq!(
+            rules
+                .branch_tags()
+                .unwrap()
+                .captured("feature-login-form-deadbeef"),
+            Some("feature-login-form")
+        );
+        assert!(
+            rules.summary().contains("keepNPerFamily 2 of"),
+            "{}",
+            rules.summary()
+        );
+    }
+
+    #[test]
+    fn a_capture_pattern_with_alternation_captures_in_either_reading() {
+        let pattern = CapturePattern::compile("f", "(a)|b.*").unwrap();
+        // Whole reading: "a" or "b…"; GitLab's textual reading also "a…".
+        assert_eq!(pattern.captured("a"), Some("a"));
+        assert_eq!(pattern.captured("abc"), Some("a"));
+        assert_eq!(pattern.captured("bcd"), None);
     }
 }

@@ -16,11 +16,22 @@
 //!    ([`KeepReason::MissingCreatedAt`], as GitLab: `tag.created_at && tag.created_at < …`);
 //! 8. the remaining tags are the deletion candidates.
 //!
-//! Then the operator's protections override deletions, in this order of attribution:
-//! GitLab protected tags ([`KeepReason::Protected`]), tags whose name or digest a Pod runs
-//! ([`KeepReason::InUse`]), and, with `keep_shared_digests`, tags whose digest is also the
-//! digest of any kept tag, whatever kept it ([`KeepReason::SharedDigest`]) — deleting such a
-//! tag would not free the image and would break anyone pulling by that name.
+//! Then the operator's protections and rules override deletions, in this order of
+//! attribution: GitLab protected tags ([`KeepReason::Protected`]), tags whose name or digest
+//! a Pod runs ([`KeepReason::InUse`]), the `n` newest tags of every family of
+//! `rules.keepNPerFamily` ([`KeepReason::KeepNPerFamily`]), tags whose captured text is the
+//! `CI_COMMIT_REF_SLUG` of an existing branch (`safety.keepBranchTags`,
+//! [`KeepReason::BranchExists`]), and, with `keep_shared_digests`, tags whose digest is also
+//! the digest of any kept tag, whatever kept it ([`KeepReason::SharedDigest`]) — deleting
+//! such a tag would not free the image and would break anyone pulling by that name. Each of
+//! them only turns a deletion into a keep, so together they never delete more than GitLab's
+//! rules alone.
+//!
+//! A family is every tag whose name the family pattern matches (either anchoring reading)
+//! and that has a manifest, whatever else decided about it: a tag kept by `keepN` or not
+//! matching `nameRegexDelete` still takes one of the family's `n` places, as "the `n` newest
+//! of each family are kept" reads. Newest means the order of step 5; a name listed twice
+//! takes one place.
 //!
 //! Tags are deleted by name, so a name listed twice (overlapping pages, a tag re-pushed
 //! between two page reads) is deleted only if every entry of it would be; otherwise its
@@ -31,7 +42,7 @@
 //! sorted by name, one hash per name to look for names listed twice).
 
 use std::cmp::Reverse;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::hash::{BuildHasher, BuildHasherDefault};
 use std::time::Duration;
@@ -39,9 +50,10 @@ use std::time::Duration;
 use jiff::Timestamp;
 use regex::RegexSet;
 
+use super::branches::ProjectBranches;
 use super::duration::format_duration;
 use super::in_use::RepositoryInUse;
-use super::rules::CompiledRules;
+use super::rules::{CapturePattern, CompiledRules, FamilyRule};
 use super::{Error, Result};
 
 /// The tag GitLab never deletes in a cleanup.
@@ -87,12 +99,14 @@ pub enum KeepReason {
     MissingCreatedAt,
     Protected,
     InUse,
+    KeepNPerFamily,
+    BranchExists,
     SharedDigest,
     DuplicateName,
 }
 
 impl KeepReason {
-    pub const ALL: [KeepReason; 11] = [
+    pub const ALL: [KeepReason; 13] = [
         KeepReason::Latest,
         KeepReason::NotMatchingDelete,
         KeepReason::MatchesKeep,
@@ -102,6 +116,8 @@ impl KeepReason {
         KeepReason::MissingCreatedAt,
         KeepReason::Protected,
         KeepReason::InUse,
+        KeepReason::KeepNPerFamily,
+        KeepReason::BranchExists,
         KeepReason::SharedDigest,
         KeepReason::DuplicateName,
     ];
@@ -118,6 +134,8 @@ impl KeepReason {
             KeepReason::MissingCreatedAt => "MissingCreatedAt",
             KeepReason::Protected => "Protected",
             KeepReason::InUse => "InUse",
+            KeepReason::KeepNPerFamily => "KeepNPerFamily",
+            KeepReason::BranchExists => "BranchExists",
             KeepReason::SharedDigest => "SharedDigest",
             KeepReason::DuplicateName => "DuplicateName",
         }
@@ -137,6 +155,13 @@ impl KeepReason {
             }
             KeepReason::Protected => "protected by a GitLab tag protection rule",
             KeepReason::InUse => "a Pod in the cluster runs this tag or its digest",
+            KeepReason::KeepNPerFamily => {
+                "one of the n newest tags of its family (rules.keepNPerFamily)"
+            }
+            KeepReason::BranchExists => {
+                "built from a branch that still exists in the project (safety.keepBranchTags), \
+                 or the branches are unknown"
+            }
             KeepReason::SharedDigest => "its digest is also the digest of a kept tag",
             KeepReason::DuplicateName => {
                 "listed more than once and another entry of this name is kept; deleting by name \
@@ -255,6 +280,9 @@ pub struct Protections<'a> {
     pub in_use: Option<RepositoryInUse<'a>>,
     /// `safety.keepSharedDigests`.
     pub keep_shared_digests: bool,
+    /// The branches of the repository's project, for `safety.keepBranchTags`. `None` while
+    /// the rule is set means they are unknown: every tag the pattern captures is kept.
+    pub branches: Option<&'a ProjectBranches>,
 }
 
 /// Counters of one selection, for status (`tagsEvaluated`, `tagsDeleted`, `tagsKept`,
@@ -374,6 +402,14 @@ pub fn select<'a>(
         }
     }
 
+    // The operator's own rules, after GitLab's: they only turn deletions into keeps.
+    if let Some(family) = rules.family() {
+        keep_newest_of_families(tags, &mut verdicts, family, now);
+    }
+    if let Some(pattern) = rules.branch_tags() {
+        keep_branch_tags(tags, &mut verdicts, pattern, protections.branches);
+    }
+
     let any_delete = verdicts.contains(&Verdict::Delete);
     if any_delete && !duplicates {
         if protections.keep_shared_digests {
@@ -454,6 +490,64 @@ fn verdict_unless_kept_by_keep_n(
         Verdict::Keep(KeepReason::InUse)
     } else {
         Verdict::Delete
+    }
+}
+
+/// `rules.keepNPerFamily`: the `n` newest members of every family keep their place; those
+/// still to be deleted become `Keep(KeepNPerFamily)`.
+fn keep_newest_of_families(
+    tags: &[TagInfo],
+    verdicts: &mut [Verdict],
+    family: &FamilyRule,
+    now: Timestamp,
+) {
+    let mut families: HashMap<&str, Vec<CandidateKey>> = HashMap::new();
+    for (index, tag) in tags.iter().enumerate() {
+        if tag.manifest_digest().is_none() {
+            continue;
+        }
+        if let Some(captured) = family.pattern.captured(&tag.name) {
+            families.entry(captured).or_default().push(CandidateKey {
+                newest_first: Reverse(tag.created_at.unwrap_or(now).as_second()),
+                index,
+            });
+        }
+    }
+    for members in families.values_mut() {
+        order_candidates(members, tags, now);
+        let mut names: HashSet<&str> = HashSet::new();
+        for key in members.iter() {
+            if names.len() >= family.n as usize && !names.contains(tags[key.index].name.as_str()) {
+                break;
+            }
+            names.insert(tags[key.index].name.as_str());
+            if verdicts[key.index] == Verdict::Delete {
+                verdicts[key.index] = Verdict::Keep(KeepReason::KeepNPerFamily);
+            }
+        }
+    }
+}
+
+/// `safety.keepBranchTags`: a deletion whose captured text (in either reading) is the slug of
+/// an existing branch — or any captured deletion while the branches are unknown — is kept.
+fn keep_branch_tags(
+    tags: &[TagInfo],
+    verdicts: &mut [Verdict],
+    pattern: &CapturePattern,
+    branches: Option<&ProjectBranches>,
+) {
+    for (tag, verdict) in tags.iter().zip(verdicts.iter_mut()) {
+        if *verdict != Verdict::Delete {
+            continue;
+        }
+        let mut captured = pattern.captured_in_each_reading(&tag.name).peekable();
+        let keep = match branches {
+            Some(branches) => captured.any(|text| branches.has_slug(text)),
+            None => captured.peek().is_some(),
+        };
+        if keep {
+            *verdict = Verdict::Keep(KeepReason::BranchExists);
+        }
     }
 }
 
@@ -763,6 +857,7 @@ mod tests {
             name_regex_keep: keep.map(Into::into),
             keep_n,
             older_than: older_than.map(Into::into),
+            ..RuleSpec::default()
         })
         .unwrap()
     }
@@ -1093,6 +1188,7 @@ mod tests {
             protected_tags: ProtectedTags::compile(["^v\\d", "release"]).unwrap(),
             in_use: Some(index.repository("gitlab.example.com:5000/group/project")),
             keep_shared_digests: true,
+            ..Protections::default()
         };
         let rules = rules(".*", Some("stable"), None, Some("14d"));
         let selection = select(&tags, &rules, &protections, now());
@@ -1299,6 +1395,7 @@ mod tests {
                 protected_tags: ProtectedTags::compile(protected_pattern).unwrap(),
                 in_use: Some(index.repository("registry.example.com/p")),
                 keep_shared_digests: keep_shared,
+                ..Protections::default()
             };
             let selection = select(&tags, &rules, &protections, now());
 
@@ -1465,6 +1562,193 @@ mod tests {
                 selection.counts().kept
             );
             assert_eq!(selection.counts().evaluated, count);
+        }
+    }
+
+    fn project_rules(
+        delete: &str,
+        keep_n: Option<u32>,
+        older_than: Option<&str>,
+        family: Option<(&str, u32)>,
+        branch_tags: Option<&str>,
+    ) -> CompiledRules {
+        CompiledRules::compile(&RuleSpec {
+            name_regex_delete: Some(delete.into()),
+            keep_n,
+            older_than: older_than.map(Into::into),
+            keep_n_per_family: family.map(|(pattern, n)| crate::cleanup::FamilySpec {
+                pattern: pattern.into(),
+                n,
+            }),
+            keep_branch_tags: branch_tags.map(Into::into),
+            ..RuleSpec::default()
+        })
+        .unwrap()
+    }
+
+    const BUILD: &str = "(.+)-[0-9a-f]{8}";
+
+    #[test]
+    fn keep_n_per_family_keeps_the_newest_of_every_family() {
+        let tags = vec![
+            tag("main-00000001", 30),
+            tag("main-00000002", 20),
+            tag("main-00000003", 10),
+            tag("feature-x-0000000a", 40),
+            tag("feature-x-0000000b", 35),
+            tag("feature-x-0000000c", 33),
+            tag("v1.0.0", 50),
+        ];
+        let selection = select(
+            &tags,
+            &project_rules(".*", None, None, Some((BUILD, 2)), None),
+            &Protections::default(),
+            now(),
+        );
+        assert_eq!(
+            deleted(&selection),
+            ["feature-x-0000000a", "main-00000001", "v1.0.0"]
+        );
+        assert_eq!(
+            selection.verdict("main-00000003"),
+            Some(Verdict::Keep(KeepReason::KeepNPerFamily))
+        );
+        assert_eq!(selection.counts().kept_by(KeepReason::KeepNPerFamily), 4);
+
+        // A tag another rule keeps still takes one of its family's places.
+        let with_keep_n = select(
+            &tags,
+            &project_rules(".*", Some(1), None, Some((BUILD, 2)), None),
+            &Protections::default(),
+            now(),
+        );
+        assert_eq!(
+            with_keep_n.verdict("main-00000003"),
+            Some(Verdict::Keep(KeepReason::KeepN))
+        );
+        assert_eq!(
+            deleted(&with_keep_n),
+            ["feature-x-0000000a", "main-00000001", "v1.0.0"]
+        );
+        assert!(with_keep_n.explain(0).is_some());
+    }
+
+    #[test]
+    fn keep_branch_tags_keeps_builds_of_existing_branches_only() {
+        let tags = vec![
+            tag("main-00000001", 30),
+            tag("feature-login-form-00000002", 30),
+            tag("feature-gone-00000003", 30),
+            tag("release", 30),
+        ];
+        let rules = project_rules(".*", None, None, None, Some(BUILD));
+        let branches = ProjectBranches::from_names(["main", "feature/Login-Form"]);
+        let selection = select(
+            &tags,
+            &rules,
+            &Protections {
+                branches: Some(&branches),
+                ..Protections::default()
+            },
+            now(),
+        );
+        assert_eq!(deleted(&selection), ["feature-gone-00000003", "release"]);
+        assert_eq!(
+            selection.verdict("feature-login-form-00000002"),
+            Some(Verdict::Keep(KeepReason::BranchExists))
+        );
+        // Unknown branches: every captured tag is kept.
+        let unknown = select(&tags, &rules, &Protections::default(), now());
+        assert_eq!(deleted(&unknown), ["release"]);
+    }
+
+    fn build_tags() -> impl Strategy<Value = Vec<TagInfo>> {
+        let name = prop_oneof![
+            3 => (
+                prop_oneof![Just("main"), Just("feature-login-form"), Just("fix"), Just("Main"), Just("a-b")],
+                0u32..6,
+            )
+                .prop_map(|(branch, build)| format!("{branch}-{:08x}", build * 0x1111)),
+            1 => Just("latest".to_owned()),
+            1 => "(v|rel-)[0-9]{1,2}",
+        ];
+        let digest = prop_oneof![1 => Just(None), 6 => (0u8..10).prop_map(|d| Some(digest_for(&format!("d{d}"))))];
+        let created =
+            prop_oneof![1 => Just(None), 8 => (-5i64..60).prop_map(|days| Some(at_days_ago(days)))];
+        proptest::collection::vec((name, digest, created), 0..30).prop_map(|entries| {
+            entries
+                .into_iter()
+                .map(|(name, digest, created_at)| TagInfo {
+                    name,
+                    digest,
+                    created_at,
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn operator_rules_only_ever_keep_more_than_gitlabs(
+            tags in build_tags(),
+            delete in prop_oneof![Just(".*"), Just("[a-z-]+-[0-9a-f]{8}"), Just("(?:v|rel-)[0-9]+|main-.*")],
+            keep_n in proptest::option::of(0u32..4),
+            older_than in proptest::option::of(prop_oneof![Just("1d"), Just("14d")]),
+            family_n in proptest::option::of(1u32..4),
+            family_pattern in prop_oneof![Just(BUILD), Just("([a-z]+).*"), Just("(main)-.*|(?:fix)-.*")],
+            branch_pattern in proptest::option::of(prop_oneof![Just(BUILD), Just("(.*)")]),
+            branch_names in proptest::collection::vec(prop_oneof![Just("main"), Just("feature/Login-Form"), Just("fix"), Just("A_B")], 0..3),
+            branches_known in any::<bool>(),
+            keep_shared in any::<bool>(),
+        ) {
+            let gitlab_only = project_rules(delete, keep_n, older_than, None, None);
+            let family = family_n.map(|n| (family_pattern, n));
+            let with_operator_rules = project_rules(delete, keep_n, older_than, family, branch_pattern);
+            let branches = ProjectBranches::from_names(&branch_names);
+            let protections = Protections {
+                keep_shared_digests: keep_shared,
+                branches: branches_known.then_some(&branches),
+                ..Protections::default()
+            };
+            let before = select(&tags, &gitlab_only, &protections, now());
+            let after = select(&tags, &with_operator_rules, &protections, now());
+            let deleted_before: HashSet<&str> = before.names_to_delete().collect();
+            let deleted_after: HashSet<&str> = after.names_to_delete().collect();
+            prop_assert!(
+                deleted_after.is_subset(&deleted_before),
+                "the operator's rules deleted {:?}",
+                deleted_after.difference(&deleted_before).collect::<Vec<_>>()
+            );
+            prop_assert_eq!(after.counts().delete + after.counts().kept, tags.len());
+
+            // The n newest of every family (with a manifest) survive.
+            if let Some((pattern, n)) = family {
+                let pattern = crate::cleanup::CapturePattern::compile("f", pattern).unwrap();
+                let mut families: HashMap<&str, Vec<&TagInfo>> = HashMap::new();
+                for tag in tags.iter().filter(|tag| tag.digest.is_some()) {
+                    if let Some(captured) = pattern.captured(&tag.name) {
+                        families.entry(captured).or_default().push(tag);
+                    }
+                }
+                for members in families.values_mut() {
+                    members.sort_by(|a, b| b.created_at.unwrap_or(now()).cmp(&a.created_at.unwrap_or(now())).then(a.name.cmp(&b.name)));
+                    let mut names: Vec<&str> = members.iter().map(|tag| tag.name.as_str()).collect();
+                    names.dedup();
+                    for newest in names.iter().take(n as usize) {
+                        prop_assert!(!deleted_after.contains(newest), "{newest} is among its family's {n} newest");
+                    }
+                }
+            }
+            // A build of an existing branch (or of any branch, while they are unknown) survives.
+            if let Some(pattern) = branch_pattern {
+                let pattern = crate::cleanup::CapturePattern::compile("b", pattern).unwrap();
+                for tag in &tags {
+                    let keeps = pattern.captured_in_each_reading(&tag.name).any(|text| !branches_known || branches.has_slug(text));
+                    if keeps {
+                        prop_assert!(!deleted_after.contains(tag.name.as_str()), "{} is a build of a branch", tag.name);
+                    }
+                }
+            }
         }
     }
 }

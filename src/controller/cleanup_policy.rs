@@ -1,7 +1,9 @@
 //! The CleanupPolicy controller: keeps the schedule (a missed slot runs once), runs cleanups
 //! through `sync::cleanup` (or syncs GitLab's own policy for strategy `GitLabPolicy`), and
 //! reports every run in `status.lastRun`, an Event and metrics. `keepInUse` reads the Pod
-//! cache; until it is synced, runs delete nothing.
+//! cache; until it is synced, runs delete nothing. Deletions over `maxDeletionPercent` wait
+//! for the annotation `gitlabregistry.io/approve-deletion` naming their fingerprint; the run
+//! that asks for it ends `NeedsApproval` (status, a Warning Event, a metric).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,10 +19,10 @@ use kube::{Api, ResourceExt};
 use super::connection::gitlab_client;
 use super::status::{apply_status, mark_suspended, now, publish, publish_actions};
 use super::{Context, Error, Result, reconciler};
-use crate::cleanup::{InUseIndex, Schedule, parse_duration};
-use crate::crd::cleanup_policy::{CleanupPolicyStatus, RunOutcome, RunSummary};
+use crate::cleanup::{InUseIndex, Schedule, parse_approvals, parse_duration};
+use crate::crd::cleanup_policy::{CleanupPolicyStatus, PendingApproval, RunOutcome, RunSummary};
 use crate::crd::conditions::{self, ConditionUpdate, SYNCED};
-use crate::crd::{CleanupPolicy, CleanupStrategy, RUN_REQUESTED_AT, Upstream};
+use crate::crd::{APPROVE_DELETION, CleanupPolicy, CleanupStrategy, RUN_REQUESTED_AT, Upstream};
 use crate::gitlab::{ContainerExpirationPolicyUpdate, PathOrId};
 use crate::sync::cleanup::{
     CleanupReport, CleanupRun, CleanupTarget, DesiredGitLabPolicy, InUse, RunLimits, Safety,
@@ -267,6 +269,21 @@ pub fn run_summary(
         deleted_sample: report.deleted_sample.clone(),
         message: (report.outcome != RunOutcome::Succeeded || !report.notes.is_empty())
             .then(|| report.message.clone()),
+        kept_by_reason: report
+            .kept_by_reason
+            .iter()
+            .map(|(reason, kept)| (reason.as_str().to_owned(), count(*kept)))
+            .collect(),
+        pending_approval: report
+            .pending_approvals
+            .iter()
+            .map(|pending| PendingApproval {
+                repository: pending.repository.clone(),
+                would_delete: count(pending.would_delete),
+                total: count(pending.total),
+                fingerprint: pending.fingerprint.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -285,6 +302,13 @@ pub fn run_condition(report: &CleanupReport) -> ConditionUpdate {
         (RunOutcome::Succeeded, _) => {
             ConditionUpdate::new(SYNCED, true, "RunSucceeded", report.message.clone())
         }
+        // The cleanup the spec asks for is not carried out until a person approves.
+        (RunOutcome::NeedsApproval, _) => ConditionUpdate::new(
+            SYNCED,
+            false,
+            RunOutcome::NeedsApproval.as_str(),
+            report.message.clone(),
+        ),
     }
 }
 
@@ -300,16 +324,22 @@ async fn record_run(ctx: &Context, policy: &CleanupPolicy, report: &CleanupRepor
     for (reason, count) in &report.kept_by_reason {
         metrics.count_tags("kept", reason.as_str(), *count as u64);
     }
-    let outcome = match report.outcome {
-        RunOutcome::Succeeded => "Succeeded",
-        RunOutcome::Partial => "Partial",
-        RunOutcome::Failed => "Failed",
-    };
-    metrics.count_run(outcome);
+    metrics.count_run(report.outcome.as_str());
+    metrics.count_pending_approvals(report.pending_approvals.len() as u64);
+    metrics.count_tags(
+        "pending_approval",
+        "none",
+        report
+            .pending_approvals
+            .iter()
+            .map(|pending| pending.would_delete as u64)
+            .sum(),
+    );
     let (type_, reason) = match report.outcome {
         RunOutcome::Succeeded => (EventType::Normal, "CleanupCompleted"),
         RunOutcome::Partial => (EventType::Warning, "CleanupPartial"),
         RunOutcome::Failed => (EventType::Warning, "CleanupFailed"),
+        RunOutcome::NeedsApproval => (EventType::Warning, RunOutcome::NeedsApproval.as_str()),
     };
     let verb = if report.simulated() {
         "would delete"
@@ -384,10 +414,7 @@ pub fn build_run<'a>(
             ));
         }
     };
-    let rules = match &spec.rules {
-        Some(rules) => rule_spec(rules)?,
-        None => Default::default(),
-    };
+    let rules = rule_spec(spec)?;
     let cache_not_downloaded_for = spec
         .cache_rules
         .as_ref()
@@ -406,6 +433,11 @@ pub fn build_run<'a>(
         limits: RunLimits::from_spec(&spec.limits)?,
         now,
         mode,
+        approved_deletions: policy
+            .annotations()
+            .get(APPROVE_DELETION)
+            .map(|value| parse_approvals(value))
+            .unwrap_or_default(),
     })
 }
 
@@ -510,6 +542,7 @@ mod tests {
             repository_reports: Vec::new(),
             error: None,
             limit_reached: true,
+            pending_approvals: Vec::new(),
         };
         let start: Timestamp = "2026-06-15T03:00:00Z".parse().expect("time");
         let end: Timestamp = "2026-06-15T03:01:00Z".parse().expect("time");

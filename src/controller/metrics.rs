@@ -72,6 +72,7 @@ pub struct Metrics {
     pub cleanup_runs: Family<RunLabels, Counter>,
     pub last_successful_reconcile: Family<KindLabels, Gauge<f64, AtomicU64>>,
     pub upstream_reachable: Family<ObjectLabels, Gauge>,
+    pub cleanup_pending_approvals: Counter,
 }
 
 fn duration_histogram() -> Histogram {
@@ -94,6 +95,7 @@ impl Default for Metrics {
         let cleanup_runs = Family::<RunLabels, Counter>::default();
         let last_successful_reconcile = Family::<KindLabels, Gauge<f64, AtomicU64>>::default();
         let upstream_reachable = Family::<ObjectLabels, Gauge>::default();
+        let cleanup_pending_approvals = Counter::default();
         registry.register(
             "reconciles",
             "Reconciles started, by kind",
@@ -139,6 +141,12 @@ impl Default for Metrics {
             "1 when the Upstream's last GitLab connection test succeeded (Reachable=True), 0 when it failed",
             upstream_reachable.clone(),
         );
+        registry.register(
+            "cleanup_pending_approvals",
+            "Repositories whose cleanup deletions a run held back over maxDeletionPercent, \
+             waiting for approval",
+            cleanup_pending_approvals.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             reconciles,
@@ -150,6 +158,7 @@ impl Default for Metrics {
             cleanup_runs,
             last_successful_reconcile,
             upstream_reachable,
+            cleanup_pending_approvals,
         }
     }
 }
@@ -221,6 +230,12 @@ impl Metrics {
                     reason: reason.into(),
                 })
                 .inc_by(count);
+        }
+    }
+
+    pub fn count_pending_approvals(&self, repositories: u64) {
+        if repositories > 0 {
+            self.cleanup_pending_approvals.inc_by(repositories);
         }
     }
 

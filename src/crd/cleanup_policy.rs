@@ -1,6 +1,8 @@
 //! The `CleanupPolicy` kind: scheduled cleanup of container registry tags (of one project or
 //! every project in a group) or of an upstream's cache entries.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -60,7 +62,8 @@ pub const DELETED_SAMPLE_SIZE: usize = 20;
     validation = Rule::new("self.strategy != 'GitLabPolicy' || (has(self.target.containerRepositories) && has(self.target.containerRepositories.project))").message("strategy GitLabPolicy needs a containerRepositories target with a project (GitLab's policies are per project)"),
     validation = Rule::new("self.strategy != 'GitLabPolicy' || has(self.cadence)").message("strategy GitLabPolicy needs a cadence"),
     validation = Rule::new("self.strategy != 'GitLabPolicy' || !has(self.rules) || !has(self.rules.keepN) || self.rules.keepN in [1, 5, 10, 25, 50, 100]").message("with strategy GitLabPolicy, keepN must be one of 1, 5, 10, 25, 50, 100"),
-    validation = Rule::new("self.strategy != 'GitLabPolicy' || !has(self.rules) || !has(self.rules.olderThan) || self.rules.olderThan in ['7d', '14d', '30d', '90d']").message("with strategy GitLabPolicy, olderThan must be one of 7d, 14d, 30d, 90d")
+    validation = Rule::new("self.strategy != 'GitLabPolicy' || !has(self.rules) || !has(self.rules.olderThan) || self.rules.olderThan in ['7d', '14d', '30d', '90d']").message("with strategy GitLabPolicy, olderThan must be one of 7d, 14d, 30d, 90d"),
+    validation = Rule::new("self.strategy != 'GitLabPolicy' || ((!has(self.rules) || !has(self.rules.keepNPerFamily)) && (!has(self.safety) || !has(self.safety.keepBranchTags)) && (!has(self.limits) || !has(self.limits.maxDeletionPercent)))").message("rules.keepNPerFamily, safety.keepBranchTags and limits.maxDeletionPercent need strategy Operator (GitLab's own policy has no such rules)")
 )]
 pub struct CleanupPolicySpec {
     /// When runs start: a 5-field cron expression (minute hour day-of-month month day-of-week),
@@ -168,6 +171,25 @@ pub struct TagRules {
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[1-9][0-9]*\\\\s*[a-z]+$')").message("olderThan must be a positive duration such as 14d, 1month or 12h"))]
     pub older_than: Option<String>,
+    /// Operator rule, after GitLab's: group the tags whose names match `pattern` by the text
+    /// its one capture group captures, and keep the `n` newest of every group (strategy
+    /// `Operator` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_n_per_family: Option<KeepNPerFamily>,
+}
+
+/// Keep the newest tags of every family of tags, e.g. the two newest builds of every branch.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.n >= 1").message("keepNPerFamily.n must be at least 1"))]
+pub struct KeepNPerFamily {
+    /// RE2 regex with exactly one capture group, anchored at both ends like the other
+    /// regexes; the captured text names the family, e.g. `(.+)-[0-9a-f]{8}`.
+    #[schemars(length(min = 1))]
+    pub pattern: String,
+    /// How many of the newest tags of every family to keep; at least 1.
+    #[schemars(range(min = 1))]
+    pub n: i32,
 }
 
 /// Rules for an upstream's cache entries.
@@ -192,6 +214,10 @@ pub struct Safety {
     /// Never delete a tag whose digest a kept tag also points to.
     #[serde(default = "default_true")]
     pub keep_shared_digests: bool,
+    /// Never delete a tag built from a branch that still exists in its project (strategy
+    /// `Operator` only). Where the branches cannot be read, that project deletes nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_branch_tags: Option<KeepBranchTags>,
 }
 
 impl Default for Safety {
@@ -199,8 +225,20 @@ impl Default for Safety {
         Self {
             keep_in_use: true,
             keep_shared_digests: true,
+            keep_branch_tags: None,
         }
     }
+}
+
+/// Which part of a tag name is the branch it was built from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeepBranchTags {
+    /// RE2 regex with exactly one capture group, anchored at both ends; a tag whose captured
+    /// text equals the `CI_COMMIT_REF_SLUG` of an existing branch is kept, e.g.
+    /// `(.+)-[0-9a-f]{8}` for tags `$CI_COMMIT_REF_SLUG-$CI_COMMIT_SHORT_SHA`.
+    #[schemars(length(min = 1))]
+    pub pattern: String,
 }
 
 /// Who runs the cleanup.
@@ -330,6 +368,12 @@ pub struct Limits {
     #[serde(default = "default_requests_per_second")]
     #[schemars(range(min = 1))]
     pub requests_per_second: i32,
+    /// A repository where a run would delete more than this percentage of its tags deletes
+    /// nothing until the exact set is approved with the annotation
+    /// `gitlabregistry.io/approve-deletion` (1..100; strategy `Operator` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_deletion_percent: Option<i32>,
 }
 
 fn default_max_deletions_per_run() -> i32 {
@@ -345,6 +389,7 @@ impl Default for Limits {
         Self {
             max_deletions_per_run: default_max_deletions_per_run(),
             requests_per_second: default_requests_per_second(),
+            max_deletion_percent: None,
         }
     }
 }
@@ -407,6 +452,28 @@ pub struct RunSummary {
     /// Why the run ended as it did, for a run that was not `Succeeded`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Kept tags by reason (`KeepN`, `KeepNPerFamily`, `BranchExists`, …), only reasons that
+    /// occurred.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub kept_by_reason: BTreeMap<String, i64>,
+    /// Repositories over `limits.maxDeletionPercent` whose deletions wait for approval.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_approval: Vec<PendingApproval>,
+}
+
+/// A repository's deletions that wait for a person: annotate the policy with
+/// `gitlabregistry.io/approve-deletion=<fingerprint>` to let the next run delete exactly them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingApproval {
+    /// Repository path, e.g. `my-org/app/api`.
+    pub repository: String,
+    /// Tags the run would delete there.
+    pub would_delete: i64,
+    /// Tags the repository has.
+    pub total: i64,
+    /// Short hash of the repository and the exact set of tags to delete.
+    pub fingerprint: String,
 }
 
 /// How a run ended.
@@ -418,4 +485,19 @@ pub enum RunOutcome {
     Partial,
     /// Nothing could be done (for example GitLab unreachable).
     Failed,
+    /// A repository would lose more than `limits.maxDeletionPercent` of its tags: nothing was
+    /// deleted there until the plan is approved (`status.lastRun.pendingApproval`).
+    NeedsApproval,
+}
+
+impl RunOutcome {
+    /// Stable CamelCase name, for metrics labels, Events and output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "Succeeded",
+            Self::Partial => "Partial",
+            Self::Failed => "Failed",
+            Self::NeedsApproval => "NeedsApproval",
+        }
+    }
 }

@@ -32,6 +32,9 @@ pub const RECONCILE_REQUESTED_AT: &str = "gitlabregistry.io/reconcile-requested-
 pub const PURGE_CACHE_REQUESTED_AT: &str = "gitlabregistry.io/purge-cache-requested-at";
 /// One-shot annotation: run the cleanup now, once per new value.
 pub const RUN_REQUESTED_AT: &str = "gitlabregistry.io/run-requested-at";
+/// Approval of cleanup deletions over `limits.maxDeletionPercent`: `<fingerprint>[,…]`, as
+/// `status.lastRun.pendingApproval` lists them.
+pub const APPROVE_DELETION: &str = "gitlabregistry.io/approve-deletion";
 
 /// Every CRD with the file name it is kept under in `crds/`.
 pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {

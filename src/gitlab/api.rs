@@ -625,6 +625,26 @@ impl GitLabClient {
 
 /// Projects and their GitLab-run cleanup policy.
 impl GitLabClient {
+    /// Every branch of the project's repository (`GET /projects/:id/repository/branches`,
+    /// all pages).
+    pub async fn list_branches_all(&self, project: &ProjectRef) -> Result<Vec<Branch>> {
+        self.inner
+            .all_pages(|page| {
+                all_pages_of(
+                    Call::new(
+                        Method::GET,
+                        "/projects/:id/repository/branches",
+                        format!(
+                            "/projects/{}/repository/branches",
+                            project.to_path_segment()
+                        ),
+                    ),
+                    page,
+                )
+            })
+            .await
+    }
+
     /// `GET /projects/:id`.
     pub async fn get_project(&self, project: &ProjectRef) -> Result<Project> {
         self.inner

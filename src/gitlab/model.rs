@@ -380,6 +380,20 @@ pub struct ContainerExpirationPolicyUpdate {
     pub name_regex_keep: Option<String>,
 }
 
+/// A branch of a project's repository (`GET /projects/:id/repository/branches`); only the
+/// fields the operator reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Branch {
+    /// `feature/Login-Form`, as pushed.
+    pub name: String,
+    #[serde(default)]
+    pub merged: bool,
+    #[serde(default)]
+    pub protected: bool,
+    #[serde(default)]
+    pub default: bool,
+}
+
 /// A container tag protection rule (`/projects/:id/registry/protection/tag/rules`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TagProtectionRule {

@@ -452,6 +452,11 @@ pub(crate) fn router(app: App) -> Router {
             "/projects/{id}/registry/protection/tag/rules",
             get(list_protection_rules),
         )
+        .at("/projects/{id}/repository/branches", get(list_branches))
+        .at(
+            "/projects/{id}/repository/branches/{branch}",
+            delete(delete_branch),
+        )
         .at(
             "/groups/{id}/registry/repositories",
             get(list_group_repositories),
@@ -1277,6 +1282,34 @@ async fn list_protection_rules(
         .map(views::protection_rule)
         .collect();
     Ok(json_response(200, Value::Array(list)))
+}
+
+async fn list_branches(
+    AxumState(app): AxumState<App>,
+    Path(project): Path<String>,
+    url: RequestUrl,
+    params: Params,
+) -> ApiResult<Response> {
+    let list: Vec<Value> = {
+        let state = app.state();
+        state
+            .project(&project)?
+            .branches
+            .iter()
+            .map(|name| views::branch(name))
+            .collect()
+    };
+    paginate(list, &params, &url)
+}
+
+async fn delete_branch(
+    AxumState(app): AxumState<App>,
+    Path((project, branch)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let mut state = app.state();
+    let project_id = state.project(&project)?.id;
+    state.delete_branch(project_id, &branch)?;
+    Ok(no_content())
 }
 
 // ---- control endpoints -------------------------------------------------------------------

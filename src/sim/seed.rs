@@ -1,7 +1,7 @@
-//! Seed data for the simulator: the groups, projects, container repositories, tags, tag
-//! protection rules and (optionally) virtual registries, upstreams and cache entries that
-//! exist before the first request. Readable from JSON or YAML; [`Seed::demo`] is the data the
-//! demo and `sim` use by default.
+//! Seed data for the simulator: the groups, projects (with their branches), container
+//! repositories, tags, tag protection rules and (optionally) virtual registries, upstreams and
+//! cache entries that exist before the first request. Readable from JSON or YAML;
+//! [`Seed::demo`] is the data the demo and `sim` use by default.
 
 use std::path::Path;
 
@@ -77,6 +77,9 @@ pub struct SeedProject {
     pub repositories: Vec<SeedRepository>,
     #[serde(default)]
     pub tag_protection_rules: Vec<SeedProtectionRule>,
+    /// Branch names of the project's repository, e.g. `["main", "feature/Login-Form"]`.
+    #[serde(default)]
+    pub branches: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -312,6 +315,7 @@ impl Seed {
                         minimum_access_level_for_push: AccessLevel::Maintainer,
                         minimum_access_level_for_delete: AccessLevel::Owner,
                     }],
+                    branches: vec!["main".into(), "feature/Login-Form".into()],
                 },
                 SeedProject {
                     id: 201,
@@ -321,12 +325,14 @@ impl Seed {
                         repository(303, "migrations", migration_tags),
                     ],
                     tag_protection_rules: Vec::new(),
+                    branches: Vec::new(),
                 },
                 SeedProject {
                     id: 202,
                     path_with_namespace: "my-org/platform/tools".into(),
                     repositories: vec![repository(304, "", tools_tags)],
                     tag_protection_rules: Vec::new(),
+                    branches: Vec::new(),
                 },
             ],
             registries: Vec::new(),

@@ -208,6 +208,8 @@ pub struct Project {
     pub created_at: Timestamp,
     pub container_registry_access_level: String,
     pub container_expiration_policy: ExpirationPolicy,
+    /// Branch names of the project's repository, sorted by name as GitLab lists them.
+    pub branches: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1241,6 +1243,19 @@ impl State {
             .ok_or_else(|| ApiError::not_found_named("Tag"))
     }
 
+    /// `DELETE /projects/:id/repository/branches/:branch`: `404 Branch Not Found` when absent.
+    pub fn delete_branch(&mut self, project_id: u64, branch: &str) -> ApiResult<()> {
+        let project = self
+            .projects
+            .get_mut(&project_id)
+            .ok_or_else(|| ApiError::not_found_named("Project"))?;
+        if project.branches.remove(branch) {
+            Ok(())
+        } else {
+            Err(ApiError::not_found_named("Branch"))
+        }
+    }
+
     pub fn protection_rules_of_project(&self, project_id: u64) -> Vec<&ProtectionRule> {
         self.protection_rules
             .values()
@@ -1467,6 +1482,7 @@ impl State {
                     created_at: now,
                     container_registry_access_level: "enabled".into(),
                     container_expiration_policy: ExpirationPolicy::default(),
+                    branches: project.branches.iter().cloned().collect(),
                 },
             );
             self.ids.project = self.ids.project.max(project.id + 1);
@@ -2114,6 +2130,7 @@ mod tests {
                         minimum_access_level_for_push: AccessLevel::Maintainer,
                         minimum_access_level_for_delete: AccessLevel::Owner,
                     }],
+                    branches: Vec::new(),
                 }],
                 ..Seed::default()
             })

@@ -214,6 +214,20 @@ pub fn tag_details(repository: &Repository, tag: &Tag, registry_host: &str) -> V
     value
 }
 
+/// A branch as `GET /projects/:id/repository/branches` lists it (the fields a client reads;
+/// the simulator keeps no commits).
+pub fn branch(name: &str) -> Value {
+    json!({
+        "name": name,
+        "merged": false,
+        "protected": false,
+        "default": name == "main",
+        "developers_can_push": false,
+        "developers_can_merge": false,
+        "can_push": true,
+    })
+}
+
 pub fn protection_rule(rule: &ProtectionRule) -> Value {
     json!({
         "id": rule.id,

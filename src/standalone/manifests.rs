@@ -327,7 +327,7 @@ fn check_references(manifests: &Manifests, errors: &mut Vec<ManifestError>) {
 /// What the CRD schema cannot check but the engines would refuse: regexes, durations, cron
 /// expressions and time zones, with the same messages the controllers put in conditions.
 fn check_semantics(manifests: &Manifests, errors: &mut Vec<ManifestError>) {
-    use crate::cleanup::{CompiledRules, RuleSpec, Schedule, parse_duration};
+    use crate::cleanup::{CompiledRules, Schedule, parse_duration};
     let mut push = |origin: &str, kind: &str, name: String, field: &str, message: String| {
         errors.push(ManifestError {
             origin: origin.into(),
@@ -360,15 +360,19 @@ fn check_semantics(manifests: &Manifests, errors: &mut Vec<ManifestError>) {
                 message,
             )
         };
-        if let Some(rules) = &spec.rules {
-            let rule_spec = RuleSpec {
-                name_regex_delete: rules.name_regex_delete.clone(),
-                name_regex_keep: rules.name_regex_keep.clone(),
-                keep_n: rules.keep_n.and_then(|n| u32::try_from(n).ok()),
-                older_than: rules.older_than.clone(),
-            };
-            if let Err(error) = CompiledRules::compile(&rule_spec) {
-                refuse("spec.rules", error.to_string());
+        if spec.rules.is_some() {
+            // The engine's own reading of the spec, so that both refuse the same input.
+            match crate::sync::cleanup::rule_spec(spec) {
+                Ok(rule_spec) => {
+                    if let Err(error) = CompiledRules::compile(&rule_spec) {
+                        let field = match error.field() {
+                            Some(field) if field.starts_with("safety.") => format!("spec.{field}"),
+                            _ => "spec.rules".to_owned(),
+                        };
+                        refuse(&field, error.to_string());
+                    }
+                }
+                Err(error) => refuse("spec.rules", error.message()),
             }
         }
         if let Some(path_regex) = spec
@@ -459,7 +463,7 @@ mod tests {
             .expect("examples are valid");
         assert_eq!(manifests.upstreams.len(), 2);
         assert_eq!(manifests.registries.len(), 1);
-        assert_eq!(manifests.cleanup_policies.len(), 4);
+        assert_eq!(manifests.cleanup_policies.len(), 5);
         assert_eq!(manifests.secrets.len(), 1);
     }
 

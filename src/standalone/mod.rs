@@ -6,6 +6,7 @@
 pub mod manifests;
 pub mod run;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use secrecy::SecretString;
@@ -28,6 +29,9 @@ pub struct Options {
     pub extra_ca_pem: Option<Vec<u8>>,
     /// Send upstream credentials even when GitLab already has the declared username.
     pub resend_credentials: bool,
+    /// Cleanup fingerprints approved past `maxDeletionPercent` (`--approve`), for every
+    /// CleanupPolicy of the manifests.
+    pub approved_deletions: BTreeSet<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +74,7 @@ pub async fn execute(options: &Options) -> Result<Report, Error> {
         &manifests,
         options.mode,
         options.resend_credentials,
+        &options.approved_deletions,
     )
     .await;
     if simulator.is_some() {

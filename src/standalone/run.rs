@@ -2,7 +2,7 @@
 //! them), then upstreams, then registries again (their upstreams now have ids), then cleanup
 //! policies. `plan` sends only GET requests and reports what `apply` would change.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use kube::ResourceExt;
 use secrecy::{ExposeSecret, SecretString};
@@ -35,6 +35,9 @@ pub struct ObjectReport {
     pub actions: Vec<ActionView>,
     /// Extra lines (pull prefix, cleanup counts, …).
     pub details: Vec<String>,
+    /// A cleanup's repositories over `maxDeletionPercent`, waiting for `--approve`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pending_approval: Vec<crate::crd::cleanup_policy::PendingApproval>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -97,6 +100,7 @@ impl ObjectReport {
             conditions: Vec::new(),
             actions: Vec::new(),
             details: Vec::new(),
+            pending_approval: Vec::new(),
         }
     }
 
@@ -158,6 +162,7 @@ pub async fn reconcile_all(
     manifests: &Manifests,
     mode: Mode,
     resend_credentials: bool,
+    approved_deletions: &BTreeSet<String>,
 ) -> Report {
     let mut report = Report {
         mode: if mode.writes() {
@@ -332,23 +337,34 @@ pub async fn reconcile_all(
     }
 
     for policy in &manifests.cleanup_policies {
-        report
-            .objects
-            .push(cleanup_policy_report(client, policy, manifests, &upstream_ids, mode).await);
+        report.objects.push(
+            cleanup_policy_report(
+                client,
+                policy,
+                manifests,
+                &upstream_ids,
+                mode,
+                approved_deletions,
+            )
+            .await,
+        );
     }
     report
 }
 
 /// Runs a CleanupPolicy once (honouring `dryRun`), or syncs GitLab's own policy. Without a
 /// cluster nothing says which images Pods run: with `keepInUse` the run deletes nothing.
+/// `approved_deletions` (`--approve`) add to the fingerprints the manifest's
+/// `gitlabregistry.io/approve-deletion` annotation approves.
 async fn cleanup_policy_report(
     client: &GitLabClient,
     policy: &Manifest<CleanupPolicy>,
     manifests: &Manifests,
     upstream_ids: &BTreeMap<(String, String), i64>,
     mode: Mode,
+    approved_deletions: &BTreeSet<String>,
 ) -> ObjectReport {
-    use crate::controller::cleanup_policy::{build_run, run_condition};
+    use crate::controller::cleanup_policy::{build_run, run_condition, run_summary};
     use crate::sync::cleanup::{DesiredGitLabPolicy, InUse, run_cleanup, sync_gitlab_policy};
     let namespace = namespace_of(&policy.object);
     let mut object_report = ObjectReport::new(
@@ -436,7 +452,11 @@ async fn cleanup_policy_report(
         jiff::Timestamp::now(),
         mode,
     ) {
-        Ok(run) => run,
+        Ok(mut run) => {
+            run.approved_deletions
+                .extend(approved_deletions.iter().cloned());
+            run
+        }
         Err(error) => {
             fail(&mut object_report, error.reason(), error.message());
             return object_report;
@@ -463,6 +483,14 @@ async fn cleanup_policy_report(
             if !report.message.is_empty() {
                 object_report.details.push(report.message.clone());
             }
+            let summary = run_summary(&report, jiff::Timestamp::now(), jiff::Timestamp::now());
+            for pending in &summary.pending_approval {
+                object_report.details.push(format!(
+                    "needs approval: {} would lose {} of {} tags; approve with --approve {}",
+                    pending.repository, pending.would_delete, pending.total, pending.fingerprint
+                ));
+            }
+            object_report.pending_approval = summary.pending_approval;
             object_report
                 .actions
                 .extend(report.actions().iter().map(ActionView::from));

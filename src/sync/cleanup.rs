@@ -11,7 +11,16 @@
 //!    fetches tag details only for tags whose list entry lacks `digest` or `created_at`,
 //!    reads the project's tag protection rules once per project, and asks
 //!    [`cleanup::select()`] which tags go;
-//! 4. deletes the selected tags one at a time (`DELETE …/tags/:tag_name`, never the bulk
+//!    With `safety.keepBranchTags` the project's branches are read once per project too; a
+//!    project whose branches cannot be read deletes nothing, and the run says why;
+//! 4. with `limits.maxDeletionPercent`, a repository whose selection is more than that share
+//!    of its tags deletes nothing unless [`CleanupRun::approved_deletions`] holds the
+//!    fingerprint of exactly that selection ([`cleanup::check_budget`]); it is listed in
+//!    [`CleanupReport::pending_approvals`] and the run ends [`RunOutcome::NeedsApproval`]. A dry
+//!    run or plan reports the same approvals a real run would ask for. The budget looks at the
+//!    whole selection, before `maxDeletionsPerRun`, so that a plan cannot be approved in one
+//!    piece and carried out over several runs it was not shown for;
+//! 5. deletes the selected tags one at a time (`DELETE …/tags/:tag_name`, never the bulk
 //!    endpoint, which cannot honour in-use and shared-digest protections), oldest first,
 //!    paced at `requestsPerSecond`, stopping at `maxDeletionsPerRun`.
 //!
@@ -46,7 +55,7 @@
 //! `container_expiration_policy` match the spec with one `PUT /projects/:id` carrying only
 //! the fields that differ, and none when nothing does.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,8 +66,8 @@ use tokio::time::{Interval, MissedTickBehavior};
 
 use super::{Action, Error, FieldChange, Mode, Result};
 use crate::cleanup::{
-    self, CacheEntryInfo, CompiledRules, InUseIndex, KeepReason, ProtectedTags, Protections,
-    RuleSpec, TagInfo,
+    self, BudgetVerdict, CacheEntryInfo, CompiledRules, FamilySpec, InUseIndex, KeepReason,
+    PendingApproval, ProjectBranches, ProtectedTags, Protections, RuleSpec, TagInfo,
 };
 use crate::crd::cleanup_policy::{
     CleanupPolicySpec, DELETED_SAMPLE_SIZE, GitLabCadence, GitLabKeepN, GitLabOlderThan, Limits,
@@ -75,6 +84,8 @@ pub const FIELD_NOT_DOWNLOADED_FOR: &str = "cacheRules.notDownloadedFor";
 pub const FIELD_MAX_DELETIONS_PER_RUN: &str = "limits.maxDeletionsPerRun";
 pub const FIELD_REQUESTS_PER_SECOND: &str = "limits.requestsPerSecond";
 pub const FIELD_KEEP_N: &str = "rules.keepN";
+pub const FIELD_KEEP_N_PER_FAMILY_N: &str = "rules.keepNPerFamily.n";
+pub const FIELD_MAX_DELETION_PERCENT: &str = "limits.maxDeletionPercent";
 pub const FIELD_CADENCE: &str = "cadence";
 
 /// After this many GitLab-unavailable answers in a row (each already retried by the client)
@@ -143,6 +154,8 @@ pub struct RunLimits {
     pub max_deletions_per_run: u32,
     /// At least 1; paces every request of the run.
     pub requests_per_second: u32,
+    /// 1..=100: a repository losing more than this share of its tags needs approval.
+    pub max_deletion_percent: Option<u8>,
 }
 
 impl Default for RunLimits {
@@ -150,6 +163,7 @@ impl Default for RunLimits {
         Self {
             max_deletions_per_run: 1000,
             requests_per_second: 10,
+            max_deletion_percent: None,
         }
     }
 }
@@ -160,6 +174,9 @@ impl RunLimits {
         let limits = Self {
             max_deletions_per_run: u32::try_from(limits.max_deletions_per_run).unwrap_or(0),
             requests_per_second: u32::try_from(limits.requests_per_second).unwrap_or(0),
+            max_deletion_percent: limits
+                .max_deletion_percent
+                .map(|percent| u8::try_from(percent).unwrap_or(0)),
         };
         limits.validate()?;
         Ok(limits)
@@ -176,13 +193,51 @@ impl RunLimits {
                 "{FIELD_REQUESTS_PER_SECOND} must be at least 1"
             )));
         }
+        if let Some(percent) = self.max_deletion_percent
+            && !(1..=100).contains(&percent)
+        {
+            return Err(Error::InvalidSpec(format!(
+                "{FIELD_MAX_DELETION_PERCENT} must be between 1 and 100"
+            )));
+        }
         Ok(())
     }
 }
 
-/// The pure module's [`RuleSpec`] from the CRD's `rules`; a negative `keepN` is
+/// The pure module's [`RuleSpec`] from the CRD's `rules` and `safety.keepBranchTags` (no
+/// `rules`: only what `safety` says); a negative `keepN` or a `keepNPerFamily.n` below 1 is
 /// [`Error::InvalidSpec`].
-pub fn rule_spec(rules: &TagRules) -> Result<RuleSpec> {
+pub fn rule_spec(spec: &CleanupPolicySpec) -> Result<RuleSpec> {
+    let keep_branch_tags = spec
+        .safety
+        .keep_branch_tags
+        .as_ref()
+        .map(|keep| keep.pattern.clone());
+    let Some(rules) = &spec.rules else {
+        return Ok(RuleSpec {
+            keep_branch_tags,
+            ..RuleSpec::default()
+        });
+    };
+    let keep_n_per_family = rules
+        .keep_n_per_family
+        .as_ref()
+        .map(|family| {
+            let n = u32::try_from(family.n)
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| {
+                    Error::InvalidSpec(format!(
+                        "{FIELD_KEEP_N_PER_FAMILY_N} must be at least 1, got {}",
+                        family.n
+                    ))
+                })?;
+            Ok::<_, Error>(FamilySpec {
+                pattern: family.pattern.clone(),
+                n,
+            })
+        })
+        .transpose()?;
     let keep_n = rules
         .keep_n
         .map(|keep_n| {
@@ -196,6 +251,8 @@ pub fn rule_spec(rules: &TagRules) -> Result<RuleSpec> {
         name_regex_keep: rules.name_regex_keep.clone(),
         keep_n,
         older_than: rules.older_than.clone(),
+        keep_n_per_family,
+        keep_branch_tags,
     })
 }
 
@@ -216,6 +273,9 @@ pub struct CleanupRun {
     pub now: Timestamp,
     /// [`Mode::Plan`] sends only GET requests, like a dry run.
     pub mode: Mode,
+    /// Fingerprints of selections approved past `maxDeletionPercent` (annotation
+    /// `gitlabregistry.io/approve-deletion`, or `apply --approve`).
+    pub approved_deletions: BTreeSet<String>,
 }
 
 /// What the deletion loop may do next.
@@ -353,6 +413,10 @@ pub struct RepositoryReport {
     pub kept_by_reason: BTreeMap<KeepReason, usize>,
     /// Why this repository was skipped or got no deletions, when it was.
     pub skipped: Option<String>,
+    /// Over `maxDeletionPercent` and not approved: nothing deleted here.
+    pub pending_approval: Option<PendingApproval>,
+    /// Over `maxDeletionPercent`, deleted (or, simulated, would be) as approved.
+    pub approved_fingerprint: Option<String>,
 }
 
 impl RepositoryReport {
@@ -410,6 +474,8 @@ pub struct CleanupReport {
     pub error: Option<Error>,
     /// Whether `maxDeletionsPerRun` stopped the run with selected tags left.
     pub limit_reached: bool,
+    /// Repositories over `maxDeletionPercent` whose deletions wait for approval.
+    pub pending_approvals: Vec<PendingApproval>,
 }
 
 impl CleanupReport {
@@ -433,6 +499,7 @@ impl CleanupReport {
             repository_reports: Vec::new(),
             error: None,
             limit_reached: false,
+            pending_approvals: Vec::new(),
         }
     }
 
@@ -566,6 +633,14 @@ fn is_protected_tag_refusal(error: &gitlab::Error) -> bool {
     matches!(error, gitlab::Error::Forbidden { message } if message.contains("protected"))
 }
 
+/// What is known about a project's branches (`safety.keepBranchTags`).
+#[derive(Debug, Clone)]
+enum BranchState {
+    Known(Arc<ProjectBranches>),
+    /// Could not be read; no deletions in this project.
+    Unknown(String),
+}
+
 /// What is known about a project's tag protection rules.
 #[derive(Debug, Clone)]
 enum ProtectionState {
@@ -586,6 +661,7 @@ struct Engine<'a> {
     report: CleanupReport,
     consecutive_unavailable: u32,
     protections: HashMap<PathOrId, ProtectionState>,
+    branches: HashMap<PathOrId, BranchState>,
     first_failure: Option<String>,
     repositories_not_evaluated: usize,
 }
@@ -602,6 +678,7 @@ impl<'a> Engine<'a> {
             report: CleanupReport::new(run),
             consecutive_unavailable: 0,
             protections: HashMap::new(),
+            branches: HashMap::new(),
             first_failure: None,
             repositories_not_evaluated: 0,
         }
@@ -781,6 +858,10 @@ impl<'a> Engine<'a> {
             return;
         };
         let protection = self.protection_of(&project).await;
+        let branches = match rules.branch_tags() {
+            Some(_) if !self.stopped() => Some(self.branches_of(&project).await),
+            _ => None,
+        };
         if self.stopped() {
             report.skipped = Some("the run stopped before this repository was evaluated".into());
             return;
@@ -801,6 +882,10 @@ impl<'a> Engine<'a> {
             protected_tags,
             in_use,
             keep_shared_digests: run.safety.keep_shared_digests,
+            branches: match &branches {
+                Some(BranchState::Known(known)) => Some(known.as_ref()),
+                _ => None,
+            },
         };
         let selection = cleanup::select(&tags, rules, &protections, run.now);
         let counts = selection.counts();
@@ -833,11 +918,68 @@ impl<'a> Engine<'a> {
             }
             return;
         }
+        if let Some(BranchState::Unknown(reason)) = &branches {
+            if !report.selected.is_empty() {
+                report.skipped = Some(format!(
+                    "branches of project {project} unreadable ({reason}), so keepBranchTags \
+                     cannot tell which branches exist: nothing deleted here"
+                ));
+            }
+            return;
+        }
         if matches!(protection, ProtectionState::EnforcedByGitLab) && run.safety.keep_shared_digests
         {
             keep_shared_selected_digests(&tags, report);
         }
+        if !self.within_deletion_budget(report) {
+            return;
+        }
         self.delete_selected(&project, repository, report).await;
+    }
+
+    /// `maxDeletionPercent`: whether this repository's selection may be deleted (within the
+    /// budget or approved); otherwise it is recorded as waiting for approval.
+    fn within_deletion_budget(&mut self, report: &mut RepositoryReport) -> bool {
+        match cleanup::check_budget(
+            &report.path,
+            &report.selected,
+            report.tags_evaluated,
+            self.run.limits.max_deletion_percent,
+            &self.run.approved_deletions,
+        ) {
+            BudgetVerdict::Within => true,
+            BudgetVerdict::Approved { fingerprint } => {
+                report.approved_fingerprint = Some(fingerprint);
+                true
+            }
+            BudgetVerdict::NeedsApproval(pending) => {
+                report.pending_approval = Some(pending);
+                false
+            }
+        }
+    }
+
+    /// The project's branches, read once per run and project (`safety.keepBranchTags`).
+    async fn branches_of(&mut self, project: &PathOrId) -> BranchState {
+        if let Some(known) = self.branches.get(project) {
+            return known.clone();
+        }
+        self.pacer.wait().await;
+        let state = match self.client.list_branches_all(project).await {
+            Ok(branches) => {
+                self.succeeded();
+                BranchState::Known(Arc::new(ProjectBranches::from_names(
+                    branches.iter().map(|branch| &branch.name),
+                )))
+            }
+            Err(error) => {
+                let reason = error.message();
+                self.settle_read_error(error, &format!("reading the branches of {project}"));
+                BranchState::Unknown(reason)
+            }
+        };
+        self.branches.insert(project.clone(), state.clone());
+        state
     }
 
     /// Every tag of the repository: keyset pagination, or offset pagination when GitLab
@@ -1038,6 +1180,9 @@ impl<'a> Engine<'a> {
         for (reason, count) in &repository.kept_by_reason {
             *report.kept_by_reason.entry(*reason).or_default() += count;
         }
+        if let Some(pending) = &repository.pending_approval {
+            report.pending_approvals.push(pending.clone());
+        }
         for name in &repository.deleted {
             if report.deleted_sample.len() >= DELETED_SAMPLE_SIZE {
                 break;
@@ -1210,6 +1355,42 @@ impl<'a> Engine<'a> {
             sentence.push_str("; the next run continues");
             sentences.push(sentence);
         }
+        if !report.pending_approvals.is_empty() {
+            let percent = self.run.limits.max_deletion_percent.unwrap_or(100);
+            let repositories: Vec<String> = report
+                .pending_approvals
+                .iter()
+                .map(|pending| {
+                    format!(
+                        "{} would lose {} of {} tags (fingerprint {})",
+                        pending.repository,
+                        pending.would_delete,
+                        pending.total,
+                        pending.fingerprint
+                    )
+                })
+                .collect();
+            sentences.push(format!(
+                "over maxDeletionPercent ({percent}%), nothing deleted until approved: {}; \
+                 approve with the annotation {}=<fingerprint>[,<fingerprint>…]",
+                repositories.join(", "),
+                crate::crd::APPROVE_DELETION
+            ));
+        }
+        let approved: Vec<String> = report
+            .repository_reports
+            .iter()
+            .filter_map(|repository| {
+                let fingerprint = repository.approved_fingerprint.as_ref()?;
+                Some(format!("{} ({fingerprint})", repository.path))
+            })
+            .collect();
+        if !approved.is_empty() {
+            sentences.push(format!(
+                "over maxDeletionPercent as approved: {}",
+                approved.join(", ")
+            ));
+        }
         if report.already_deleted > 0 {
             sentences.push(format!(
                 "{} already gone (deleted by someone else)",
@@ -1248,6 +1429,8 @@ impl<'a> Engine<'a> {
             } else {
                 RunOutcome::Failed
             }
+        } else if !report.pending_approvals.is_empty() {
+            RunOutcome::NeedsApproval
         } else if report.failures > 0
             || report.limit_reached
             || report.withheld > 0
@@ -1330,6 +1513,7 @@ impl DesiredGitLabPolicy {
             name_regex_keep: None,
             keep_n: None,
             older_than: None,
+            keep_n_per_family: None,
         });
         Ok(Self {
             cadence,
@@ -1370,6 +1554,7 @@ fn policy_values(desired: &DesiredGitLabPolicy) -> Result<PolicyValues> {
         name_regex_keep: desired.name_regex_keep.clone(),
         keep_n: None,
         older_than: None,
+        ..RuleSpec::default()
     })
     .map_err(|error| Error::InvalidSpec(error.to_string()))?;
     Ok(PolicyValues {
@@ -1546,6 +1731,7 @@ mod tests {
             limits: RunLimits::default(),
             now: Timestamp::UNIX_EPOCH,
             mode: Mode::Apply,
+            approved_deletions: Default::default(),
         }
     }
 
@@ -1571,6 +1757,7 @@ mod tests {
             let error = RunLimits::from_spec(&Limits {
                 max_deletions_per_run: max,
                 requests_per_second: rate,
+                max_deletion_percent: None,
             })
             .expect_err("invalid");
             assert!(error.message().contains(field), "{error}");
@@ -1579,23 +1766,61 @@ mod tests {
             RunLimits::from_spec(&Limits::default()).expect("defaults"),
             RunLimits::default()
         );
-        let rules = TagRules {
-            name_regex_delete: Some(".*".into()),
-            name_regex_keep: None,
-            keep_n: Some(-1),
-            older_than: None,
+        let spec = |extra: serde_json::Value| -> CleanupPolicySpec {
+            let mut spec = serde_json::json!({
+                "target": {"containerRepositories": {"project": "a/b"}},
+                "rules": {"nameRegexDelete": ".*"},
+            });
+            spec["rules"]
+                .as_object_mut()
+                .expect("object")
+                .extend(extra.as_object().expect("object").clone());
+            serde_json::from_value(spec).expect("spec")
         };
         assert!(
-            rule_spec(&rules)
+            rule_spec(&spec(serde_json::json!({"keepN": -1})))
                 .expect_err("negative")
                 .message()
                 .contains(FIELD_KEEP_N)
         );
-        let rules = TagRules {
-            keep_n: Some(3),
-            ..rules
-        };
-        assert_eq!(rule_spec(&rules).expect("valid").keep_n, Some(3));
+        assert_eq!(
+            rule_spec(&spec(serde_json::json!({"keepN": 3})))
+                .expect("valid")
+                .keep_n,
+            Some(3)
+        );
+        let family = serde_json::json!({"keepNPerFamily": {"pattern": "(.+)-[0-9a-f]{8}", "n": 0}});
+        assert!(
+            rule_spec(&spec(family))
+                .expect_err("n below 1")
+                .message()
+                .contains(FIELD_KEEP_N_PER_FAMILY_N)
+        );
+        let mut with_branches =
+            spec(serde_json::json!({"keepNPerFamily": {"pattern": "(.+)", "n": 2}}));
+        with_branches.safety.keep_branch_tags = Some(crate::crd::cleanup_policy::KeepBranchTags {
+            pattern: "(.+)-[0-9a-f]{8}".into(),
+        });
+        let rules = rule_spec(&with_branches).expect("valid");
+        assert_eq!(
+            rules.keep_n_per_family,
+            Some(FamilySpec {
+                pattern: "(.+)".into(),
+                n: 2
+            })
+        );
+        assert_eq!(rules.keep_branch_tags.as_deref(), Some("(.+)-[0-9a-f]{8}"));
+        for percent in [0, 101] {
+            let error = RunLimits::from_spec(&Limits {
+                max_deletion_percent: Some(percent),
+                ..Limits::default()
+            })
+            .expect_err("out of range");
+            assert!(
+                error.message().contains(FIELD_MAX_DELETION_PERCENT),
+                "{error}"
+            );
+        }
     }
 
     #[test]
