@@ -124,8 +124,7 @@ pub async fn probe(client: &reqwest::Client, target: &ProbeTarget) -> TestOutcom
         && let Some(challenge) = bearer_challenge(&response)
     {
         return match fetch_token(client, target, &challenge).await {
-            Ok(Some(token)) => match registry_head(client, &url).bearer_auth(token).send().await
-            {
+            Ok(Some(token)) => match registry_head(client, &url).bearer_auth(token).send().await {
                 Ok(retried) => TestOutcome::from_status(retried.status().as_u16()),
                 Err(error) => network_failure(&error),
             },

@@ -954,7 +954,11 @@ impl State {
             password: input.password.as_ref().and_then(non_blank_secret),
             ..input
         };
-        credential_presence_errors(&mut errors, input.username.as_deref(), input.password.as_ref());
+        credential_presence_errors(
+            &mut errors,
+            input.username.as_deref(),
+            input.password.as_ref(),
+        );
         if self.credentials_taken(
             group_id,
             &input.url,
@@ -1281,11 +1285,7 @@ impl State {
         entry.iid = match self.cache_entries.get(&key) {
             Some(existing) => existing.iid,
             None => {
-                let counter = self
-                    .ids
-                    .cache_entry_iid
-                    .entry(entry.group_id)
-                    .or_insert(1);
+                let counter = self.ids.cache_entry_iid.entry(entry.group_id).or_insert(1);
                 take_id(counter)
             }
         };
@@ -2094,7 +2094,9 @@ mod tests {
         // 6..=20 moves nothing; 1..=5 beyond the highest is capped.
         let head = state.associations_of_registry(first.id)[0].id;
         assert_eq!(state.reposition(head, 20).unwrap().position, 1);
-        state.disassociate(state.associations_of_registry(first.id)[4].id).unwrap();
+        state
+            .disassociate(state.associations_of_registry(first.id)[4].id)
+            .unwrap();
         assert_eq!(state.reposition(head, 5).unwrap().position, 4);
         state.reposition(head, 1).unwrap();
         state.associate(first.id, ids[3]).unwrap();

@@ -197,7 +197,10 @@ fn basic_credentials(request: &Request) -> Option<(String, String)> {
 
 /// The token the realm hands out for these credentials (the registry accepts only it).
 fn token_for((username, password): &(String, String)) -> String {
-    format!("stub-token.{}", STANDARD.encode(format!("{username}:{password}")))
+    format!(
+        "stub-token.{}",
+        STANDARD.encode(format!("{username}:{password}"))
+    )
 }
 
 async fn answer(State(shared): State<Shared>, request: Request) -> Response {
@@ -235,9 +238,8 @@ async fn answer(State(shared): State<Shared>, request: Request) -> Response {
             .get(header::HOST)
             .and_then(|value| value.to_str().ok())
             .unwrap_or("127.0.0.1");
-        let challenge = format!(
-            "Bearer realm=\"http://{host}{TOKEN_PATH}\",service=\"upstream-stub\""
-        );
+        let challenge =
+            format!("Bearer realm=\"http://{host}{TOKEN_PATH}\",service=\"upstream-stub\"");
         return (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, challenge)],
