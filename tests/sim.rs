@@ -1850,21 +1850,12 @@ async fn existing_upstream_test_parameters_and_probed_path() {
     let now = jiff::Timestamp::now();
     api.sim
         .with_state(|state| {
-            state.put_cache_entry(sim::state::CacheEntry {
-                group_id: 100,
-                iid: 0,
-                upstream_id: id,
-                relative_path: "library/nginx/manifests/1.27".into(),
-                upstream_checked_at: now,
-                file_sha1: String::new(),
-                size: 1,
-                content_type: String::new(),
-                upstream_etag: String::new(),
-                created_at: now,
-                updated_at: now,
-                downloads_count: 1,
-                downloaded_at: now,
-            })
+            state.put_cache_entry(sim::state::CacheEntry::cached_at(
+                100,
+                id,
+                "library/nginx/manifests/1.27",
+                now,
+            ))
         })
         .unwrap();
     let reply = api.post(&test, json!({})).await;

@@ -26,7 +26,7 @@ use gitlab_registry_operator::sync::upstream::{
 use gitlab_registry_operator::sync::{Action, Mode};
 use jiff::{SignedDuration, Timestamp};
 use secrecy::SecretString;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -2612,7 +2612,19 @@ async fn removed_credentials_are_cleared_in_gitlab_and_in_the_outcome() {
             ))
             .await;
         assert!(cleared.error.is_none(), "{:?}", cleared.error);
-        let bodies = env.patch_bodies("/upstreams/");
+        let sent = env.recorder.take();
+        // The gate test tries the upstream as it will be: without credentials (both blank;
+        // none sent would test the stored ones).
+        let gate = sent
+            .iter()
+            .find(|r| r.method == "POST" && r.path.ends_with("/test"))
+            .expect("gate test");
+        assert_eq!(gate.body, json!({"username": "", "password": ""}));
+        let bodies: Vec<Value> = sent
+            .into_iter()
+            .filter(|r| r.method == "PATCH" && r.path.contains("/upstreams/"))
+            .map(|r| r.body)
+            .collect();
         assert_eq!(bodies.len(), 1);
         assert_eq!(body_keys(&bodies[0]), ["password", "username"]);
         assert_eq!(bodies[0]["username"], "");

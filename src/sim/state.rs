@@ -300,6 +300,31 @@ pub struct CacheEntry {
 }
 
 impl CacheEntry {
+    /// A file cached at `now`, downloaded once, without fingerprints (for tests and drift).
+    /// [`State::put_cache_entry`] gives it its iid.
+    pub fn cached_at(
+        group_id: u64,
+        upstream_id: u64,
+        relative_path: impl Into<String>,
+        now: Timestamp,
+    ) -> Self {
+        Self {
+            group_id,
+            iid: 0,
+            upstream_id,
+            relative_path: relative_path.into(),
+            upstream_checked_at: now,
+            file_sha1: String::new(),
+            size: 1,
+            content_type: String::new(),
+            upstream_etag: String::new(),
+            created_at: now,
+            updated_at: now,
+            downloads_count: 1,
+            downloaded_at: now,
+        }
+    }
+
     /// GitLab's entry id: url-safe base64 of `"<group_id> <iid>"` (the documentation's
     /// `"<upstream_id> <relative_path>"` is not what the source builds).
     pub fn id(&self) -> String {
@@ -2447,21 +2472,7 @@ mod tests {
             "Library/Nginx/blobs/sha256:abc",
         ] {
             state
-                .put_cache_entry(CacheEntry {
-                    group_id: 10,
-                    iid: 0,
-                    upstream_id: created.id,
-                    relative_path: path.into(),
-                    upstream_checked_at: now,
-                    file_sha1: String::new(),
-                    size: 1,
-                    content_type: String::new(),
-                    upstream_etag: String::new(),
-                    created_at: now,
-                    updated_at: now,
-                    downloads_count: 0,
-                    downloaded_at: now,
-                })
+                .put_cache_entry(CacheEntry::cached_at(10, created.id, path, now))
                 .unwrap();
         }
         let all: Vec<u64> = state

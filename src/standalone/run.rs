@@ -634,7 +634,7 @@ enum NameMatch {
     NotFound,
     /// The one upstream of that name in the group that no other manifest claims: the same
     /// upstream with a changed url.
-    Unique(crate::gitlab::Upstream),
+    Unique(Box<crate::gitlab::Upstream>),
     /// Several could be it: a message naming the candidates.
     Ambiguous(String),
 }
@@ -685,7 +685,7 @@ async fn find_by_unique_name(
         .collect();
     match unclaimed.as_slice() {
         [] => Ok(NameMatch::NotFound),
-        [only] if competing.is_empty() => Ok(NameMatch::Unique(only.clone())),
+        [only] if competing.is_empty() => Ok(NameMatch::Unique(Box::new(only.clone()))),
         candidates => {
             let listed: Vec<String> = candidates
                 .iter()

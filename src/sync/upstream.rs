@@ -319,7 +319,14 @@ async fn sync(
         if writes {
             let overrides = UpstreamTestOverrides {
                 url: url_changed.then(|| desired.url.clone()),
-                credentials: desired.credentials.as_ref().map(|c| c.credentials.clone()),
+                credentials: match &desired.credentials {
+                    Some(resolved) => Some(resolved.credentials.clone()),
+                    // GitLab tests the stored credentials when none are sent with the stored
+                    // url; both blank test anonymously, as the upstream will be (INFERRED).
+                    None if !url_changed => Some(no_credentials()),
+                    // A new url without credentials is tested anonymously.
+                    None => None,
+                },
             };
             let result = client.test_existing_upstream(remote.id, &overrides).await?;
             if result.success || !desired.gate_changes {
@@ -358,7 +365,7 @@ async fn sync(
                 // is the removal, and the PATCH carries only what changed.
                 None if url_changed => None,
                 // Removing credentials: both go empty (GitLab's presence rules want both).
-                None => Some(UpstreamCredentials::new("", String::new().into())),
+                None => Some(no_credentials()),
             };
             changes.extend(connection_changes);
         }
@@ -701,6 +708,11 @@ async fn create(
     Ok(())
 }
 
+/// Blank username and password: how GitLab is told "no credentials" without a url change.
+fn no_credentials() -> UpstreamCredentials {
+    UpstreamCredentials::new("", String::new().into())
+}
+
 fn would_create_through(registry_id: i64) -> String {
     if registry_id > 0 {
         format!("would create through registry {registry_id}")
@@ -801,7 +813,8 @@ pub fn reachable_condition(check: &ConnectivityCheck) -> ConditionUpdate {
 /// Maps GitLab's test result to a stable reason. GitLab reports the upstream's status as
 /// `Error: <code> - <reason phrase>` (`Error: 401 - Unauthorized`, `Error: 503 - Service
 /// Unavailable`) and a transport failure as `Error: <exception message>`
-/// (`Error: Connection timeout`, …). Older GitLab versions said `Error: 5XX - Server Error`.
+/// (`Error: Connection timeout`, …). The `Error: 5XX - Server Error` of the first SEMANTICS
+/// reading is still understood.
 pub fn unreachable_reason(result: &str) -> &'static str {
     let status = result
         .trim_start_matches("Error:")
