@@ -1420,7 +1420,9 @@ impl State {
     }
 
     /// Runs a bulk tag delete now (GitLab queues it; the outcome is the same) and returns the
-    /// deleted tag names. A second call for the repository within an hour is a `400`.
+    /// deleted tag names. A second call for the repository within an hour is a `400`. GitLab
+    /// applies `keep_n` per batch of 1,000 tags; the simulator applies it to the whole list,
+    /// which is the same below 1,000 tags.
     pub fn bulk_delete_tags(
         &mut self,
         project_id: u64,
