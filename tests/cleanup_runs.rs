@@ -944,6 +944,68 @@ async fn protection_rules_unreadable_leaves_protection_to_gitlab_and_counts_refu
     );
 }
 
+/// A Developer token, as GitLab answers it: the rule list needs Maintainer (403, no fault
+/// injected), tag deletes are allowed, and a tag a rule covers is refused with the plain
+/// `403 {"message":"403 Forbidden"}`. Every such refusal is that tag protected: counted once,
+/// never retried, and the run still succeeds; the unreadable list is a note, not a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_403_on_a_tag_delete_is_a_protected_tag_and_unreadable_rules_no_error() {
+    let config = SimConfig {
+        tag_list_details: true,
+        role: AccessLevel::Developer,
+        ..SimConfig::with_token(TOKEN)
+    };
+    let sim = Simulator::start(config, app_seed())
+        .await
+        .expect("simulator starts");
+    let client = client(&sim);
+    let protected_before: BTreeMap<String, BTreeSet<String>> = sim_tags(&sim)
+        .into_iter()
+        .map(|(path, tags)| {
+            let protected = tags
+                .into_iter()
+                .filter(|name| name.starts_with("v1.1"))
+                .collect();
+            (path, protected)
+        })
+        .collect();
+
+    let report = run(
+        &client,
+        &project_run("acme/app", InUse::Known(Arc::new(InUseIndex::new()))),
+    )
+    .await;
+
+    assert_eq!(sim.request_count("GET", PROTECTION_ROUTE), 1);
+    assert_eq!(report.outcome, RunOutcome::Succeeded, "{}", report.message);
+    assert_eq!(report.failures, 0);
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert!(
+        report.message.contains("not readable"),
+        "the unreadable rule list is noted: {}",
+        report.message
+    );
+    let refused: usize = report
+        .repository_reports
+        .iter()
+        .map(|repository| repository.refused_as_protected)
+        .sum();
+    assert!(refused > 0, "the run met protected tags");
+    assert!(report.tags_protected >= refused);
+    // One DELETE per deleted or refused tag: no refusal was retried.
+    assert_eq!(
+        sim.request_count("DELETE", TAG_ROUTE),
+        u64::try_from(report.tags_deleted + refused).expect("count")
+    );
+    let after = sim_tags(&sim);
+    for (path, protected) in &protected_before {
+        assert!(
+            protected.is_subset(&after[path]),
+            "{path} lost a protected tag"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_target_covers_every_project_and_path_regex_filters() {
     let sim = start(group_seed(), true).await;

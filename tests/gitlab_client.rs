@@ -1106,6 +1106,26 @@ mod against_simulator {
             .await
             .expect("all entries");
         assert_eq!(entries.len(), CACHE_ENTRIES);
+        // GitLab lists them newest first: the last cached comes first.
+        let paths: Vec<&str> = entries
+            .iter()
+            .map(|entry| entry.relative_path.as_str())
+            .collect();
+        let newest_first: Vec<String> = (0..CACHE_ENTRIES)
+            .rev()
+            .map(|n| format!("library/image{n:03}/manifests/latest"))
+            .collect();
+        assert_eq!(paths, newest_first);
+        let malformed = client
+            .delete_cache_entry("not-an-entry-id")
+            .await
+            .expect_err("malformed id");
+        assert_eq!(malformed.status(), Some(400), "{malformed}");
+        let case_insensitive = client
+            .list_cache_entries_all(CACHED_UPSTREAM, Some("LIBRARY/IMAGE007"))
+            .await
+            .expect("search");
+        assert_eq!(case_insensitive.len(), 1);
         let first_page = client
             .list_cache_entries(CACHED_UPSTREAM, PageRequest::default(), None)
             .await
@@ -1271,10 +1291,9 @@ mod against_simulator {
             .await
             .expect_err("protected");
         assert_eq!(protected.reason(), "Forbidden");
-        assert_eq!(
-            protected.message(),
-            "403 Forbidden - cannot delete protected tag(s)"
-        );
+        // GitLab's policy refuses a protected tag before the delete service runs: the plain
+        // 403, not the service's "- cannot delete protected tag(s)".
+        assert_eq!(protected.message(), "403 Forbidden");
         let rules = client
             .list_tag_protection_rules(&project)
             .await

@@ -281,6 +281,18 @@ async fn registries_crud_and_validation() {
         api.get(&format!("{VR}/registries/{id}")).await.body["description"],
         json!("changed")
     );
+    for (field, message) in [
+        ("description", "description is empty"),
+        ("name", "name is empty"),
+    ] {
+        let blank = api
+            .patch(&format!("{VR}/registries/{id}"), json!({ field: "" }))
+            .await;
+        assert_eq!(
+            (blank.status, blank.body),
+            (400, json!({ "error": message }))
+        );
+    }
     let nothing = api.patch(&format!("{VR}/registries/{id}"), json!({})).await;
     assert_eq!(
         (nothing.status, nothing.body),
@@ -309,23 +321,28 @@ async fn registries_crud_and_validation() {
 #[tokio::test]
 async fn group_paths_subgroups_and_unknown_groups() {
     let api = demo().await;
-    let encoded = api
-        .get("/groups/my-org%2Fplatform/-/virtual_registries/container/registries")
-        .await;
-    assert_eq!(
-        (encoded.status, encoded.body),
-        (403, json!({"message": "403 Forbidden"}))
-    );
-    let upstreams = api
-        .get("/groups/my-org%2Fplatform/-/virtual_registries/container/upstreams")
-        .await;
-    assert_eq!(
-        (upstreams.status, upstreams.body),
+    // A subgroup answers 404 on every registry and group upstream route: GitLab's
+    // permission check runs before the "only available on top-level groups" one.
+    let subgroup = "/groups/my-org%2Fplatform/-/virtual_registries/container";
+    for (method, path, body) in [
+        (Method::GET, "registries", None),
+        (Method::POST, "registries", Some(json!({"name": "r"}))),
+        (Method::GET, "upstreams", None),
         (
-            400,
-            json!({"message": "400 Bad request - only available on top-level groups."})
-        )
-    );
+            Method::POST,
+            "upstreams/test",
+            Some(json!({"url": "https://registry-1.docker.io"})),
+        ),
+    ] {
+        let reply = api
+            .call(method.clone(), &format!("{subgroup}/{path}"), body)
+            .await;
+        assert_eq!(
+            (reply.status, reply.body),
+            (404, json!({"message": "404 Not Found"})),
+            "{method} {path}"
+        );
+    }
     let unknown = api
         .get("/groups/nope/-/virtual_registries/container/registries")
         .await;
@@ -605,10 +622,24 @@ async fn associations_positions_and_cascade() {
         order(&first_list),
         vec![(upstreams[2], 1), (upstreams[0], 2), (upstreams[1], 3)]
     );
-    let capped = api
+    // 6..=20 passes the parameter check, but GitLab's update_position refuses it and the
+    // API ignores that: 200, nothing moves.
+    let ignored = api
         .patch(
             &format!("{VR}/registry_upstreams/{u3_association}"),
             json!({"position": 20}),
+        )
+        .await;
+    assert_eq!((ignored.status, ignored.body), (200, json!(200)));
+    let first_list = api.get(&format!("{VR}/registries/{first}")).await.body;
+    assert_eq!(
+        order(&first_list),
+        vec![(upstreams[2], 1), (upstreams[0], 2), (upstreams[1], 3)]
+    );
+    let capped = api
+        .patch(
+            &format!("{VR}/registry_upstreams/{u3_association}"),
+            json!({"position": 5}),
         )
         .await;
     assert_eq!(capped.status, 200);
@@ -778,7 +809,6 @@ async fn cache_entries_list_search_delete_and_purge() {
         "group_id",
         "upstream_id",
         "upstream_checked_at",
-        "file_md5",
         "file_sha1",
         "size",
         "relative_path",
@@ -791,6 +821,11 @@ async fn cache_entries_list_search_delete_and_purge() {
     ] {
         assert!(entry.get(field).is_some(), "{field} missing in {entry}");
     }
+    assert_eq!(
+        entry.get("file_md5"),
+        None,
+        "GitLab's entity has no file_md5"
+    );
     let searched = api
         .get(&format!("{base}?search=library/alpine/manifests"))
         .await;
@@ -840,7 +875,16 @@ async fn connection_tests_send_head_and_map_answers() {
     assert_eq!((reply.status, reply.body), (200, json!({"success": true})));
     let request = stub.requests().pop().unwrap();
     assert_eq!(request.method, "HEAD");
-    assert!(request.path.starts_with("/v2/"), "{}", request.path);
+    assert_eq!(request.path, "/v2/library/alpine/manifests/latest");
+    // A url ending in /v2 (or /v2/) is probed below it once.
+    let with_v2 = api
+        .post(test, json!({"url": format!("{}/v2/", stub.url())}))
+        .await;
+    assert_eq!(with_v2.body, json!({"success": true}));
+    assert_eq!(
+        stub.requests().pop().unwrap().path,
+        "/v2/library/alpine/manifests/latest"
+    );
     for (status, expected) in [
         (404, json!({"success": true})),
         (
@@ -849,7 +893,15 @@ async fn connection_tests_send_head_and_map_answers() {
         ),
         (
             503,
-            json!({"success": false, "result": "Error: 5XX - Server Error"}),
+            json!({"success": false, "result": "Error: 503 - Service Unavailable"}),
+        ),
+        (
+            500,
+            json!({"success": false, "result": "Error: 500 - Internal Server Error"}),
+        ),
+        (
+            429,
+            json!({"success": false, "result": "Error: 429 - Too Many Requests"}),
         ),
     ] {
         stub.set_status(status);
@@ -871,9 +923,45 @@ async fn connection_tests_send_head_and_map_answers() {
         )
         .await;
     assert_eq!(authenticated.body, json!({"success": true}));
+    // The credentials went to the token realm only; the registry saw a Bearer token.
+    let flow: Vec<(String, String, Option<String>, bool)> = stub.requests()
+        [stub.requests().len() - 3..]
+        .iter()
+        .map(|r| {
+            (
+                r.method.clone(),
+                r.path.clone(),
+                r.username.clone(),
+                r.bearer,
+            )
+        })
+        .collect();
+    let probe = "/v2/library/alpine/manifests/latest".to_owned();
     assert_eq!(
-        stub.requests().pop().unwrap().username.as_deref(),
-        Some("bot")
+        flow,
+        vec![
+            ("HEAD".into(), probe.clone(), None, false),
+            ("GET".into(), "/token".into(), Some("bot".into()), false),
+            ("HEAD".into(), probe, None, true),
+        ]
+    );
+    let token_query = stub.requests()[stub.requests().len() - 2]
+        .query
+        .clone()
+        .unwrap();
+    assert!(
+        token_query.contains("service=upstream-stub"),
+        "{token_query}"
+    );
+    assert!(
+        token_query.contains("scope=repository%3Alibrary%2Falpine%3Apull"),
+        "{token_query}"
+    );
+    assert!(
+        stub.registry_requests()
+            .iter()
+            .all(|r| r.username.is_none()),
+        "no Basic credentials to the registry itself"
     );
     let half = api
         .post(test, json!({"url": stub.url(), "username": "bot"}))
@@ -957,10 +1045,21 @@ async fn stubbed_connection_tests_use_no_network() {
     )
     .await;
     let test = "/groups/my-org/-/virtual_registries/container/upstreams/test";
-    let ok = api
+    let ok = api.post(test, json!({"url": "https://quay.io"})).await;
+    assert_eq!(ok.body, json!({"success": true}));
+    // The demo's Docker Hub upstream holds this url without credentials: the unsaved test
+    // upstream fails the model's uniqueness rule before any test.
+    let duplicate = api
         .post(test, json!({"url": "https://registry-1.docker.io"}))
         .await;
-    assert_eq!(ok.body, json!({"success": true}));
+    assert_eq!(duplicate.status, 400);
+    let unavailable = api
+        .post(test, json!({"url": "https://unavailable.example.com"}))
+        .await;
+    assert_eq!(
+        unavailable.body,
+        json!({"success": false, "result": "Error: 503 - Service Unavailable"})
+    );
     let denied = api
         .post(test, json!({"url": "https://unauthorized.example.com"}))
         .await;
@@ -1052,10 +1151,7 @@ async fn container_repositories_and_tags() {
         .await;
     assert_eq!(
         (protected.status, protected.body),
-        (
-            403,
-            json!({"message": "403 Forbidden - cannot delete protected tag(s)"})
-        )
+        (403, json!({"message": "403 Forbidden"}))
     );
     let rules = api
         .get("/projects/my-org%2Fapp/registry/protection/tag/rules")
@@ -1303,7 +1399,13 @@ async fn project_cleanup_policy() {
     assert_eq!(policy["cadence"], json!("1month"));
     assert_eq!(policy["name_regex"], json!(".*"));
     assert_eq!(policy["keep_n"], json!(10));
-    assert_eq!(policy["next_run_at"], json!("2025-04-01T00:00:00.000Z"));
+    // One cadence ahead, a month counted as 30 days (INFERRED).
+    assert_eq!(policy["next_run_at"], json!("2025-03-31T00:00:00.000Z"));
+    assert_eq!(
+        policy.get("name_regex_delete"),
+        None,
+        "no name_regex_delete in GitLab's answer"
+    );
     let fetched = api.get("/projects/200").await;
     assert_eq!(fetched.body["container_expiration_policy"], *policy);
     let bad = api
@@ -1610,4 +1712,439 @@ async fn project_branches_are_seeded_listed_by_page_and_deleted_by_encoded_name(
     );
     // An unknown seed key is refused, so `branches` is the one spelling.
     assert!(Seed::parse("projects: [{id: 3, path_with_namespace: g/x, branch: [main]}]").is_err());
+}
+
+/// A simulator that may reach loopback upstreams, with a registry in `my-org`.
+async fn local_with_registry() -> (Api, u64) {
+    let api = start(
+        SimConfig {
+            allow_local_network: true,
+            ..config()
+        },
+        Seed::demo(),
+    )
+    .await;
+    let registry = api.create_registry("my-org", "r").await;
+    (api, registry)
+}
+
+fn state_upstream(api: &Api, id: u64) -> sim::state::Upstream {
+    api.sim
+        .snapshot()
+        .upstreams
+        .into_iter()
+        .find(|upstream| upstream.id == id)
+        .expect("upstream in state")
+}
+
+#[tokio::test]
+async fn url_change_clears_credentials_unless_both_change_in_the_same_request() {
+    let (api, registry) = local_with_registry().await;
+    let created = api
+        .post(
+            &format!("{VR}/registries/{registry}/upstreams"),
+            json!({"name": "q", "url": "https://quay.io", "username": "bot", "password": "pw"}),
+        )
+        .await;
+    let id = upstream_id(&created);
+    let path = format!("{VR}/upstreams/{id}");
+    let credentials = |api: &Api| {
+        let upstream = state_upstream(api, id);
+        (upstream.username, upstream.password.is_some())
+    };
+    // The same credentials re-sent with a new url are no change: cleared.
+    let resent = api
+        .patch(
+            &path,
+            json!({"url": "https://quay.example.com", "username": "bot", "password": "pw"}),
+        )
+        .await;
+    assert_eq!(resent.status, 200);
+    assert_eq!(credentials(&api), (None, false));
+    // Sent in a later request, they stay.
+    let later = api
+        .patch(&path, json!({"username": "bot", "password": "pw"}))
+        .await;
+    assert_eq!(later.status, 200);
+    assert_eq!(credentials(&api), (Some("bot".into()), true));
+    // Only the password changes with the url: both cleared.
+    api.patch(
+        &path,
+        json!({"url": "https://quay2.example.com", "username": "bot", "password": "new"}),
+    )
+    .await;
+    assert_eq!(credentials(&api), (None, false));
+    api.patch(&path, json!({"username": "bot", "password": "pw"}))
+        .await;
+    // Both change with the url: kept.
+    api.patch(
+        &path,
+        json!({"url": "https://quay3.example.com", "username": "robot", "password": "new"}),
+    )
+    .await;
+    assert_eq!(credentials(&api), (Some("robot".into()), true));
+    // Other fields leave them alone.
+    api.patch(&path, json!({"cache_validity_hours": 1})).await;
+    assert_eq!(credentials(&api), (Some("robot".into()), true));
+}
+
+#[tokio::test]
+async fn patch_upstream_has_no_all_or_none_but_the_model_presence_rules() {
+    let (api, registry) = local_with_registry().await;
+    let created = api
+        .post(
+            &format!("{VR}/registries/{registry}/upstreams"),
+            json!({"name": "q", "url": "https://quay.io", "username": "bot", "password": "pw"}),
+        )
+        .await;
+    let id = upstream_id(&created);
+    let path = format!("{VR}/upstreams/{id}");
+    let alone = api.patch(&path, json!({"username": "robot"})).await;
+    assert_eq!((alone.status, alone.body), (200, json!(200)));
+    assert_eq!(state_upstream(&api, id).username.as_deref(), Some("robot"));
+    let blank_username = api
+        .patch(&path, json!({"username": "", "password": "x"}))
+        .await;
+    assert_eq!(
+        (blank_username.status, blank_username.body),
+        (400, json!({"message": {"username": ["can't be blank"]}}))
+    );
+    let cleared = api
+        .patch(&path, json!({"username": "", "password": ""}))
+        .await;
+    assert_eq!(cleared.status, 200);
+    assert_eq!(state_upstream(&api, id).username, None);
+    let lone_username = api.patch(&path, json!({"username": "bot"})).await;
+    assert_eq!(
+        (lone_username.status, lone_username.body),
+        (400, json!({"message": {"password": ["can't be blank"]}}))
+    );
+}
+
+#[tokio::test]
+async fn existing_upstream_test_parameters_and_probed_path() {
+    let (api, registry) = local_with_registry().await;
+    let stub = UpstreamStub::start(StubBehaviour::requiring("bot", "pw"))
+        .await
+        .unwrap();
+    let created = api
+        .post(
+            &format!("{VR}/registries/{registry}/upstreams"),
+            json!({"name": "stub", "url": stub.url(), "username": "bot", "password": "pw"}),
+        )
+        .await;
+    let id = upstream_id(&created);
+    let test = format!("{VR}/upstreams/{id}/test");
+    let ok = json!({"success": true});
+    let unauthorized = json!({"success": false, "result": "Error: 401 - Unauthorized"});
+    for (body, expected_status, expected) in [
+        (json!({}), 200, ok.clone()),
+        (json!({"url": stub.url()}), 200, ok.clone()),
+        (json!({"username": "bot", "password": ""}), 200, ok.clone()),
+        (
+            json!({"username": "bot", "password": "pw"}),
+            200,
+            ok.clone(),
+        ),
+        (
+            json!({"username": "bot", "password": "no"}),
+            200,
+            unauthorized.clone(),
+        ),
+        (
+            json!({"username": "", "password": ""}),
+            200,
+            unauthorized.clone(),
+        ),
+        (
+            json!({"username": "bot"}),
+            400,
+            json!({"message": {"password": ["can't be blank"]}}),
+        ),
+        (
+            json!({"password": "pw"}),
+            400,
+            json!({"message": {"username": ["can't be blank"]}}),
+        ),
+    ] {
+        let reply = api.post(&test, body.clone()).await;
+        assert_eq!(
+            (reply.status, reply.body),
+            (expected_status, expected),
+            "{body}"
+        );
+    }
+    // Nothing cached: the new-upstream path; then the first cached entry's path.
+    assert_eq!(
+        stub.registry_requests().last().unwrap().path,
+        "/v2/library/alpine/manifests/latest"
+    );
+    let now = jiff::Timestamp::now();
+    api.sim
+        .with_state(|state| {
+            state.put_cache_entry(sim::state::CacheEntry::cached_at(
+                100,
+                id,
+                "library/nginx/manifests/1.27",
+                now,
+            ))
+        })
+        .unwrap();
+    let reply = api.post(&test, json!({})).await;
+    assert_eq!(reply.body, ok);
+    assert_eq!(
+        stub.registry_requests().last().unwrap().path,
+        "/v2/library/nginx/manifests/1.27"
+    );
+    let token = stub
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|request| request.is_token_request())
+        .unwrap();
+    assert!(
+        token
+            .query
+            .unwrap()
+            .contains("scope=repository%3Alibrary%2Fnginx%3Apull")
+    );
+    // A new url without credentials is tested anonymously.
+    let other = UpstreamStub::start(StubBehaviour::requiring("bot", "pw"))
+        .await
+        .unwrap();
+    let moved = api.post(&test, json!({"url": other.url()})).await;
+    assert_eq!(moved.body, unauthorized);
+    assert!(
+        other
+            .requests()
+            .iter()
+            .all(|request| !request.is_token_request())
+    );
+}
+
+#[tokio::test]
+async fn new_upstream_test_runs_the_model_validations() {
+    let (api, registry) = local_with_registry().await;
+    let stub = UpstreamStub::start(StubBehaviour::default()).await.unwrap();
+    api.post(
+        &format!("{VR}/registries/{registry}/upstreams"),
+        json!({"name": "stub", "url": stub.url(), "username": "bot", "password": "pw"}),
+    )
+    .await;
+    let test = "/groups/my-org/-/virtual_registries/container/upstreams/test";
+    let duplicate = api
+        .post(
+            test,
+            json!({"url": stub.url(), "username": "bot", "password": "pw"}),
+        )
+        .await;
+    assert_eq!(
+        (duplicate.status, duplicate.body),
+        (
+            400,
+            json!({"message": {"group": ["already has an upstream with the same credentials"]}})
+        )
+    );
+    let tests_before = stub.tests();
+    let other = api
+        .post(
+            test,
+            json!({"url": stub.url(), "username": "bot", "password": "other"}),
+        )
+        .await;
+    assert_eq!((other.status, other.body), (200, json!({"success": true})));
+    assert_eq!(
+        stub.tests(),
+        tests_before + 1,
+        "the duplicate was never probed"
+    );
+    let blank = api
+        .post(
+            test,
+            json!({"url": stub.url(), "username": "", "password": "x"}),
+        )
+        .await;
+    assert_eq!(
+        (blank.status, blank.body),
+        (400, json!({"message": {"username": ["can't be blank"]}}))
+    );
+}
+
+#[tokio::test]
+async fn cache_entries_newest_first_with_group_iid_ids() {
+    let api = demo().await;
+    let base = format!("{VR}/upstreams/400/cache_entries");
+    let all = api.get(&base).await;
+    let ids: Vec<String> = all
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry["id"].as_str().unwrap().to_owned())
+        .collect();
+    use base64::Engine as _;
+    let decoded: Vec<String> = ids
+        .iter()
+        .map(|id| {
+            String::from_utf8(
+                base64::engine::general_purpose::URL_SAFE
+                    .decode(id)
+                    .unwrap(),
+            )
+            .unwrap()
+        })
+        .collect();
+    assert_eq!(decoded, ["100 5", "100 4", "100 3", "100 2", "100 1"]);
+    let searched = api
+        .get(&format!("{base}?search=LIBRARY/Alpine/Manifests"))
+        .await;
+    assert_eq!(searched.body.as_array().unwrap().len(), 2);
+    let malformed = api.delete(&format!("{VR}/cache_entries/not-base64!")).await;
+    assert_eq!(
+        (malformed.status, malformed.body),
+        (400, json!({"error": "id is invalid"}))
+    );
+    let unknown = base64::engine::general_purpose::URL_SAFE.encode("100 99");
+    assert_eq!(
+        api.delete(&format!("{VR}/cache_entries/{unknown}"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        api.delete(&format!("{VR}/cache_entries/{}", ids[0]))
+            .await
+            .status,
+        204
+    );
+    assert_eq!(api.get(&base).await.header("x-total"), "4");
+}
+
+#[tokio::test]
+async fn bulk_delete_concatenated_anchors_untimed_tags_and_late_older_than() {
+    let yaml = "groups: [{id: 1, full_path: g}]\nprojects:\n  - id: 2\n    path_with_namespace: g/p\n    repositories:\n      - id: 3\n        tags:\n          - {name: v1, digest: 'sha256:1', created_at: '2025-01-01T00:00:00Z'}\n          - {name: v1-rc, digest: 'sha256:2', created_at: '2025-01-02T00:00:00Z'}\n          - {name: xv2, digest: 'sha256:3', created_at: '2025-01-03T00:00:00Z'}\n          - {name: av1, digest: 'sha256:4', created_at: '2025-01-04T00:00:00Z'}\n          - {name: v2, digest: 'sha256:5', created_at: '2025-01-05T00:00:00Z'}\n          - {name: v2-untimed, digest: 'sha256:6'}\n      - id: 4\n        tags:\n          - {name: old, digest: 'sha256:7', created_at: '2024-01-01T00:00:00Z'}\n";
+    let api = start(config(), Seed::parse(yaml).unwrap()).await;
+    api.sim
+        .set_clock(Some("2025-02-01T00:00:00Z".parse().unwrap()));
+    let remaining = |api: &Api, repository: u64| -> Vec<String> {
+        api.sim
+            .snapshot()
+            .repositories
+            .into_iter()
+            .find(|r| r.id == repository)
+            .unwrap()
+            .tags
+            .keys()
+            .cloned()
+            .collect()
+    };
+    // `\Av1|v2.*\z`: v1, v1-rc (`\Av1`) and xv2, v2 (`v2.*\z`) match, av1 does not; keep_n 1
+    // spares the tag without a time (it counts as now, the newest) and nothing else.
+    let reply = api
+        .call(
+            Method::DELETE,
+            "/projects/2/registry/repositories/3/tags",
+            Some(json!({"name_regex_delete": "v1|v2.*", "keep_n": 1})),
+        )
+        .await;
+    assert_eq!(reply.status, 202, "{:?}", reply.body);
+    assert_eq!(remaining(&api, 3), ["av1", "v2-untimed"]);
+    // A bad older_than is accepted, deletes nothing, and takes the hourly lock.
+    let late = api
+        .call(
+            Method::DELETE,
+            "/projects/2/registry/repositories/4/tags",
+            Some(json!({"name_regex_delete": ".*", "older_than": "whenever"})),
+        )
+        .await;
+    assert_eq!((late.status, late.body), (202, json!(202)));
+    assert_eq!(remaining(&api, 4), ["old"]);
+    let again = api
+        .call(
+            Method::DELETE,
+            "/projects/2/registry/repositories/4/tags",
+            Some(json!({"name_regex_delete": ".*"})),
+        )
+        .await;
+    assert_eq!(again.status, 400);
+}
+
+#[tokio::test]
+async fn cleanup_policy_regexes_are_checked_only_when_enabled() {
+    let api = demo().await;
+    let put = |attributes: Value| {
+        api.call(
+            Method::PUT,
+            "/projects/200",
+            Some(json!({ "container_expiration_policy_attributes": attributes })),
+        )
+    };
+    let disabled =
+        put(json!({"enabled": false, "name_regex": "(unclosed", "name_regex_keep": "[x"})).await;
+    assert_eq!(disabled.status, 200, "{:?}", disabled.body);
+    assert_eq!(
+        disabled.body["container_expiration_policy"]["name_regex"],
+        json!("(unclosed")
+    );
+    let enabled = put(json!({"enabled": true})).await;
+    assert_eq!(enabled.status, 400);
+    let errors = enabled.body["message"].as_object().unwrap();
+    for field in [
+        "container_expiration_policy.name_regex",
+        "container_expiration_policy.name_regex_keep",
+    ] {
+        let message = errors[field][0].as_str().unwrap();
+        assert!(message.starts_with("not valid RE2 syntax: "), "{message}");
+    }
+}
+
+#[tokio::test]
+async fn tag_delete_from_developer_and_protection_as_plain_403() {
+    let developer = start(
+        SimConfig {
+            role: sim::AccessLevel::Developer,
+            ..config()
+        },
+        Seed::demo(),
+    )
+    .await;
+    let tags = "/projects/200/registry/repositories/300/tags";
+    assert_eq!(developer.delete(&format!("{tags}/1.3.0")).await.status, 200);
+    let protected = developer.delete(&format!("{tags}/1.2.0")).await;
+    assert_eq!(
+        (protected.status, protected.body),
+        (403, json!({"message": "403 Forbidden"}))
+    );
+    let rules = developer
+        .get("/projects/200/registry/protection/tag/rules")
+        .await;
+    assert_eq!(
+        (rules.status, rules.body),
+        (403, json!({"message": "403 Forbidden"}))
+    );
+    let reporter = start(
+        SimConfig {
+            role: sim::AccessLevel::Reporter,
+            ..config()
+        },
+        Seed::demo(),
+    )
+    .await;
+    let refused = reporter.delete(&format!("{tags}/1.3.0")).await;
+    assert_eq!(
+        (refused.status, refused.body),
+        (403, json!({"message": "403 Forbidden"}))
+    );
+    // Bulk delete stays Maintainer's.
+    assert_eq!(
+        developer
+            .call(
+                Method::DELETE,
+                tags,
+                Some(json!({"name_regex_delete": ".*"}))
+            )
+            .await
+            .status,
+        403
+    );
 }

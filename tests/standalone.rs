@@ -172,6 +172,141 @@ async fn a_changed_manifest_shows_exactly_that_change() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+fn replace_in(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).expect("manifest");
+    assert!(text.contains(from), "{from} in {}", path.display());
+    std::fs::write(path, text.replace(from, to)).expect("write");
+}
+
+fn upstreams_named<'a>(
+    snapshot: &'a gitlab_registry_operator::sim::Snapshot,
+    name: &str,
+) -> Vec<&'a gitlab_registry_operator::sim::state::Upstream> {
+    snapshot
+        .upstreams
+        .iter()
+        .filter(|upstream| upstream.name == name)
+        .collect()
+}
+
+/// Standalone keeps no state: an upstream whose url changed in its manifest is found by its
+/// name (unique in the group, claimed by no other manifest) and its url updated, not
+/// created a second time; its credentials survive the url change (sent after it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_url_updates_the_upstream_found_by_its_unique_name() {
+    let sim = simulator().await;
+    let dir = registry_examples(&temp_dir("url-change"));
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let output = tokio::task::block_in_place(|| run(Some(&sim), &["apply", "-f", &dir_arg]));
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let before = sim.snapshot();
+    let docker_hub = upstreams_named(&before, "Docker Hub")[0].clone();
+    assert!(
+        docker_hub.password.is_some(),
+        "the first apply sent credentials"
+    );
+
+    replace_in(
+        &dir.join("upstream-quay.yaml"),
+        "url: https://quay.io",
+        "url: https://quay.example.org",
+    );
+    replace_in(
+        &dir.join("upstream-dockerhub.yaml"),
+        "url: https://registry-1.docker.io",
+        "url: https://mirror.example.org",
+    );
+    sim.reset_request_counts();
+    let output =
+        tokio::task::block_in_place(|| run(Some(&sim), &["plan", "-f", &dir_arg, "-o", "json"]));
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("json");
+    for name in ["quay", "dockerhub"] {
+        let object = report["objects"]
+            .as_array()
+            .expect("objects")
+            .iter()
+            .find(|o| o["kind"] == "Upstream" && o["name"] == name)
+            .expect("the upstream's report");
+        let reasons: Vec<&str> = object["actions"]
+            .as_array()
+            .expect("actions")
+            .iter()
+            .filter_map(|a| a["reason"].as_str())
+            .collect();
+        assert!(reasons.contains(&"Adopted"), "{name}: {object:#}");
+        assert!(reasons.contains(&"Updated"), "{name}: {object:#}");
+        assert!(!reasons.contains(&"Created"), "{name}: {object:#}");
+    }
+    assert!(
+        sim.request_counts()
+            .keys()
+            .all(|route| route.starts_with("GET "))
+    );
+
+    let output = tokio::task::block_in_place(|| run(Some(&sim), &["apply", "-f", &dir_arg]));
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let after = sim.snapshot();
+    assert_eq!(
+        after.upstreams.len(),
+        before.upstreams.len(),
+        "no duplicate"
+    );
+    let quay = upstreams_named(&after, "Quay");
+    assert_eq!(quay.len(), 1);
+    assert_eq!(quay[0].url, "https://quay.example.org");
+    let moved = upstreams_named(&after, "Docker Hub");
+    assert_eq!(moved.len(), 1);
+    assert_eq!(moved[0].id, docker_hub.id);
+    assert_eq!(moved[0].url, "https://mirror.example.org");
+    assert_eq!(moved[0].username.as_deref(), Some("my-dockerhub-user"));
+    assert!(
+        moved[0].password.is_some(),
+        "credentials survived the url change"
+    );
+    let output = tokio::task::block_in_place(|| run(Some(&sim), &["plan", "-f", &dir_arg]));
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+
+    // Another upstream of the same name: which one moved cannot be told, so nothing is
+    // created and the condition names both.
+    sim.seed(
+        &Seed::parse(
+            "upstreams: [{id: 990, group: my-org, name: Quay, url: 'https://quay-mirror.example.com'}]\n",
+        )
+        .expect("seed"),
+    )
+    .expect("seeded");
+    replace_in(
+        &dir.join("upstream-quay.yaml"),
+        "url: https://quay.example.org",
+        "url: https://quay.example.net",
+    );
+    let output =
+        tokio::task::block_in_place(|| run(Some(&sim), &["apply", "-f", &dir_arg, "-o", "json"]));
+    assert_ne!(output.status.code(), Some(0), "{}", stdout(&output));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("json");
+    let object = report["objects"]
+        .as_array()
+        .expect("objects")
+        .iter()
+        .find(|o| o["kind"] == "Upstream" && o["name"] == "quay")
+        .expect("quay's report");
+    assert_eq!(object["ready"], false);
+    assert_eq!(object["reason"], "AmbiguousUpstream", "{object:#}");
+    let message = object["message"].as_str().expect("message");
+    assert!(
+        message.contains(&format!("{} (https://quay.example.org)", quay[0].id)),
+        "{message}"
+    );
+    assert!(
+        message.contains("990 (https://quay-mirror.example.com)"),
+        "{message}"
+    );
+    let last = sim.snapshot();
+    assert_eq!(upstreams_named(&last, "Quay").len(), 2, "nothing created");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn invalid_manifests_fail_with_file_and_field() {
     let dir = temp_dir("invalid");

@@ -26,7 +26,7 @@ use gitlab_registry_operator::sync::upstream::{
 use gitlab_registry_operator::sync::{Action, Mode};
 use jiff::{SignedDuration, Timestamp};
 use secrecy::SecretString;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -896,10 +896,21 @@ async fn url_change_resends_the_credentials() {
         let moved = env.reconcile_upstream(&request).await;
         assert!(moved.error.is_none(), "{:?}", moved.error);
         assert_eq!(moved.synced.status, Status::True);
+        // GitLab clears the credentials on a url change unless both change in the same
+        // request, and the same values re-sent are no change: the url goes first, the
+        // credentials follow in a second PATCH. One change all the same.
         let bodies = env.patch_bodies("/upstreams/");
-        assert_eq!(bodies.len(), 1);
-        assert_eq!(body_keys(&bodies[0]), ["password", "url", "username"]);
-        assert_eq!(bodies[0]["username"], "robot");
+        assert_eq!(bodies.len(), 2);
+        assert_eq!(body_keys(&bodies[0]), ["url"]);
+        assert_eq!(body_keys(&bodies[1]), ["password", "username"]);
+        assert_eq!(bodies[1]["username"], "robot");
+        assert_eq!(reasons(&moved.actions), ["Updated"]);
+        let fields: Vec<&str> = moved.actions[0]
+            .changes
+            .iter()
+            .map(|change| change.field)
+            .collect();
+        assert_eq!(fields, ["url", "credentials"]);
         let snapshot = env.snapshot();
         let remote = sim_upstream(&snapshot, id);
         assert_eq!(remote.url, second.url());
@@ -908,10 +919,22 @@ async fn url_change_resends_the_credentials() {
             remote.password.is_some(),
             "credentials survived the url change"
         );
-        // The gate test went to the new url with the credentials.
-        let probes = second.requests();
-        assert_eq!(probes.len(), 1);
-        assert_eq!(probes[0].username.as_deref(), Some("robot"));
+        assert_eq!(moved.applied_credentials, created.applied_credentials);
+        // The gate test went to the new url, the credentials to its token realm only.
+        assert_eq!(second.tests(), 1);
+        let token_requests: Vec<_> = second
+            .requests()
+            .into_iter()
+            .filter(|request| request.is_token_request())
+            .collect();
+        assert_eq!(token_requests.len(), 1);
+        assert_eq!(token_requests[0].username.as_deref(), Some("robot"));
+        assert!(
+            second
+                .registry_requests()
+                .iter()
+                .all(|r| r.username.is_none())
+        );
         // The change description never shows the password.
         let shown = format!("{:?}", moved.actions);
         assert!(!shown.contains("s3cret"), "{shown}");
@@ -1245,11 +1268,11 @@ async fn periodic_tests_report_gitlabs_result_as_the_reachable_reason() {
             let reachable = outcome.reachable.as_ref().expect("tested");
             assert_eq!(reachable.status, Status::False, "{status}");
             assert_eq!(reachable.reason, reason, "{status}");
-            assert!(
-                reachable.message.starts_with("Error: "),
-                "{}",
-                reachable.message
-            );
+            let phrase = reqwest::StatusCode::from_u16(status)
+                .expect("status")
+                .canonical_reason()
+                .expect("reason phrase");
+            assert_eq!(reachable.message, format!("Error: {status} - {phrase}"));
             // An unreachable upstream is not a sync failure.
             assert_eq!(outcome.synced.status, Status::True);
             let check = outcome.last_check.expect("recorded");
@@ -2589,7 +2612,19 @@ async fn removed_credentials_are_cleared_in_gitlab_and_in_the_outcome() {
             ))
             .await;
         assert!(cleared.error.is_none(), "{:?}", cleared.error);
-        let bodies = env.patch_bodies("/upstreams/");
+        let sent = env.recorder.take();
+        // The gate test tries the upstream as it will be: without credentials (both blank;
+        // none sent would test the stored ones).
+        let gate = sent
+            .iter()
+            .find(|r| r.method == "POST" && r.path.ends_with("/test"))
+            .expect("gate test");
+        assert_eq!(gate.body, json!({"username": "", "password": ""}));
+        let bodies: Vec<Value> = sent
+            .into_iter()
+            .filter(|r| r.method == "PATCH" && r.path.contains("/upstreams/"))
+            .map(|r| r.body)
+            .collect();
         assert_eq!(bodies.len(), 1);
         assert_eq!(body_keys(&bodies[0]), ["password", "username"]);
         assert_eq!(bodies[0]["username"], "");

@@ -189,8 +189,9 @@ impl GitLabClient {
             .await
     }
 
-    /// `PATCH /virtual_registries/container/upstreams/:id`. A url change without credentials
-    /// clears the stored ones in GitLab: pass `credentials` with every url change.
+    /// `PATCH /virtual_registries/container/upstreams/:id`. A url change clears the stored
+    /// credentials unless both username and password change in the same request: send the
+    /// credentials in a second call after a url change.
     pub async fn update_upstream(&self, upstream_id: i64, update: &UpstreamUpdate) -> Result<()> {
         self.inner
             .empty(
@@ -227,7 +228,10 @@ impl GitLabClient {
     }
 
     /// `POST /groups/:id/-/virtual_registries/container/upstreams/test`: tests a connection
-    /// before the upstream exists. A failed test is `Ok` with `success: false`.
+    /// before the upstream exists. A failed test is `Ok` with `success: false`. GitLab first
+    /// runs the model validations of an unsaved upstream: the url and credentials of an
+    /// existing upstream of the group answer
+    /// `400 {"message":{"group":["already has an upstream with the same credentials"]}}`.
     pub async fn test_upstream_connection(
         &self,
         group: &GroupRef,
@@ -248,7 +252,9 @@ impl GitLabClient {
     }
 
     /// `POST /virtual_registries/container/upstreams/:id/test`, optionally with a new url
-    /// and/or credentials to try before updating.
+    /// and/or credentials to try before updating. No overrides (or the stored url) test the
+    /// stored credentials; a new url alone is tested anonymously; a username or password alone
+    /// is GitLab's `400` "can't be blank". GitLab probes the first cached path.
     pub async fn test_existing_upstream(
         &self,
         upstream_id: i64,
@@ -290,8 +296,9 @@ impl GitLabClient {
             .await
     }
 
-    /// `PATCH /virtual_registries/container/registry_upstreams/:id` (position 1..=20; GitLab
-    /// caps it at the highest position and shifts those in between).
+    /// `PATCH /virtual_registries/container/registry_upstreams/:id`. GitLab accepts 1..=20
+    /// but moves only for 1..=5 (capped at the highest position, shifting those in between);
+    /// 6..=20 answers 200 and moves nothing.
     pub async fn reposition_association(&self, association_id: i64, position: i64) -> Result<()> {
         self.inner
             .empty(
@@ -328,7 +335,8 @@ impl GitLabClient {
         .query_opt("search", search)
     }
 
-    /// `GET /virtual_registries/container/upstreams/:id/cache_entries`, one page.
+    /// `GET /virtual_registries/container/upstreams/:id/cache_entries`, one page, newest
+    /// first; `search` is a case-insensitive substring of the relative path.
     pub async fn list_cache_entries(
         &self,
         upstream_id: i64,
@@ -564,8 +572,9 @@ impl GitLabClient {
             .await
     }
 
-    /// `DELETE /projects/:id/registry/repositories/:repository_id/tags/:tag_name`; a protected
-    /// tag answers [`super::Error::Forbidden`].
+    /// `DELETE /projects/:id/registry/repositories/:repository_id/tags/:tag_name` (Developer or
+    /// higher). A tag a protection rule covers, immutable rules included, is refused by policy
+    /// with a plain `403 {"message":"403 Forbidden"}` ([`super::Error::Forbidden`]).
     pub async fn delete_tag(
         &self,
         project: &ProjectRef,
@@ -605,7 +614,8 @@ impl GitLabClient {
             .await
     }
 
-    /// `GET /projects/:id/registry/protection/tag/rules`.
+    /// `GET /projects/:id/registry/protection/tag/rules`. Needs Maintainer (`403` below) and
+    /// lists mutable rules only: an empty list does not mean that no tag is protected.
     pub async fn list_tag_protection_rules(
         &self,
         project: &ProjectRef,

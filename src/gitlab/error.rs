@@ -24,7 +24,7 @@ pub enum Error {
     /// 401: no token, a bad token, or the feature is switched off.
     #[error("GitLab refused the token: {message}")]
     Unauthorized { message: String },
-    /// 403: role too low, token scope too narrow, protected tag, subgroup.
+    /// 403: role too low, token scope too narrow, protected tag.
     #[error("GitLab denied access: {message}")]
     Forbidden { message: String },
     /// 404 with GitLab's message (`404 Group Not Found`, `404 Not found`, …).

@@ -71,7 +71,8 @@ fn default_cache_validity_hours() -> i64 {
     24
 }
 
-/// Upstream credentials; GitLab takes username and password together or not at all.
+/// Upstream credentials. GitLab's model wants both or neither (a username without a password
+/// is `{"password":["can't be blank"]}`, and the reverse); a create also refuses one alone.
 #[derive(Debug, Clone)]
 pub struct UpstreamCredentials {
     pub username: String,
@@ -121,7 +122,9 @@ impl NewUpstream {
 
 /// `PATCH /virtual_registries/container/upstreams/:id`; `None` fields are not sent.
 ///
-/// A url change without credentials makes GitLab clear the stored ones: send both.
+/// A url change clears the stored credentials unless both username and password change in
+/// that same request (re-sending the stored ones counts as no change): send credentials in a
+/// later PATCH than the url.
 #[derive(Debug, Clone, Default)]
 pub struct UpstreamUpdate {
     pub name: Option<String>,
@@ -197,7 +200,8 @@ pub struct UpstreamTestResult {
     pub result: Option<String>,
 }
 
-/// `PATCH /virtual_registries/container/registries/:id`; GitLab needs at least one field.
+/// `PATCH /virtual_registries/container/registries/:id`; GitLab needs at least one field and
+/// refuses a blank one (`400 {"error":"description is empty"}`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RegistryUpdate {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -206,10 +210,10 @@ pub struct RegistryUpdate {
     pub description: Option<String>,
 }
 
-/// A cached image file or manifest of an upstream.
+/// A cached image file or manifest of an upstream. GitLab lists them newest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheEntry {
-    /// Url-safe base64 of `"<upstream_id> <relative_path>"`.
+    /// Url-safe base64 of `"<group_id> <iid>"` (opaque: used only to delete the entry).
     pub id: String,
     #[serde(default)]
     pub group_id: i64,
@@ -217,8 +221,6 @@ pub struct CacheEntry {
     pub upstream_id: i64,
     #[serde(default)]
     pub upstream_checked_at: Option<Timestamp>,
-    #[serde(default)]
-    pub file_md5: Option<String>,
     #[serde(default)]
     pub file_sha1: Option<String>,
     #[serde(default)]
@@ -304,11 +306,13 @@ pub struct TagDetails {
 /// Criteria of `DELETE /projects/:id/registry/repositories/:repository_id/tags`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BulkTagDelete {
-    /// RE2, implicitly anchored; required by GitLab.
+    /// RE2; required by GitLab. Anchored by plain concatenation, `"\\A" + regex + "\\z"`, so
+    /// an alternation needs its own group: `v1|v2` also matches `v1-rc`.
     pub name_regex_delete: String,
     pub name_regex_keep: Option<String>,
     pub keep_n: Option<u32>,
-    /// Human duration: `1h`, `1d`, `2d`, `1month`.
+    /// Human duration: `1h`, `1d`, `2d`, `1month`. GitLab does not check it when it accepts
+    /// the request: a value its worker cannot parse deletes nothing (INFERRED).
     pub older_than: Option<String>,
 }
 
@@ -353,7 +357,8 @@ pub struct ContainerExpirationPolicy {
     pub keep_n: Option<i64>,
     #[serde(default)]
     pub older_than: Option<String>,
-    /// The delete regex.
+    /// The delete regex (GitLab's answer has no `name_regex_delete`). Required, and both
+    /// regexes RE2-checked, only while the policy is enabled.
     #[serde(default)]
     pub name_regex: Option<String>,
     #[serde(default)]
@@ -512,7 +517,7 @@ mod tests {
         );
 
         let entry: CacheEntry = serde_json::from_str(
-            r#"{"id":"MTUgbGlicmFyeS9uZ2lueC9tYW5pZmVzdC9zaGEyNTY6YWJjZGVmZ2hpams=","group_id":5,"upstream_id":1,"upstream_checked_at":"2024-05-30T12:28:27.855Z","file_md5":"44f21d5190b5a6df8089f54799628d7e","file_sha1":"74d101856d26f2db17b39bd22d3204021eb0bf7d","size":2048,"relative_path":"library/nginx/manifests/latest","content_type":"application/vnd.docker.distribution.manifest.v2+json","upstream_etag":"\"686897696a7c876b7e\"","created_at":"2024-05-30T12:28:27.855Z","updated_at":"2024-05-30T12:28:27.855Z","downloads_count":5,"downloaded_at":"2024-06-05T14:58:32.855Z"}"#,
+            r#"{"id":"MTUgbGlicmFyeS9uZ2lueC9tYW5pZmVzdC9zaGEyNTY6YWJjZGVmZ2hpams=","group_id":5,"upstream_id":1,"upstream_checked_at":"2024-05-30T12:28:27.855Z","file_sha1":"74d101856d26f2db17b39bd22d3204021eb0bf7d","size":2048,"relative_path":"library/nginx/manifests/latest","content_type":"application/vnd.docker.distribution.manifest.v2+json","upstream_etag":"\"686897696a7c876b7e\"","created_at":"2024-05-30T12:28:27.855Z","updated_at":"2024-05-30T12:28:27.855Z","downloads_count":5,"downloaded_at":"2024-06-05T14:58:32.855Z"}"#,
         )
         .expect("cache entry");
         assert_eq!(entry.downloads_count, 5);

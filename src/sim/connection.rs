@@ -1,13 +1,25 @@
-//! Upstream connection tests, as GitLab's `.../upstreams/test` endpoints run them: a `HEAD`
-//! to `<url>/v2/<test path>` (basic auth when credentials are given, following a registry's
-//! `Bearer` token challenge), mapped to `{"success": true}` or
-//! `{"success": false, "result": "Error: ..."}`. In stub mode no network is used: the answer
-//! is derived from the url (see [`stub_outcome`]).
+//! Upstream connection tests, as GitLab's `Upstream#test` runs them: a `HEAD` to
+//! `<url without trailing / and /v2>/v2/<path>` (path `library/alpine/manifests/latest` for a
+//! new upstream, the first cached path for an existing one), redirects followed. Credentials
+//! never go to the registry itself: only a `401` with a `WWW-Authenticate: Bearer realm=…,
+//! service=…` challenge makes GitLab ask the realm for a token with Basic credentials, and
+//! the test `HEAD` is sent again with `Authorization: Bearer <token>`. The answer is mapped to
+//! `{"success": true}` (2xx or 404) or `{"success": false, "result": "Error: <code> - <reason
+//! phrase>"}` / `"Error: <transport message>"`. In stub mode no network is used: the answer is
+//! derived from the url (see [`stub_outcome`]).
 
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
+
+/// The path GitLab probes for a new upstream (or one with nothing cached).
+pub const NEW_UPSTREAM_TEST_PATH: &str = "library/alpine/manifests/latest";
+
+/// The `Accept` header of GitLab's registry requests (manifest media types).
+const REGISTRY_ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
 
 /// What a connection test checks.
 #[derive(Debug, Clone)]
@@ -15,17 +27,26 @@ pub struct ProbeTarget {
     pub url: String,
     pub username: Option<String>,
     pub password: Option<SecretString>,
-    /// Path below `/v2/`: a cached relative path, or empty for the registry root.
+    /// Path below `/v2/`: a cached relative path, or [`NEW_UPSTREAM_TEST_PATH`].
     pub path: String,
 }
 
 impl ProbeTarget {
-    fn probe_url(&self) -> String {
-        format!(
-            "{}/v2/{}",
-            self.url.trim_end_matches('/'),
-            self.path.trim_start_matches('/')
-        )
+    /// GitLab's `url_for(path)`: the url without a trailing `/` and `/v2`, then `/v2/<path>`.
+    pub fn probe_url(&self) -> String {
+        let base = self.url.trim_end_matches('/');
+        let base = base.strip_suffix("/v2").unwrap_or(base);
+        format!("{base}/v2/{}", self.path.trim_start_matches('/'))
+    }
+
+    /// The repository the probed path belongs to (`library/alpine` of
+    /// `library/alpine/manifests/latest`), for the token scope.
+    fn repository(&self) -> &str {
+        let path = self.path.trim_start_matches('/');
+        ["/manifests/", "/blobs/", "/tags/"]
+            .iter()
+            .find_map(|marker| path.find(marker).map(|index| &path[..index]))
+            .unwrap_or(path)
     }
 
     fn credentials(&self) -> Option<(&str, &str)> {
@@ -59,13 +80,11 @@ impl TestOutcome {
         }
     }
 
-    /// GitLab's mapping of the upstream's status.
+    /// GitLab's mapping of the upstream's status: 2xx and 404 succeed, anything else is
+    /// `Error: <code> - <reason phrase>`.
     pub fn from_status(status: u16) -> Self {
         match status {
             200..=299 | 404 => Self::success(),
-            401 => Self::failure("Error: 401 - Unauthorized"),
-            403 => Self::failure("Error: 403 - Forbidden"),
-            500..=599 => Self::failure("Error: 5XX - Server Error"),
             other => {
                 let reason = reqwest::StatusCode::from_u16(other)
                     .ok()
@@ -86,22 +105,26 @@ pub fn http_client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
         .build()
 }
 
-/// Sends the test `HEAD` and maps the answer.
+fn registry_head(client: &reqwest::Client, url: &str) -> reqwest::RequestBuilder {
+    client
+        .head(url)
+        .header(reqwest::header::ACCEPT, REGISTRY_ACCEPT)
+}
+
+/// Sends the test `HEAD` (anonymously; with a Bearer token when the registry challenges
+/// and credentials are given) and maps the answer.
 pub async fn probe(client: &reqwest::Client, target: &ProbeTarget) -> TestOutcome {
     let url = target.probe_url();
-    let mut request = client.head(&url);
-    if let Some((username, password)) = target.credentials() {
-        request = request.basic_auth(username, Some(password));
-    }
-    let response = match request.send().await {
+    let response = match registry_head(client, &url).send().await {
         Ok(response) => response,
         Err(error) => return network_failure(&error),
     };
     if response.status() == reqwest::StatusCode::UNAUTHORIZED
+        && target.credentials().is_some()
         && let Some(challenge) = bearer_challenge(&response)
     {
         return match fetch_token(client, target, &challenge).await {
-            Ok(Some(token)) => match client.head(&url).bearer_auth(token).send().await {
+            Ok(Some(token)) => match registry_head(client, &url).bearer_auth(token).send().await {
                 Ok(retried) => TestOutcome::from_status(retried.status().as_u16()),
                 Err(error) => network_failure(&error),
             },
@@ -132,7 +155,6 @@ fn network_failure(error: &reqwest::Error) -> TestOutcome {
 struct BearerChallenge {
     realm: String,
     service: Option<String>,
-    scope: Option<String>,
 }
 
 fn bearer_challenge(response: &reqwest::Response) -> Option<BearerChallenge> {
@@ -152,7 +174,6 @@ fn parse_bearer_challenge(header: &str) -> Option<BearerChallenge> {
     }
     let mut realm = None;
     let mut service = None;
-    let mut scope = None;
     for part in split_parameters(parameters) {
         let Some((key, value)) = part.split_once('=') else {
             continue;
@@ -161,14 +182,12 @@ fn parse_bearer_challenge(header: &str) -> Option<BearerChallenge> {
         match key.trim().to_ascii_lowercase().as_str() {
             "realm" => realm = Some(value),
             "service" => service = Some(value),
-            "scope" => scope = Some(value),
             _ => {}
         }
     }
     Some(BearerChallenge {
         realm: realm?,
         service,
-        scope,
     })
 }
 
@@ -191,20 +210,19 @@ fn split_parameters(text: &str) -> Vec<String> {
     parts
 }
 
+/// Asks the challenge's realm for a pull token of the probed repository, with the
+/// credentials as Basic auth. A realm that refuses maps like a registry answer (INFERRED).
 async fn fetch_token(
     client: &reqwest::Client,
     target: &ProbeTarget,
     challenge: &BearerChallenge,
 ) -> Result<Option<String>, TestOutcome> {
-    let mut request = client.get(&challenge.realm);
-    let mut query = Vec::new();
+    let scope = format!("repository:{}:pull", target.repository());
+    let mut query = vec![("scope", scope.as_str())];
     if let Some(service) = &challenge.service {
-        query.push(("service", service.as_str()));
+        query.insert(0, ("service", service.as_str()));
     }
-    if let Some(scope) = &challenge.scope {
-        query.push(("scope", scope.as_str()));
-    }
-    request = request.query(&query);
+    let mut request = client.get(&challenge.realm).query(&query);
     if let Some((username, password)) = target.credentials() {
         request = request.basic_auth(username, Some(password));
     }
@@ -228,7 +246,7 @@ async fn fetch_token(
 
 /// The built-in stub registry's answer (no network). Decided from the url's host and path,
 /// lower-cased: containing `unauthorized` → 401; `forbidden` → 403; `server-error` or
-/// `unavailable` → 5XX; `timeout` or `unreachable` → connection timeout; `private` without
+/// `unavailable` → 503; `timeout` or `unreachable` → connection timeout; `private` without
 /// credentials → 401; anything else succeeds.
 pub fn stub_outcome(target: &ProbeTarget) -> TestOutcome {
     let text = url::Url::parse(&target.url)
@@ -276,8 +294,12 @@ mod tests {
             Some("Error: 403 - Forbidden")
         );
         assert_eq!(
-            TestOutcome::from_status(502).result.as_deref(),
-            Some("Error: 5XX - Server Error")
+            TestOutcome::from_status(503).result.as_deref(),
+            Some("Error: 503 - Service Unavailable")
+        );
+        assert_eq!(
+            TestOutcome::from_status(500).result.as_deref(),
+            Some("Error: 500 - Internal Server Error")
         );
         assert_eq!(
             TestOutcome::from_status(429).result.as_deref(),
@@ -311,6 +333,34 @@ mod tests {
     }
 
     #[test]
+    fn probe_urls_drop_a_trailing_v2() {
+        let probe = |url: &str, path: &str| {
+            ProbeTarget {
+                path: path.into(),
+                ..target(url)
+            }
+            .probe_url()
+        };
+        assert_eq!(
+            probe("https://registry-1.docker.io", NEW_UPSTREAM_TEST_PATH),
+            "https://registry-1.docker.io/v2/library/alpine/manifests/latest"
+        );
+        assert_eq!(
+            probe("https://quay.io/v2/", "/org/app/manifests/1"),
+            "https://quay.io/v2/org/app/manifests/1"
+        );
+        assert_eq!(
+            probe("https://example.com/mirror/v2", "a/blobs/sha256:x"),
+            "https://example.com/mirror/v2/a/blobs/sha256:x"
+        );
+        let target = ProbeTarget {
+            path: "org/team/app/manifests/latest".into(),
+            ..target("https://x.io")
+        };
+        assert_eq!(target.repository(), "org/team/app");
+    }
+
+    #[test]
     fn bearer_challenges_parse() {
         let challenge = parse_bearer_challenge(
             r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull,push""#,
@@ -318,10 +368,6 @@ mod tests {
         .unwrap();
         assert_eq!(challenge.realm, "https://auth.docker.io/token");
         assert_eq!(challenge.service.as_deref(), Some("registry.docker.io"));
-        assert_eq!(
-            challenge.scope.as_deref(),
-            Some("repository:library/alpine:pull,push")
-        );
         assert_eq!(parse_bearer_challenge(r#"Basic realm="x""#), None);
     }
 }

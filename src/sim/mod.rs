@@ -92,8 +92,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct SimConfig {
     /// The only accepted token (`PRIVATE-TOKEN` or `Authorization: Bearer`).
     pub token: SecretString,
-    /// The token owner's role: writes need Maintainer (else `403`); protected tags whose
-    /// rule requires a higher role cannot be deleted.
+    /// The token owner's role: writes need Maintainer (else `403`), except a single tag's
+    /// delete, which needs Developer; reading tag protection rules needs Maintainer; a tag
+    /// whose protection rule requires a higher role cannot be deleted (plain `403`).
     pub role: AccessLevel,
     /// A `read_api` token: writes answer `403 insufficient_scope`.
     pub read_only_token: bool,

@@ -17,11 +17,12 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value, json};
 
 use super::Shared;
-use super::connection::{ProbeTarget, TestOutcome, probe, stub_outcome};
+use super::connection::{NEW_UPSTREAM_TEST_PATH, ProbeTarget, TestOutcome, probe, stub_outcome};
 use super::faults::{FaultAction, FaultSpec};
 use super::seed::Seed;
 use super::state::{
-    AccessLevel, ApiError, ApiResult, BulkDelete, NewUpstream, Tag, UpstreamChanges, url_problems,
+    AccessLevel, ApiError, ApiResult, BulkDelete, NewUpstream, Tag, UpstreamChanges,
+    ValidationErrors, url_problems,
 };
 use super::views::{self, RepositoryExtras};
 
@@ -30,6 +31,8 @@ type App = Arc<Shared>;
 /// Prefix of every GitLab API route.
 pub const API_PREFIX: &str = "/api/v4";
 const DEFAULT_PER_PAGE: i64 = 20;
+/// The single tag route, as counted.
+const TAG_ROUTE: &str = "/projects/:id/registry/repositories/:repository_id/tags/:tag_name";
 const MAX_PER_PAGE: i64 = 100;
 
 impl IntoResponse for ApiError {
@@ -604,7 +607,10 @@ async fn authenticate(
             }),
         );
     }
-    if write && config.role < AccessLevel::Maintainer {
+    // Writes need Maintainer, except a single tag's DELETE, which Developer may send (the
+    // handler checks the role and the tag's protection).
+    let tag_delete = *request.method() == Method::DELETE && &*context.template == TAG_ROUTE;
+    if write && !tag_delete && config.role < AccessLevel::Maintainer {
         return ApiError::forbidden().into_response();
     }
     next.run(request).await
@@ -665,8 +671,9 @@ async fn update_registry(
 ) -> ApiResult<Response> {
     let id = integer_id(&id, "id")?;
     let mut check = Check::new(&params);
+    // Both are `allow_blank: false` on update.
     let name = check.string("name", false, false);
-    let description = check.optional_string("description");
+    let description = check.string("description", false, false);
     check.at_least_one(&["name", "description"]);
     check.finish()?;
     app.state()
@@ -705,7 +712,7 @@ async fn list_group_upstreams(
     check.finish()?;
     let list: Vec<Value> = {
         let state = app.state();
-        let group = state.upstream_group(&group)?;
+        let group = state.registry_group(&group)?;
         state
             .upstreams_of_group(group.id, name.as_deref())
             .into_iter()
@@ -809,7 +816,7 @@ async fn update_upstream(
         "password",
         "cache_validity_hours",
     ]);
-    check.all_or_none(&["username", "password"]);
+    // No all-or-none here, unlike the create: the model's presence rules decide.
     check.finish()?;
     let changes = UpstreamChanges {
         name,
@@ -870,18 +877,33 @@ async fn test_new_upstream(
     let username = check.optional_string("username");
     check.all_or_none(&["username", "password"]);
     check.finish()?;
-    app.state().upstream_group(&group)?;
     let url = url.unwrap_or_default();
-    check_url(&url, app.config.allow_local_network)?;
+    {
+        let state = app.state();
+        let group_id = state.registry_group(&group)?.id;
+        // GitLab tests an unsaved upstream: its model validations answer first.
+        state.validate_test_upstream(
+            group_id,
+            &url,
+            username.as_deref(),
+            password.as_ref(),
+            app.config.allow_local_network,
+        )?;
+    }
     let target = ProbeTarget {
         url,
-        username,
-        password,
-        path: String::new(),
+        username: username.filter(|name| !name.is_empty()),
+        password: password.filter(|secret| !secret.expose_secret().is_empty()),
+        path: NEW_UPSTREAM_TEST_PATH.to_owned(),
     };
     Ok(run_connection_test(&app, target).await)
 }
 
+/// `POST /upstreams/:id/test`: no all-or-none. The stored credentials are tested when no
+/// credential is sent (with the stored url or no url), or when the stored username comes
+/// with a blank password; a lone `username` or `password` is the model's "can't be blank";
+/// both blank test anonymously (INFERRED); a new url without credentials is tested
+/// anonymously, as the url change would clear them.
 async fn test_existing_upstream(
     AxumState(app): AxumState<App>,
     Path(id): Path<String>,
@@ -892,32 +914,48 @@ async fn test_existing_upstream(
     let url = check.string("url", false, false);
     let password = password(&mut check);
     let username = check.optional_string("username");
-    check.all_or_none(&["username", "password"]);
     check.finish()?;
     let target = {
         let state = app.state();
         let upstream = state.upstream(id)?;
         let path = state
-            .cache_entries_of_upstream(id, None)?
-            .first()
-            .map(|entry| entry.relative_path.clone())
-            .unwrap_or_default();
+            .first_cached_path(id)
+            .unwrap_or_else(|| NEW_UPSTREAM_TEST_PATH.to_owned());
+        let url = url.unwrap_or_else(|| upstream.url.clone());
+        let same_url = url == upstream.url;
+        let blank_password = password
+            .as_ref()
+            .is_some_and(|secret| secret.expose_secret().is_empty());
         let (username, password) = match (username, password) {
-            (Some(username), Some(password)) => (Some(username), Some(password)),
-            // A new url is tested anonymously unless credentials come with it.
-            _ if url.is_some() => (None, None),
-            _ => (upstream.username.clone(), upstream.password.clone()),
+            (None, None) if same_url => (upstream.username.clone(), upstream.password.clone()),
+            (None, None) => (None, None),
+            (Some(name), _) if blank_password && upstream.username.as_deref() == Some(&name) => {
+                (upstream.username.clone(), upstream.password.clone())
+            }
+            (username, password) => {
+                let username = username.filter(|name| !name.is_empty());
+                let password = password.filter(|secret| !secret.expose_secret().is_empty());
+                let mut errors = ValidationErrors::default();
+                if username.is_some() && password.is_none() {
+                    errors.add("password", "can't be blank");
+                }
+                if password.is_some() && username.is_none() {
+                    errors.add("username", "can't be blank");
+                }
+                errors.into_result()?;
+                (username, password)
+            }
         };
+        if !same_url {
+            check_url(&url, app.config.allow_local_network)?;
+        }
         ProbeTarget {
-            url: url.clone().unwrap_or_else(|| upstream.url.clone()),
+            url,
             username,
             password,
             path,
         }
     };
-    if url.is_some() {
-        check_url(&target.url, app.config.allow_local_network)?;
-    }
     Ok(run_connection_test(&app, target).await)
 }
 
@@ -1274,6 +1312,11 @@ async fn list_protection_rules(
     AxumState(app): AxumState<App>,
     Path(project): Path<String>,
 ) -> ApiResult<Response> {
+    // Reading the rules needs Maintainer. Only mutable rules exist here: GitLab's immutable
+    // rules (EE) are never listed, so an empty list does not mean that no tag is protected.
+    if app.config.role < AccessLevel::Maintainer {
+        return Err(ApiError::forbidden());
+    }
     let state = app.state();
     let project_id = state.project(&project)?.id;
     let list: Vec<Value> = state

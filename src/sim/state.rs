@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE};
-use jiff::{SignedDuration, Timestamp, ToSpan, tz::TimeZone};
+use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
+use jiff::{SignedDuration, Timestamp};
 use regex::Regex;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
@@ -285,10 +285,12 @@ pub struct Association {
 #[derive(Debug, Clone, Serialize)]
 pub struct CacheEntry {
     pub group_id: u64,
+    /// The entry's internal id within its group: lists show the highest (newest) first.
+    /// Set by [`State::put_cache_entry`] for a new entry.
+    pub iid: u64,
     pub upstream_id: u64,
     pub relative_path: String,
     pub upstream_checked_at: Timestamp,
-    pub file_md5: String,
     pub file_sha1: String,
     pub size: u64,
     pub content_type: String,
@@ -300,14 +302,57 @@ pub struct CacheEntry {
 }
 
 impl CacheEntry {
-    /// GitLab's entry id: url-safe base64 of `"<upstream_id> <relative_path>"`.
+    /// A file cached at `now`, downloaded once, without fingerprints (for tests and drift).
+    /// [`State::put_cache_entry`] gives it its iid.
+    pub fn cached_at(
+        group_id: u64,
+        upstream_id: u64,
+        relative_path: impl Into<String>,
+        now: Timestamp,
+    ) -> Self {
+        Self {
+            group_id,
+            iid: 0,
+            upstream_id,
+            relative_path: relative_path.into(),
+            upstream_checked_at: now,
+            file_sha1: String::new(),
+            size: 1,
+            content_type: String::new(),
+            upstream_etag: String::new(),
+            created_at: now,
+            updated_at: now,
+            downloads_count: 1,
+            downloaded_at: now,
+        }
+    }
+
+    /// GitLab's entry id: url-safe base64 of `"<group_id> <iid>"` (the documentation's
+    /// `"<upstream_id> <relative_path>"` is not what the source builds).
     pub fn id(&self) -> String {
-        cache_entry_id(self.upstream_id, &self.relative_path)
+        cache_entry_id(self.group_id, self.iid)
     }
 }
 
-pub fn cache_entry_id(upstream_id: u64, relative_path: &str) -> String {
-    URL_SAFE.encode(format!("{upstream_id} {relative_path}"))
+pub fn cache_entry_id(group_id: u64, iid: u64) -> String {
+    URL_SAFE.encode(format!("{group_id} {iid}"))
+}
+
+/// Decodes a cache entry id into `(group_id, iid)`; anything else is GitLab's coercion
+/// error (`400`, INFERRED text `{"error":"id is invalid"}`).
+fn decode_cache_entry_id(encoded: &str) -> ApiResult<(u64, u64)> {
+    let invalid = || ApiError::parameter("id is invalid");
+    let decoded = URL_SAFE
+        .decode(encoded)
+        .or_else(|_| URL_SAFE_NO_PAD.decode(encoded))
+        .or_else(|_| STANDARD.decode(encoded))
+        .map_err(|_| invalid())?;
+    let decoded = String::from_utf8(decoded).map_err(|_| invalid())?;
+    let (group_id, iid) = decoded.split_once(' ').ok_or_else(invalid)?;
+    Ok((
+        group_id.parse().map_err(|_| invalid())?,
+        iid.parse().map_err(|_| invalid())?,
+    ))
 }
 
 /// The fields of a new upstream (`POST /registries/:id/upstreams`).
@@ -338,11 +383,13 @@ pub struct BulkDelete {
     delete: Regex,
     keep: Option<Regex>,
     keep_n: Option<i64>,
-    older_than: Option<SignedDuration>,
+    /// As sent: GitLab validates it only in the worker that runs the cleanup.
+    older_than: Option<String>,
 }
 
 impl BulkDelete {
-    /// Validates the parameters as GitLab does, with GitLab's Grape error bodies.
+    /// Validates the parameters as GitLab does, with GitLab's Grape error bodies. The
+    /// regexes are RE2-checked; `older_than` is a free string here (the worker parses it).
     pub fn new(
         name_regex_delete: Option<&str>,
         name_regex: Option<&str>,
@@ -373,16 +420,6 @@ impl BulkDelete {
         let alias = check("name_regex", name_regex);
         let delete = check("name_regex_delete", name_regex_delete).or(alias);
         let keep = check("name_regex_keep", name_regex_keep);
-        let older_than = match older_than {
-            Some(text) => match parse_human_duration(text) {
-                Some(duration) => Some(duration),
-                None => {
-                    problems.push("older_than is invalid".into());
-                    None
-                }
-            },
-            None => None,
-        };
         if !problems.is_empty() {
             return Err(ApiError::parameter(problems.join(", ")));
         }
@@ -396,16 +433,18 @@ impl BulkDelete {
             delete,
             keep,
             keep_n,
-            older_than,
+            older_than: older_than.map(str::to_owned),
         })
     }
 }
 
-/// Compiles a cleanup regex the way GitLab applies it: RE2 syntax, implicitly anchored.
-/// The error is a one-line message about the user's pattern.
+/// Compiles a cleanup regex the way GitLab's cleanup service applies it: RE2 syntax, anchored
+/// by plain concatenation, `"\\A" + pattern + "\\z"`. So an alternation is not grouped:
+/// `v1|v2` is `\Av1` or `v2\z`, and also matches `v1-rc`. The error is a one-line message
+/// about the user's pattern.
 pub fn compile_anchored(pattern: &str) -> std::result::Result<Regex, String> {
     Regex::new(pattern).map_err(|error| regex_message(&error))?;
-    Regex::new(&format!(r"\A(?:{pattern})\z")).map_err(|error| regex_message(&error))
+    Regex::new(&format!(r"\A{pattern}\z")).map_err(|error| regex_message(&error))
 }
 
 fn regex_message(error: &regex::Error) -> String {
@@ -528,6 +567,31 @@ fn too_long(errors: &mut ValidationErrors, attribute: &str, value: Option<&str>,
     }
 }
 
+/// A blank username is no username (the model's presence rules treat it so).
+fn non_blank(text: &str) -> Option<String> {
+    (!text.trim().is_empty()).then(|| text.to_owned())
+}
+
+fn non_blank_secret(secret: &SecretString) -> Option<SecretString> {
+    (!secret.expose_secret().trim().is_empty()).then(|| secret.clone())
+}
+
+/// The model's rules: `username` present if `password` is, and the reverse.
+fn credential_presence_errors(
+    errors: &mut ValidationErrors,
+    username: Option<&str>,
+    password: Option<&SecretString>,
+) {
+    let has_username = username.is_some_and(|name| !name.trim().is_empty());
+    let has_password = password.is_some_and(|secret| !secret.expose_secret().trim().is_empty());
+    if has_password && !has_username {
+        errors.add("username", "can't be blank");
+    }
+    if has_username && !has_password {
+        errors.add("password", "can't be blank");
+    }
+}
+
 fn same_secret(left: Option<&SecretString>, right: Option<&SecretString>) -> bool {
     match (left, right) {
         (None, None) => true,
@@ -545,6 +609,8 @@ struct IdCounters {
     registry: u64,
     upstream: u64,
     association: u64,
+    /// Next cache entry iid, per group.
+    cache_entry_iid: BTreeMap<u64, u64>,
 }
 
 impl Default for IdCounters {
@@ -557,6 +623,7 @@ impl Default for IdCounters {
             registry: 1,
             upstream: 1,
             association: 1,
+            cache_entry_iid: BTreeMap::new(),
         }
     }
 }
@@ -662,25 +729,18 @@ impl State {
         found.ok_or_else(|| ApiError::not_found_named("Project"))
     }
 
-    /// A top-level group for the registry endpoints; a subgroup is `403 Forbidden`.
+    /// A top-level group for the registry and group upstream endpoints. A subgroup answers
+    /// `404 {"message":"404 Not Found"}`: GitLab's permission check runs first and finds no
+    /// virtual registry feature there.
     pub fn registry_group(&self, id_or_path: &str) -> ApiResult<&Group> {
         let group = self.group(id_or_path)?;
         if group.is_top_level() {
             Ok(group)
         } else {
-            Err(ApiError::forbidden())
-        }
-    }
-
-    /// A top-level group for the group upstream endpoints; a subgroup is a `400`.
-    pub fn upstream_group(&self, id_or_path: &str) -> ApiResult<&Group> {
-        let group = self.group(id_or_path)?;
-        if group.is_top_level() {
-            Ok(group)
-        } else {
-            Err(ApiError::bad_request(
-                "400 Bad request - only available on top-level groups.",
-            ))
+            Err(ApiError {
+                status: 404,
+                body: json!({ "message": "404 Not Found" }),
+            })
         }
     }
 
@@ -916,6 +976,16 @@ impl State {
             cache_validity_hours: input.cache_validity_hours,
         };
         Self::upstream_field_errors(&mut errors, &fields, allow_local_network);
+        let input = NewUpstream {
+            username: input.username.as_deref().and_then(non_blank),
+            password: input.password.as_ref().and_then(non_blank_secret),
+            ..input
+        };
+        credential_presence_errors(
+            &mut errors,
+            input.username.as_deref(),
+            input.password.as_ref(),
+        );
         if self.credentials_taken(
             group_id,
             &input.url,
@@ -959,7 +1029,10 @@ impl State {
         Ok((upstream, association))
     }
 
-    /// Applies a PATCH. A url change without both credentials clears the stored ones.
+    /// Applies a PATCH (no all-or-none for the credentials: the model's presence rules
+    /// apply). GitLab's `reset_credentials` runs after validation when the url changed: it
+    /// clears username and password unless **both** changed in this request. Re-sending the
+    /// stored values is no change, so they are cleared too.
     pub fn update_upstream(
         &mut self,
         id: u64,
@@ -967,19 +1040,22 @@ impl State {
         allow_local_network: bool,
     ) -> ApiResult<Upstream> {
         let current = self.upstream(id)?.clone();
-        let url_changed = changes.url.as_ref().is_some_and(|url| *url != current.url);
-        let (username, password) = match (changes.username.clone(), changes.password.clone()) {
-            (Some(username), Some(password)) => (Some(username), Some(password)),
-            _ if url_changed => (None, None),
-            _ => (current.username.clone(), current.password.clone()),
-        };
         let url = changes.url.clone().unwrap_or_else(|| current.url.clone());
-        let credentials_changed = url_changed
-            || username != current.username
-            || !same_secret(password.as_ref(), current.password.as_ref());
+        let url_changed = url != current.url;
+        let username = match &changes.username {
+            Some(username) => non_blank(username),
+            None => current.username.clone(),
+        };
+        let password = match &changes.password {
+            Some(password) => non_blank_secret(password),
+            None => current.password.clone(),
+        };
+        let username_changed = username != current.username;
+        let password_changed = !same_secret(password.as_ref(), current.password.as_ref());
         let mut errors = ValidationErrors::default();
         Self::upstream_field_errors(&mut errors, &changes, allow_local_network);
-        if credentials_changed
+        credential_presence_errors(&mut errors, username.as_deref(), password.as_ref());
+        if (url_changed || username_changed || password_changed)
             && self.credentials_taken(
                 current.group_id,
                 &url,
@@ -991,6 +1067,11 @@ impl State {
             errors.add("group", "already has an upstream with the same credentials");
         }
         errors.into_result()?;
+        let (username, password) = if url_changed && !(username_changed && password_changed) {
+            (None, None)
+        } else {
+            (username, password)
+        };
         let now = self.now();
         let upstream = self
             .upstreams
@@ -1010,6 +1091,35 @@ impl State {
         upstream.password = password;
         upstream.updated_at = now;
         Ok(upstream.clone())
+    }
+
+    /// The model validations an unsaved upstream of the group runs before a connection test
+    /// (`POST /groups/:id/-/virtual_registries/container/upstreams/test` builds one named
+    /// `test`): url rules, credential presence, unique url and credentials in the group.
+    pub fn validate_test_upstream(
+        &self,
+        group_id: u64,
+        url: &str,
+        username: Option<&str>,
+        password: Option<&SecretString>,
+        allow_local_network: bool,
+    ) -> ApiResult<()> {
+        let mut errors = ValidationErrors::default();
+        let fields = UpstreamChanges {
+            name: Some("test".into()),
+            url: Some(url.to_owned()),
+            username: username.map(str::to_owned),
+            password: password.cloned(),
+            ..UpstreamChanges::default()
+        };
+        Self::upstream_field_errors(&mut errors, &fields, allow_local_network);
+        let username = username.and_then(non_blank);
+        let password = password.and_then(non_blank_secret);
+        credential_presence_errors(&mut errors, username.as_deref(), password.as_ref());
+        if self.credentials_taken(group_id, url, username.as_deref(), password.as_ref(), None) {
+            errors.add("group", "already has an upstream with the same credentials");
+        }
+        errors.into_result()
     }
 
     /// Deletes an upstream, its associations (renumbering every affected registry) and its
@@ -1111,9 +1221,14 @@ impl State {
     }
 
     /// Moves an association to `position` (already checked to be 1..=20), capped at the
-    /// registry's highest position; the ones in between shift by one.
+    /// registry's highest position; the ones in between shift by one. GitLab's
+    /// `update_position` refuses positions above 5 and the API ignores that: for 6..=20
+    /// nothing moves and the answer is still `200`.
     pub fn reposition(&mut self, id: u64, position: i64) -> ApiResult<Association> {
         let registry_id = self.association(id)?.registry_id;
+        if position > MAX_UPSTREAMS_PER_REGISTRY as i64 {
+            return self.association(id).cloned();
+        }
         let mut order: Vec<u64> = self
             .associations_of_registry(registry_id)
             .iter()
@@ -1141,43 +1256,67 @@ impl State {
 
     // ---- cache entries -------------------------------------------------------------------
 
-    /// The upstream's cache entries by relative path, filtered by a path substring.
+    /// The upstream's cache entries, newest first (`order_iid_desc`), filtered by a
+    /// case-insensitive substring of the relative path.
     pub fn cache_entries_of_upstream(
         &self,
         upstream_id: u64,
         search: Option<&str>,
     ) -> ApiResult<Vec<&CacheEntry>> {
         self.upstream(upstream_id)?;
-        Ok(self
+        let needle = search.map(str::to_lowercase);
+        let mut entries: Vec<&CacheEntry> = self
             .cache_entries
             .range((upstream_id, String::new())..)
             .take_while(|((entry_upstream, _), _)| *entry_upstream == upstream_id)
             .map(|(_, entry)| entry)
-            .filter(|entry| search.is_none_or(|needle| entry.relative_path.contains(needle)))
-            .collect())
+            .filter(|entry| {
+                needle
+                    .as_deref()
+                    .is_none_or(|needle| entry.relative_path.to_lowercase().contains(needle))
+            })
+            .collect();
+        entries.sort_by_key(|entry| std::cmp::Reverse(entry.iid));
+        Ok(entries)
     }
 
-    /// Deletes the entry named by its base64 id; unknown or malformed ids are `404`.
+    /// The path a connection test of an existing upstream probes: its first cached entry's
+    /// (by relative path, the table's key order), if it has any.
+    pub fn first_cached_path(&self, upstream_id: u64) -> Option<String> {
+        self.cache_entries
+            .range((upstream_id, String::new())..)
+            .take_while(|((entry_upstream, _), _)| *entry_upstream == upstream_id)
+            .map(|((_, path), _)| path.clone())
+            .next()
+    }
+
+    /// Deletes the entry named by its id (url-safe base64 of `"<group_id> <iid>"`): a
+    /// malformed id is a `400`, an unknown one `404`.
     pub fn delete_cache_entry(&mut self, encoded_id: &str) -> ApiResult<()> {
-        let decoded = URL_SAFE
-            .decode(encoded_id)
-            .or_else(|_| STANDARD.decode(encoded_id))
-            .map_err(|_| ApiError::not_found())?;
-        let decoded = String::from_utf8(decoded).map_err(|_| ApiError::not_found())?;
-        let (upstream_id, relative_path) =
-            decoded.split_once(' ').ok_or_else(ApiError::not_found)?;
-        let upstream_id: u64 = upstream_id.parse().map_err(|_| ApiError::not_found())?;
-        self.cache_entries
-            .remove(&(upstream_id, relative_path.to_owned()))
-            .map(|_| ())
-            .ok_or_else(ApiError::not_found)
+        let (group_id, iid) = decode_cache_entry_id(encoded_id)?;
+        let key = self
+            .cache_entries
+            .iter()
+            .find(|(_, entry)| entry.group_id == group_id && entry.iid == iid)
+            .map(|(key, _)| key.clone())
+            .ok_or_else(ApiError::not_found)?;
+        self.cache_entries.remove(&key);
+        Ok(())
     }
 
-    /// Records a cached file for an upstream (used by seeds and tests).
-    pub fn put_cache_entry(&mut self, entry: CacheEntry) -> ApiResult<()> {
+    /// Records a cached file for an upstream (used by seeds and tests). A new path gets the
+    /// group's next iid; a path cached before keeps its iid.
+    pub fn put_cache_entry(&mut self, mut entry: CacheEntry) -> ApiResult<()> {
         self.upstream(entry.upstream_id)?;
-        self.cache_entries
-            .insert((entry.upstream_id, entry.relative_path.clone()), entry);
+        let key = (entry.upstream_id, entry.relative_path.clone());
+        entry.iid = match self.cache_entries.get(&key) {
+            Some(existing) => existing.iid,
+            None => {
+                let counter = self.ids.cache_entry_iid.entry(entry.group_id).or_insert(1);
+                take_id(counter)
+            }
+        };
+        self.cache_entries.insert(key, entry);
         Ok(())
     }
 
@@ -1280,13 +1419,15 @@ impl State {
         name: &str,
         role: AccessLevel,
     ) -> ApiResult<()> {
-        self.tag(project_id, repository_id, name)?;
-        if self.is_protected(project_id, name, role) {
-            return Err(ApiError {
-                status: 403,
-                body: json!({ "message": "403 Forbidden - cannot delete protected tag(s)" }),
-            });
+        // Developer or higher may delete tags. A tag a protection rule covers for the
+        // caller's role is refused by policy before the delete service runs, with the plain
+        // `403 Forbidden` (the `- cannot delete protected tag(s)` text is the service's).
+        if role < AccessLevel::Developer || self.is_protected(project_id, name, role) {
+            return Err(ApiError::forbidden());
         }
+        // GitLab does not look the tag up first (INFERRED: a missing tag fails the service
+        // with a 400); the simulator keeps the `404 Tag Not Found` of the tag routes.
+        self.tag(project_id, repository_id, name)?;
         if let Some(repository) = self.repositories.get_mut(&repository_id) {
             repository.tags.remove(name);
         }
@@ -1294,7 +1435,9 @@ impl State {
     }
 
     /// Runs a bulk tag delete now (GitLab queues it; the outcome is the same) and returns the
-    /// deleted tag names. A second call for the repository within an hour is a `400`.
+    /// deleted tag names. A second call for the repository within an hour is a `400`. GitLab
+    /// applies `keep_n` per batch of 1,000 tags; the simulator applies it to the whole list,
+    /// which is the same below 1,000 tags.
     pub fn bulk_delete_tags(
         &mut self,
         project_id: u64,
@@ -1323,23 +1466,35 @@ impl State {
                     .is_some_and(|keep| keep.is_match(&tag.name))
             })
             .collect();
-        // Newest first; tags without a creation time sort last.
-        candidates.sort_by_key(|tag| std::cmp::Reverse(tag.created_at));
+        // GitLab orders by `updated_at || created_at`, newest first, and a tag without a
+        // time counts as now: the newest, so `keep_n` spares it first.
+        candidates.sort_by_key(|tag| std::cmp::Reverse(tag.created_at.unwrap_or(now)));
         let keep_n = request
             .keep_n
             .map(|keep| usize::try_from(keep).unwrap_or(0))
             .unwrap_or(0);
-        let cutoff = request.older_than.and_then(|age| now.checked_sub(age).ok());
-        let doomed: Vec<String> = candidates
-            .into_iter()
-            .skip(keep_n)
-            .filter(|tag| match cutoff {
-                Some(cutoff) => tag.created_at.is_some_and(|created| created < cutoff),
-                None => true,
-            })
-            .map(|tag| tag.name.clone())
-            .filter(|name| !self.is_protected(project_id, name, role))
-            .collect();
+        // `older_than` is parsed by the worker, after the request was accepted: a value it
+        // cannot parse fails the worker, so nothing is deleted (INFERRED), and the hourly
+        // lock is taken all the same.
+        let cutoff = match &request.older_than {
+            None => Ok(None),
+            Some(text) => parse_human_duration(text)
+                .map(|age| now.checked_sub(age).ok())
+                .ok_or(()),
+        };
+        let doomed: Vec<String> = match cutoff {
+            Err(()) => Vec::new(),
+            Ok(cutoff) => candidates
+                .into_iter()
+                .skip(keep_n)
+                .filter(|tag| match cutoff {
+                    Some(cutoff) => tag.created_at.unwrap_or(now) < cutoff,
+                    None => true,
+                })
+                .map(|tag| tag.name.clone())
+                .filter(|name| !self.is_protected(project_id, name, role))
+                .collect(),
+        };
         if let Some(repository) = self.repositories.get_mut(&repository_id) {
             for name in &doomed {
                 repository.tags.remove(name);
@@ -1628,26 +1783,24 @@ impl State {
                 let created_at = entry.created_at.unwrap_or(now);
                 let downloaded_at = entry.downloaded_at.unwrap_or(created_at);
                 let fingerprint = pseudo_hex(&format!("{id} {}", entry.relative_path), 40);
-                self.cache_entries.insert(
-                    (id, entry.relative_path.clone()),
-                    CacheEntry {
-                        group_id,
-                        upstream_id: id,
-                        relative_path: entry.relative_path.clone(),
-                        upstream_checked_at: downloaded_at,
-                        file_md5: fingerprint[..32].to_owned(),
-                        file_sha1: fingerprint,
-                        size: entry.size.unwrap_or(2048),
-                        content_type: entry.content_type.clone().unwrap_or_else(|| {
-                            "application/vnd.docker.distribution.manifest.v2+json".into()
-                        }),
-                        upstream_etag: format!("\"{}\"", pseudo_hex(&entry.relative_path, 18)),
-                        created_at,
-                        updated_at: downloaded_at,
-                        downloads_count: entry.downloads_count.unwrap_or(1),
-                        downloaded_at,
-                    },
-                );
+                self.put_cache_entry(CacheEntry {
+                    group_id,
+                    iid: 0,
+                    upstream_id: id,
+                    relative_path: entry.relative_path.clone(),
+                    upstream_checked_at: downloaded_at,
+                    file_sha1: fingerprint,
+                    size: entry.size.unwrap_or(2048),
+                    content_type: entry.content_type.clone().unwrap_or_else(|| {
+                        "application/vnd.docker.distribution.manifest.v2+json".into()
+                    }),
+                    upstream_etag: format!("\"{}\"", pseudo_hex(&entry.relative_path, 18)),
+                    created_at,
+                    updated_at: downloaded_at,
+                    downloads_count: entry.downloads_count.unwrap_or(1),
+                    downloaded_at,
+                })
+                .map_err(|error| SeedError::Invalid(error.body.to_string()))?;
             }
         }
         Ok(())
@@ -1801,11 +1954,14 @@ fn apply_policy_attributes(
     if let Some(pattern) = regex_field("name_regex_keep")? {
         policy.name_regex_keep = pattern;
     }
+    // GitLab validates the regexes (and requires `name_regex`) only on an enabled policy: a
+    // disabled one keeps whatever it is given.
     for (attribute, pattern) in [
         ("name_regex", &policy.name_regex),
         ("name_regex_keep", &policy.name_regex_keep),
     ] {
-        if let Some(pattern) = pattern
+        if policy.enabled
+            && let Some(pattern) = pattern
             && let Err(error) = Regex::new(pattern)
         {
             errors.add(
@@ -1826,17 +1982,18 @@ fn apply_policy_attributes(
     Ok(policy)
 }
 
-/// The next run of a policy saved at `now`: GitLab schedules it one cadence ahead.
+/// The next run of a policy saved at `now`: one cadence ahead, months counted as 30 days
+/// (INFERRED from ChronicDuration's month).
 fn next_run(now: Timestamp, cadence: &str) -> Timestamp {
-    let zoned = now.to_zoned(TimeZone::UTC);
-    let next = match cadence {
-        "7d" => zoned.checked_add(7.days()),
-        "14d" => zoned.checked_add(14.days()),
-        "1month" => zoned.checked_add(1.month()),
-        "3month" => zoned.checked_add(3.months()),
-        _ => zoned.checked_add(1.day()),
+    let days: i64 = match cadence {
+        "7d" => 7,
+        "14d" => 14,
+        "1month" => 30,
+        "3month" => 90,
+        _ => 1,
     };
-    next.map(|zoned| zoned.timestamp()).unwrap_or(now)
+    now.checked_add(SignedDuration::from_hours(24 * days))
+        .unwrap_or(now)
 }
 
 #[cfg(test)]
@@ -1889,12 +2046,12 @@ mod tests {
         assert_eq!(state.group("10").unwrap().full_path, "org");
         assert_eq!(state.group("org/sub").unwrap().id, 11);
         assert_eq!(state.group("nope").unwrap_err().status, 404);
-        assert_eq!(state.registry_group("org/sub").unwrap_err().status, 403);
-        let error = state.upstream_group("11").unwrap_err();
+        let error = state.registry_group("org/sub").unwrap_err();
         assert_eq!(
-            error.body,
-            json!({"message": "400 Bad request - only available on top-level groups."})
+            (error.status, error.body),
+            (404, json!({"message": "404 Not Found"}))
         );
+        assert_eq!(state.registry_group("11").unwrap_err().status, 404);
     }
 
     #[test]
@@ -1977,9 +2134,15 @@ mod tests {
             .map(|association| association.upstream_id)
             .collect();
         assert_eq!(order, vec![ids[0], ids[4], ids[1], ids[2], ids[3]]);
-        // Position beyond the highest is capped.
+        // 6..=20 moves nothing; 1..=5 beyond the highest is capped.
         let head = state.associations_of_registry(first.id)[0].id;
-        assert_eq!(state.reposition(head, 20).unwrap().position, 5);
+        assert_eq!(state.reposition(head, 20).unwrap().position, 1);
+        state
+            .disassociate(state.associations_of_registry(first.id)[4].id)
+            .unwrap();
+        assert_eq!(state.reposition(head, 5).unwrap().position, 4);
+        state.reposition(head, 1).unwrap();
+        state.associate(first.id, ids[3]).unwrap();
         // Deleting u1 renumbers both registries.
         state.delete_upstream(ids[1]).unwrap();
         let positions: Vec<i64> = state
@@ -2046,6 +2209,73 @@ mod tests {
         let serialized = serde_json::to_value(&changed).unwrap();
         assert_eq!(serialized["has_password"], json!(false));
         assert!(serialized.get("password").is_none());
+
+        let set = |username: &str, password: &str| UpstreamChanges {
+            username: Some(username.into()),
+            password: Some(password.into()),
+            ..UpstreamChanges::default()
+        };
+        state
+            .update_upstream(first.id, set("user", "secret"), false)
+            .unwrap();
+        let moved = |url: &str, username: &str, password: &str| UpstreamChanges {
+            url: Some(url.into()),
+            ..set(username, password)
+        };
+        // The same values re-sent with the url are no change: cleared.
+        let resent = state
+            .update_upstream(
+                first.id,
+                moved("https://third.example.com", "user", "secret"),
+                false,
+            )
+            .unwrap();
+        assert_eq!((resent.username, resent.password.is_some()), (None, false));
+        state
+            .update_upstream(first.id, set("user", "secret"), false)
+            .unwrap();
+        // Only the password changed: cleared too.
+        let half = state
+            .update_upstream(
+                first.id,
+                moved("https://fourth.example.com", "user", "other"),
+                false,
+            )
+            .unwrap();
+        assert_eq!(half.username, None);
+        state
+            .update_upstream(first.id, set("user", "secret"), false)
+            .unwrap();
+        // Both changed in the same request: kept.
+        let both = state
+            .update_upstream(
+                first.id,
+                moved("https://fifth.example.com", "robot", "other"),
+                false,
+            )
+            .unwrap();
+        assert_eq!(both.username.as_deref(), Some("robot"));
+        assert!(both.password.is_some());
+        // No all-or-none, but the model's presence rules.
+        let lone_username = UpstreamChanges {
+            username: Some("bot".into()),
+            ..UpstreamChanges::default()
+        };
+        assert_eq!(
+            state
+                .update_upstream(first.id, lone_username, false)
+                .unwrap()
+                .username
+                .as_deref(),
+            Some("bot")
+        );
+        let error = state
+            .update_upstream(first.id, set("", "secret"), false)
+            .unwrap_err();
+        assert_eq!(
+            error.body,
+            json!({"message": {"username": ["can't be blank"]}})
+        );
     }
 
     #[test]
@@ -2160,8 +2390,8 @@ mod tests {
             .bulk_delete_tags(5, 7, &request, AccessLevel::Maintainer)
             .unwrap();
         deleted.sort();
-        // v4 is the newest (kept by keep_n); latest, stable-1 and protected-1 survive;
-        // nomanifest has no creation time, so older_than spares it.
+        // nomanifest has no time, so it counts as now: the newest, kept by keep_n; v4 is
+        // younger than older_than; latest, stable-1 and protected-1 survive.
         assert_eq!(deleted, vec!["v1", "v2", "v3"]);
         let again = state
             .bulk_delete_tags(5, 7, &request, AccessLevel::Maintainer)
@@ -2192,7 +2422,8 @@ mod tests {
             "{message}"
         );
         assert!(BulkDelete::new(None, Some(".*"), None, None, None).is_ok());
-        assert!(BulkDelete::new(Some(".*"), None, None, None, Some("whenever")).is_err());
+        // `older_than` is the worker's to parse: accepted here.
+        assert!(BulkDelete::new(Some(".*"), None, None, None, Some("whenever")).is_ok());
     }
 
     #[test]
@@ -2201,11 +2432,16 @@ mod tests {
         let error = state
             .delete_tag(5, 7, "protected-1", AccessLevel::Maintainer)
             .unwrap_err();
-        assert_eq!(error.status, 403);
+        assert_eq!(error, ApiError::forbidden());
         assert_eq!(
-            error.body,
-            json!({"message": "403 Forbidden - cannot delete protected tag(s)"})
+            state
+                .delete_tag(5, 7, "free", AccessLevel::Reporter)
+                .unwrap_err(),
+            ApiError::forbidden()
         );
+        state
+            .delete_tag(5, 7, "free", AccessLevel::Developer)
+            .unwrap();
         state
             .delete_tag(5, 7, "protected-1", AccessLevel::Owner)
             .unwrap();
@@ -2242,7 +2478,7 @@ mod tests {
     }
 
     #[test]
-    fn cache_entries_are_listed_searched_and_deleted_by_id() {
+    fn cache_entries_are_listed_newest_first_searched_and_deleted_by_id() {
         let mut state = state_with_groups();
         let registry = state.create_registry(10, "r", None).unwrap();
         let (created, _) = state
@@ -2252,36 +2488,36 @@ mod tests {
         for path in [
             "library/nginx/manifests/latest",
             "library/alpine/manifests/3",
+            "Library/Nginx/blobs/sha256:abc",
         ] {
             state
-                .put_cache_entry(CacheEntry {
-                    group_id: 10,
-                    upstream_id: created.id,
-                    relative_path: path.into(),
-                    upstream_checked_at: now,
-                    file_md5: String::new(),
-                    file_sha1: String::new(),
-                    size: 1,
-                    content_type: String::new(),
-                    upstream_etag: String::new(),
-                    created_at: now,
-                    updated_at: now,
-                    downloads_count: 0,
-                    downloaded_at: now,
-                })
+                .put_cache_entry(CacheEntry::cached_at(10, created.id, path, now))
                 .unwrap();
         }
+        let all: Vec<u64> = state
+            .cache_entries_of_upstream(created.id, None)
+            .unwrap()
+            .iter()
+            .map(|entry| entry.iid)
+            .collect();
+        assert_eq!(all, vec![3, 2, 1]);
         let found = state
-            .cache_entries_of_upstream(created.id, Some("nginx"))
+            .cache_entries_of_upstream(created.id, Some("NGINX"))
             .unwrap();
-        assert_eq!(found.len(), 1);
-        let id = found[0].id();
+        assert_eq!(found.len(), 2);
+        let id = found[1].id();
         assert_eq!(
             String::from_utf8(URL_SAFE.decode(&id).unwrap()).unwrap(),
-            format!("{} library/nginx/manifests/latest", created.id)
+            "10 1"
         );
         state.delete_cache_entry(&id).unwrap();
         assert_eq!(state.delete_cache_entry(&id).unwrap_err().status, 404);
+        for malformed in ["%%%", &URL_SAFE.encode("10 x"), &URL_SAFE.encode("ten")] {
+            assert_eq!(
+                state.delete_cache_entry(malformed).unwrap_err(),
+                ApiError::parameter("id is invalid")
+            );
+        }
         state.purge_upstream_cache(created.id).unwrap();
         assert!(
             state

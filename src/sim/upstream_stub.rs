@@ -1,7 +1,10 @@
 //! A tiny container registry stand-in on loopback for connection-test tests: it answers
-//! every request with a configurable status, optionally requires basic-auth credentials
-//! (401 otherwise), optionally waits first, and records what it received. Its behaviour can
-//! be changed while it runs.
+//! every request with a configurable status, optionally waits first, and records what it
+//! received. With required credentials it behaves as Docker Hub and most registries do: a
+//! request to the registry without a valid Bearer token answers `401` with
+//! `WWW-Authenticate: Bearer realm="<stub>/token",service="upstream-stub"`; `GET /token` with
+//! the right Basic credentials gives `{"token": …}`; Basic credentials sent to the registry
+//! itself are not accepted. Its behaviour can be changed while it runs.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -20,7 +23,8 @@ use tokio::sync::oneshot;
 pub struct StubBehaviour {
     /// Status for requests that pass the credential check.
     pub status: u16,
-    /// `(username, password)` required as basic auth; `None` accepts anonymous requests.
+    /// `(username, password)` the token realm requires (as Basic auth) before it hands out
+    /// the Bearer token the registry wants; `None` accepts anonymous requests.
     pub required_credentials: Option<(String, String)>,
     /// Wait before answering (longer than the client timeout = a timeout).
     pub delay: Duration,
@@ -52,13 +56,27 @@ impl StubBehaviour {
     }
 }
 
+/// The path of the stub's token realm.
+pub const TOKEN_PATH: &str = "/token";
+
 /// One request the stub received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StubRequest {
     pub method: String,
     pub path: String,
+    /// The query string, if any (the token request's `service` and `scope`).
+    pub query: Option<String>,
     /// The basic-auth username sent, if any (the password is not kept).
     pub username: Option<String>,
+    /// Whether an `Authorization: Bearer` token came with it.
+    pub bearer: bool,
+}
+
+impl StubRequest {
+    /// A request to the token realm rather than to the registry.
+    pub fn is_token_request(&self) -> bool {
+        self.path == TOKEN_PATH
+    }
 }
 
 #[derive(Default)]
@@ -127,9 +145,26 @@ impl UpstreamStub {
         lock(&self.shared).behaviour.delay = delay;
     }
 
-    /// Requests received so far.
+    /// Requests received so far, token requests included.
     pub fn requests(&self) -> Vec<StubRequest> {
         lock(&self.shared).received.clone()
+    }
+
+    /// Requests received so far by the registry itself (not the token realm).
+    pub fn registry_requests(&self) -> Vec<StubRequest> {
+        self.requests()
+            .into_iter()
+            .filter(|request| !request.is_token_request())
+            .collect()
+    }
+
+    /// Connection tests received: the registry requests sent without a token (every test
+    /// starts with one; a token, when needed, is fetched after its challenge).
+    pub fn tests(&self) -> usize {
+        self.registry_requests()
+            .iter()
+            .filter(|request| !request.bearer)
+            .count()
     }
 }
 
@@ -141,41 +176,73 @@ impl Drop for UpstreamStub {
     }
 }
 
-fn basic_credentials(request: &Request) -> Option<(String, String)> {
+fn authorization<'a>(request: &'a Request, wanted: &str) -> Option<&'a str> {
     let value = request
         .headers()
         .get(header::AUTHORIZATION)?
         .to_str()
         .ok()?;
-    let (scheme, encoded) = value.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let decoded = String::from_utf8(STANDARD.decode(encoded.trim()).ok()?).ok()?;
+    let (scheme, credentials) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case(wanted)
+        .then_some(credentials.trim())
+}
+
+fn basic_credentials(request: &Request) -> Option<(String, String)> {
+    let encoded = authorization(request, "basic")?;
+    let decoded = String::from_utf8(STANDARD.decode(encoded).ok()?).ok()?;
     let (username, password) = decoded.split_once(':')?;
     Some((username.to_owned(), password.to_owned()))
 }
 
+/// The token the realm hands out for these credentials (the registry accepts only it).
+fn token_for((username, password): &(String, String)) -> String {
+    format!(
+        "stub-token.{}",
+        STANDARD.encode(format!("{username}:{password}"))
+    )
+}
+
 async fn answer(State(shared): State<Shared>, request: Request) -> Response {
     let credentials = basic_credentials(&request);
+    let bearer = authorization(&request, "bearer").map(str::to_owned);
+    let path = request.uri().path().to_owned();
     let behaviour = {
         let mut state = lock(&shared);
         state.received.push(StubRequest {
             method: request.method().as_str().to_owned(),
-            path: request.uri().path().to_owned(),
+            path: path.clone(),
+            query: request.uri().query().map(str::to_owned),
             username: credentials.as_ref().map(|(username, _)| username.clone()),
+            bearer: bearer.is_some(),
         });
         state.behaviour.clone()
     };
     if !behaviour.delay.is_zero() {
         tokio::time::sleep(behaviour.delay).await;
     }
+    if path == TOKEN_PATH {
+        return match (&behaviour.required_credentials, &credentials) {
+            (Some(required), Some(sent)) if required == sent => {
+                axum::Json(serde_json::json!({ "token": token_for(required) })).into_response()
+            }
+            (None, _) => axum::Json(serde_json::json!({ "token": "anonymous" })).into_response(),
+            _ => StatusCode::UNAUTHORIZED.into_response(),
+        };
+    }
     if let Some(required) = &behaviour.required_credentials
-        && credentials.as_ref() != Some(required)
+        && bearer.as_deref() != Some(token_for(required).as_str())
     {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("127.0.0.1");
+        let challenge =
+            format!("Bearer realm=\"http://{host}{TOKEN_PATH}\",service=\"upstream-stub\"");
         return (
             StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Basic realm=\"upstream-stub\"")],
+            [(header::WWW_AUTHENTICATE, challenge)],
         )
             .into_response();
     }

@@ -114,13 +114,14 @@ pub fn association(association: &Association) -> Value {
     })
 }
 
+/// A cache entry as GitLab's entity shows it (no `file_md5`, whatever the documentation's
+/// example says).
 pub fn cache_entry(entry: &CacheEntry) -> Value {
     json!({
         "id": entry.id(),
         "group_id": entry.group_id,
         "upstream_id": entry.upstream_id,
         "upstream_checked_at": time(entry.upstream_checked_at),
-        "file_md5": entry.file_md5,
         "file_sha1": entry.file_sha1,
         "size": entry.size,
         "relative_path": entry.relative_path,
@@ -284,7 +285,6 @@ pub fn project(record: &Project, namespace: Option<&Group>, web_base: &str) -> V
             "keep_n": policy.keep_n,
             "older_than": policy.older_than,
             "name_regex": policy.name_regex,
-            "name_regex_delete": policy.name_regex,
             "name_regex_keep": policy.name_regex_keep,
             "next_run_at": optional_time(policy.next_run_at),
         }),

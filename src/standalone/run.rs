@@ -234,7 +234,52 @@ pub async fn reconcile_all(
             mode,
             resend_credentials,
         ) {
-            Ok(request) => upstream::reconcile(client, &request).await,
+            Ok(mut request) => match find_by_unique_name(client, upstream, manifests).await {
+                Ok(NameMatch::NotFound) => upstream::reconcile(client, &request).await,
+                Ok(NameMatch::Unique(found)) => {
+                    request.known.upstream_id = Some(found.id);
+                    let mut outcome = upstream::reconcile(client, &request).await;
+                    outcome.actions.insert(
+                        0,
+                        Action::new(
+                            "Adopted",
+                            format!(
+                                "upstream {} ({}) is the only one of that name in the group and \
+                                 no other manifest claims it: its url {} becomes {}",
+                                found.id, found.name, found.url, request.desired.url
+                            ),
+                        )
+                        .read_only(),
+                    );
+                    outcome
+                }
+                Ok(NameMatch::Ambiguous(message)) => {
+                    object_report.conclude(
+                        vec![ConditionUpdate::new(
+                            SYNCED,
+                            false,
+                            AMBIGUOUS_UPSTREAM,
+                            message,
+                        )],
+                        &[SYNCED],
+                    );
+                    report.objects.push(object_report);
+                    continue;
+                }
+                Err(error) => {
+                    let message = format!(
+                        "listing the upstreams of {}: {}",
+                        upstream.object.spec.group,
+                        error.message()
+                    );
+                    object_report.conclude(
+                        vec![ConditionUpdate::new(SYNCED, false, error.reason(), message)],
+                        &[SYNCED],
+                    );
+                    report.objects.push(object_report);
+                    continue;
+                }
+            },
             Err(message) => {
                 object_report.conclude(
                     vec![ConditionUpdate::new(
@@ -604,6 +649,96 @@ fn upstream_request(
             .map(|c| c.version.clone());
     }
     Ok(request)
+}
+
+/// Reason of an Upstream whose url changed while other upstreams share its name.
+pub const AMBIGUOUS_UPSTREAM: &str = "AmbiguousUpstream";
+
+/// How a manifest's upstream is found by name alone, when adoption by name and url finds
+/// nothing.
+#[derive(Debug)]
+enum NameMatch {
+    /// Adoption by name and url applies, or nothing of that name is free: create.
+    NotFound,
+    /// The one upstream of that name in the group that no other manifest claims: the same
+    /// upstream with a changed url.
+    Unique(Box<crate::gitlab::Upstream>),
+    /// Several could be it: a message naming the candidates.
+    Ambiguous(String),
+}
+
+/// Standalone keeps no state, so an upstream whose url changed in its manifest is not found
+/// by name and url. GitLab's upstream names are not unique, so a name alone identifies it
+/// only when it is unique among the group's upstreams, no other manifest claims it (same
+/// name and url), and no other manifest of the group declares that name. Otherwise, creating
+/// would duplicate it (leaving the old one with its credentials): the candidates are named
+/// instead.
+async fn find_by_unique_name(
+    client: &GitLabClient,
+    upstream: &Manifest<Upstream>,
+    manifests: &Manifests,
+) -> Result<NameMatch, crate::gitlab::Error> {
+    let spec = &upstream.object.spec;
+    let name = upstream.object.gitlab_name();
+    let listed = client
+        .list_group_upstreams_all(&PathOrId::parse(&spec.group), Some(&name))
+        .await?;
+    let named: Vec<_> = listed.into_iter().filter(|u| u.name == name).collect();
+    if named.is_empty() || named.iter().any(|u| u.url == spec.url) {
+        return Ok(NameMatch::NotFound);
+    }
+    let namespace = namespace_of(&upstream.object);
+    let others: Vec<&Upstream> = manifests
+        .upstreams
+        .iter()
+        .map(|m| &m.object)
+        .filter(|other| {
+            !(namespace_of(*other) == namespace && other.name_any() == upstream.object.name_any())
+        })
+        .filter(|other| other.spec.group == spec.group && other.gitlab_name() == name)
+        .collect();
+    // Other manifests that found no upstream of their own would claim the same one.
+    let competing: Vec<&Upstream> = others
+        .iter()
+        .copied()
+        .filter(|other| {
+            !named
+                .iter()
+                .any(|candidate| candidate.url == other.spec.url)
+        })
+        .collect();
+    let unclaimed: Vec<_> = named
+        .into_iter()
+        .filter(|candidate| !others.iter().any(|other| other.spec.url == candidate.url))
+        .collect();
+    match unclaimed.as_slice() {
+        [] => Ok(NameMatch::NotFound),
+        [only] if competing.is_empty() => Ok(NameMatch::Unique(Box::new(only.clone()))),
+        candidates => {
+            let listed: Vec<String> = candidates
+                .iter()
+                .map(|c| format!("{} ({})", c.id, c.url))
+                .collect();
+            let manifests_too = if competing.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; other manifests of this group also declare the name: {}",
+                    competing
+                        .iter()
+                        .map(|o| format!("{}/{}", namespace_of(*o), o.name_any()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            Ok(NameMatch::Ambiguous(format!(
+                "more than one upstream named {name:?} in group {} could be this one, none with url                  {}: {}{manifests_too}; nothing created. Give the one that is not this upstream                  another name, or delete it",
+                spec.group,
+                spec.url,
+                listed.join(", ")
+            )))
+        }
+    }
 }
 
 fn fill_upstream_report(report: &mut ObjectReport, outcome: &UpstreamOutcome) {

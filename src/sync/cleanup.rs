@@ -34,13 +34,16 @@
 //! everything, deletes nothing, ends [`RunOutcome::Partial`] when the rules selected
 //! anything, and says why in its message. A repository whose tag details or protection
 //! rules cannot be read (after the client's retries) gets no deletion at all, and counts as
-//! a failure. Tag protection rules that GitLab refuses to show (403/404) are left to GitLab,
-//! which refuses to delete a protected tag with a 403: such a refusal counts as protected,
-//! never as a failure, and is not retried; with `keepSharedDigests`, selected tags sharing a
-//! digest with another tag are then kept, since a refusal could leave that digest tagged.
+//! a failure. Tag protection rules that GitLab refuses to show (403/404: listing them needs
+//! Maintainer) are left to GitLab, noted, and are no error of the run. GitLab refuses to
+//! delete a tag a rule covers with a plain `403 {"message":"403 Forbidden"}`, before its
+//! delete service runs, and its rule list never shows immutable rules: so every 403 on a
+//! single tag's DELETE counts as that tag protected, whatever the body, never as a failure,
+//! and is not retried. With unreadable rules and `keepSharedDigests`, selected tags sharing a
+//! digest with another tag are kept, since a refusal could leave that digest tagged.
 //!
-//! Errors: a 404 on a deletion counts as deleted by someone else; a 401, a 403 other than a
-//! protected-tag refusal on a deletion, or a 429 the client would not wait out stops the run;
+//! Errors: a 404 on a deletion counts as deleted by someone else; a 401, a 403 on a write
+//! other than a tag's DELETE, or a 429 the client would not wait out stops the run;
 //! GitLab unavailable (5xx, timeout, network, each after the client's retries) is a failure,
 //! and [`MAX_CONSECUTIVE_UNAVAILABLE`] in a row stop the run; any other error is a failure
 //! and the run goes on. A 403 while reading one repository's tags concerns that repository
@@ -626,11 +629,13 @@ fn disposition(error: &gitlab::Error) -> Disposition {
     }
 }
 
-/// GitLab's refusal to delete a protected tag:
-/// `403 {"message":"403 Forbidden - cannot delete protected tag(s)"}`. Other 403s (role too
-/// low, token scope) are about the token.
+/// GitLab's refusal to delete one tag. A protection rule (immutable ones included, which the
+/// rule list never shows) makes GitLab's policy answer a plain `403 {"message":"403
+/// Forbidden"}` before the delete service runs; only the bulk service path adds `- cannot
+/// delete protected tag(s)` (INFERRED). The body cannot tell a protected tag from anything
+/// else, so any 403 on a single tag's DELETE is that tag protected.
 fn is_protected_tag_refusal(error: &gitlab::Error) -> bool {
-    matches!(error, gitlab::Error::Forbidden { message } if message.contains("protected"))
+    matches!(error, gitlab::Error::Forbidden { .. })
 }
 
 /// What is known about a project's branches (`safety.keepBranchTags`).
@@ -1845,7 +1850,7 @@ mod tests {
         assert!(is_protected_tag_refusal(&forbidden(
             "403 Forbidden - cannot delete protected tag(s)"
         )));
-        assert!(!is_protected_tag_refusal(&forbidden("403 Forbidden")));
+        assert!(is_protected_tag_refusal(&forbidden("403 Forbidden")));
         let cases = [
             (forbidden("403 Forbidden"), Disposition::Stop),
             (

@@ -456,7 +456,21 @@ async fn sync(
     }
     if let Some(description) = &desired.description {
         let current = remote.description.as_deref().unwrap_or_default();
-        if current != description {
+        if current != description && description.trim().is_empty() {
+            // `PATCH /registries/:id` declares `description` with `allow_blank: false`: GitLab
+            // answers `400 {"error":"description is empty"}`, so a description cannot be
+            // cleared through the API.
+            outcome.actions.push(
+                Action::new(
+                    "DescriptionKept",
+                    format!(
+                        "GitLab refuses a blank description: registry {} keeps {current:?}",
+                        remote.id
+                    ),
+                )
+                .read_only(),
+            );
+        } else if current != description {
             changes.push(FieldChange::new(
                 "description",
                 Some(current),

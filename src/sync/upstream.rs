@@ -1,11 +1,12 @@
 //! The Upstream engine: makes one GitLab container upstream match its declared spec.
 //!
 //! GitLab creates upstreams only through a registry, never returns the password, clears the
-//! stored credentials when a url changes without them, and can test a connection before a
-//! change. So this engine adopts before it creates, creates through a registry that
-//! references the upstream, tests before it creates or changes url or credentials (and with
-//! `gate_changes` keeps the working configuration when the test fails), re-sends credentials
-//! when their Secret's version changes, and always sends them with a url change.
+//! stored credentials on a url change unless both username and password change in that same
+//! request (`reset_credentials`), and can test a connection before a change. So this engine
+//! adopts before it creates, creates through a registry that references the upstream, tests
+//! before it creates or changes url or credentials (and with `gate_changes` keeps the working
+//! configuration when the test fails), re-sends credentials when their Secret's version
+//! changes, and after every url change sends them again in a second PATCH.
 
 use std::time::Duration;
 
@@ -297,10 +298,11 @@ async fn sync(
         update.cache_validity_hours = Some(desired.cache_validity_hours);
     }
 
-    // url and credentials travel together: GitLab clears stored credentials on a url change
-    // that does not carry them, and both are gated by a connection test.
+    // url and credentials are gated together by a connection test; GitLab clears stored
+    // credentials on a url change, so they are re-sent after it.
     let url_changed = remote.url != desired.url;
     let credentials_changed = credentials_differ(desired, &remote, outcome);
+    let mut credentials_update = None;
     if url_changed || credentials_changed {
         let mut connection_changes = Vec::new();
         if url_changed {
@@ -317,7 +319,14 @@ async fn sync(
         if writes {
             let overrides = UpstreamTestOverrides {
                 url: url_changed.then(|| desired.url.clone()),
-                credentials: desired.credentials.as_ref().map(|c| c.credentials.clone()),
+                credentials: match &desired.credentials {
+                    Some(resolved) => Some(resolved.credentials.clone()),
+                    // GitLab tests the stored credentials when none are sent with the stored
+                    // url; both blank test anonymously, as the upstream will be (INFERRED).
+                    None if !url_changed => Some(no_credentials()),
+                    // A new url without credentials is tested anonymously.
+                    None => None,
+                },
             };
             let result = client.test_existing_upstream(remote.id, &overrides).await?;
             if result.success || !desired.gate_changes {
@@ -350,24 +359,49 @@ async fn sync(
             if url_changed {
                 update.url = Some(desired.url.clone());
             }
-            update.credentials = match &desired.credentials {
+            credentials_update = match &desired.credentials {
                 Some(resolved) => Some(resolved.credentials.clone()),
                 // A url change without credentials makes GitLab clear the stored ones: that
                 // is the removal, and the PATCH carries only what changed.
                 None if url_changed => None,
-                // Removing credentials: GitLab takes both fields or none, so both go empty.
-                None => Some(UpstreamCredentials::new("", String::new().into())),
+                // Removing credentials: both go empty (GitLab's presence rules want both).
+                None => Some(no_credentials()),
             };
             changes.extend(connection_changes);
         }
     }
 
-    if !update.is_empty() {
+    // GitLab's `reset_credentials` clears username and password on a url change unless both
+    // change in the same request, and re-sending the stored ones is no change: credentials
+    // survive a url change only when they come in a later request. So a url change is one
+    // PATCH, and the credentials follow in a second; without a url change they travel with
+    // the other fields. Either way it is one change.
+    let credentials_patch = match credentials_update {
+        Some(credentials) if update.url.is_some() => Some(UpstreamUpdate {
+            credentials: Some(credentials),
+            ..UpstreamUpdate::default()
+        }),
+        credentials => {
+            update.credentials = credentials;
+            None
+        }
+    };
+    if !update.is_empty() || credentials_patch.is_some() {
         // Credentials sent, or cleared by GitLab with a url change: either way GitLab now
         // holds the declared ones.
-        let credentials_applied = update.credentials.is_some() || update.url.is_some();
+        let credentials_applied =
+            update.credentials.is_some() || credentials_patch.is_some() || update.url.is_some();
         if writes {
-            client.update_upstream(remote.id, &update).await?;
+            if !update.is_empty() {
+                client.update_upstream(remote.id, &update).await?;
+                if update.url.is_some() {
+                    // GitLab holds no credentials until the second PATCH lands.
+                    outcome.applied_credentials = None;
+                }
+            }
+            if let Some(credentials) = &credentials_patch {
+                client.update_upstream(remote.id, credentials).await?;
+            }
         }
         if credentials_applied {
             outcome.applied_credentials = desired.credentials.as_ref().map(|c| c.version.clone());
@@ -674,6 +708,11 @@ async fn create(
     Ok(())
 }
 
+/// Blank username and password: how GitLab is told "no credentials" without a url change.
+fn no_credentials() -> UpstreamCredentials {
+    UpstreamCredentials::new("", String::new().into())
+}
+
 fn would_create_through(registry_id: i64) -> String {
     if registry_id > 0 {
         format!("would create through registry {registry_id}")
@@ -771,13 +810,29 @@ pub fn reachable_condition(check: &ConnectivityCheck) -> ConditionUpdate {
     ConditionUpdate::new(REACHABLE, false, unreachable_reason(&result), result)
 }
 
-/// Maps GitLab's test result (`Error: 401 - Unauthorized`, `Error: 5XX - Server Error`,
-/// `Error: Connection timeout`, …) to a stable reason.
+/// Maps GitLab's test result to a stable reason. GitLab reports the upstream's status as
+/// `Error: <code> - <reason phrase>` (`Error: 401 - Unauthorized`, `Error: 503 - Service
+/// Unavailable`) and a transport failure as `Error: <exception message>`
+/// (`Error: Connection timeout`, …). The `Error: 5XX - Server Error` of the first SEMANTICS
+/// reading is still understood.
 pub fn unreachable_reason(result: &str) -> &'static str {
+    let status = result
+        .trim_start_matches("Error:")
+        .trim_start()
+        .split(" - ")
+        .next()
+        .and_then(|code| code.trim().parse::<u16>().ok());
+    match status {
+        Some(401) => return "Unauthorized",
+        Some(403) => return "Forbidden",
+        Some(500..=599) => return "ServerError",
+        Some(_) => return "Unreachable",
+        None => {}
+    }
     let lower = result.to_ascii_lowercase();
-    if lower.contains("401") || lower.contains("unauthorized") {
+    if lower.contains("unauthorized") {
         "Unauthorized"
-    } else if lower.contains("403") || lower.contains("forbidden") {
+    } else if lower.contains("forbidden") {
         "Forbidden"
     } else if lower.contains("5xx") || lower.contains("server error") {
         "ServerError"
@@ -823,6 +878,18 @@ mod tests {
         assert_eq!(
             unreachable_reason("Error: 5XX - Server Error"),
             "ServerError"
+        );
+        assert_eq!(
+            unreachable_reason("Error: 503 - Service Unavailable"),
+            "ServerError"
+        );
+        assert_eq!(
+            unreachable_reason("Error: 500 - Internal Server Error"),
+            "ServerError"
+        );
+        assert_eq!(
+            unreachable_reason("Error: 429 - Too Many Requests"),
+            "Unreachable"
         );
         assert_eq!(unreachable_reason("Error: Connection timeout"), "Timeout");
         assert_eq!(
