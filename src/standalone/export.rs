@@ -21,9 +21,7 @@ use super::Error;
 use crate::crd::{CleanupPolicy, Upstream, VirtualRegistry};
 use crate::gitlab::{self, ContainerExpirationPolicy, GitLabClient, PathOrId};
 
-/// The password written into exported Secrets: GitLab never returns an upstream's password.
-/// Standalone `plan`/`apply` recognise it and never send it to GitLab.
-pub const PLACEHOLDER_PASSWORD: &str = "REPLACE-ME-gitlab-never-returns-upstream-passwords";
+pub use crate::crd::upstream::PLACEHOLDER_PASSWORD;
 
 /// Longest Kubernetes name the export derives (a DNS-1123 label, valid for every kind).
 const MAX_NAME_LENGTH: usize = 63;

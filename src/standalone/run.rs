@@ -12,10 +12,10 @@ use kube::ResourceExt;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
-use super::export::PLACEHOLDER_PASSWORD;
 use super::manifests::{Manifest, Manifests, environment_variable};
 use crate::controller::connection::secret_key;
 use crate::crd::conditions::{self, SYNCED, Status};
+use crate::crd::upstream::{PLACEHOLDER_PASSWORD, REASON_PLACEHOLDER_PASSWORD};
 use crate::crd::{
     CleanupPolicy, CleanupStrategy, Upstream, VirtualRegistry, conditions::ConditionUpdate,
 };
@@ -722,10 +722,6 @@ fn fill_upstream_report(report: &mut ObjectReport, outcome: &UpstreamOutcome, mo
     }
     report.conclude(updates, &components, mode, outcome.upstream_id.is_some());
 }
-
-/// Condition reason of an Upstream whose reconcile would send the placeholder password that
-/// `export` writes into Secrets.
-pub const REASON_PLACEHOLDER_PASSWORD: &str = "PlaceholderPassword";
 
 /// Where a placeholder password came from, to tell the user where the real one goes.
 #[derive(Debug, Clone)]
