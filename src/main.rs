@@ -364,12 +364,21 @@ fn export(args: ExportArgs) -> ExitCode {
     match &args.output_dir {
         None => print!("{}", export::render_stream(&exported, &provenance)),
         Some(dir) => match export::write_files(&exported, &provenance, dir) {
-            Ok(written) => eprintln!(
-                "wrote {} manifests to {}; check them with: gitlab-registry-operator plan -f {}",
-                written.len(),
-                dir.display(),
-                dir.display()
-            ),
+            Ok(written) => {
+                for other in export::files_not_written(dir, &written) {
+                    eprintln!(
+                        "warning: {} is not part of this export, and `plan -f {}` reads it too",
+                        other.display(),
+                        dir.display()
+                    );
+                }
+                eprintln!(
+                    "wrote {} manifests to {}; check them with: gitlab-registry-operator plan -f {}",
+                    written.len(),
+                    dir.display(),
+                    dir.display()
+                );
+            }
             Err(error) => {
                 eprintln!("error: {error}");
                 return ExitCode::from(1);

@@ -881,5 +881,21 @@ async fn a_placeholder_password_is_never_sent_to_gitlab() {
         sim.request_count("PATCH", "/virtual_registries/container/upstreams/:id"),
         3
     );
+
+    // Exporting again into the directory names what an earlier export left there.
+    std::fs::write(
+        dir.join("upstream-gone.yaml"),
+        "# deleted in GitLab since\n",
+    )
+    .expect("write");
+    let output = tokio::task::block_in_place(|| {
+        run(Some(&sim), &["export", "--group", "acme", "-o", &dir_arg])
+    });
+    assert_eq!(output.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("upstream-gone.yaml is not part of this export"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -637,7 +637,8 @@ impl GitLabClient {
     }
 
     /// `GET /groups/:id/projects?include_subgroups=true&with_shared=false`, every page: the
-    /// projects of the group and of its subgroups.
+    /// projects of the group and of its subgroups. INFERRED from GitLab's Groups API
+    /// documentation (not among the shared API pages).
     pub async fn list_group_projects_all(&self, group: &GroupRef) -> Result<Vec<Project>> {
         self.inner
             .all_pages(|page| all_pages_of(Self::group_projects_call(group), page))

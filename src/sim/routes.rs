@@ -1113,6 +1113,8 @@ async fn list_group_repositories(
 
 /// `GET /groups/:id/projects`: the group's own projects, and with `include_subgroups` those
 /// of its subgroups too. Projects shared with the group are not modelled (as `with_shared=false`).
+/// INFERRED: the shared API pages do not cover the Groups API; this follows GitLab's public
+/// Groups API documentation (offset pagination, the project entity of `GET /projects/:id`).
 async fn list_group_projects(
     AxumState(app): AxumState<App>,
     Path(group): Path<String>,

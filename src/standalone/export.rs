@@ -154,6 +154,24 @@ pub fn render_stream(export: &Export, provenance: &Provenance) -> String {
     out
 }
 
+/// YAML files in `dir` that the export did not write (left from an earlier export of an
+/// object GitLab no longer holds, or added by hand): `plan -f dir` still reads them.
+pub fn files_not_written(dir: &Path, written: &[PathBuf]) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut others: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| {
+            path.extension()
+                .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+                && !written.contains(path)
+        })
+        .collect();
+    others.sort();
+    others
+}
+
 /// Writes one file per document into `dir` (created if missing), each under the header;
 /// returns the paths written.
 pub fn write_files(
@@ -185,6 +203,13 @@ pub fn export_group(
     contents: &GroupContents,
 ) -> Result<Export, Error> {
     let mut export = Export::default();
+    if let Some(namespace) = namespace
+        && kubernetes_name(namespace).as_deref() != Some(namespace)
+    {
+        return Err(Error::Export(format!(
+            "--namespace {namespace:?} is not a valid namespace name (lower-case letters, digits and '-', at most 63)"
+        )));
+    }
 
     let mut upstreams: Vec<&gitlab::Upstream> = contents.upstreams.iter().collect();
     upstreams.sort_by_key(|upstream| upstream.id);
@@ -608,6 +633,23 @@ mod tests {
             .expect("comment");
         assert!(comment_then_password.contains("HUB_CREDENTIALS_PASSWORD"));
         assert!(comment_then_password.contains("password:"));
+    }
+
+    #[test]
+    fn upstreams_the_operator_cannot_tell_apart_are_warned_about() {
+        let contents = GroupContents {
+            upstreams: vec![
+                upstream(1, "Hub", "https://hub.example.com", Some("a")),
+                upstream(2, "Hub", "https://hub.example.com", Some("b")),
+                upstream(3, "Hub", "https://other.example.com", None),
+            ],
+            ..GroupContents::default()
+        };
+        let export = export_group("g", None, &contents).expect("exports");
+        assert_eq!(export.warnings.len(), 1, "{:?}", export.warnings);
+        assert!(export.warnings[0].contains("upstreams 1 and 2"));
+        let error = export_group("g", Some("Not_Valid"), &contents).expect_err("namespace");
+        assert!(error.to_string().contains("--namespace"), "{error}");
     }
 
     #[test]
