@@ -184,13 +184,7 @@ impl GitLabArgs {
             }
             (None, None) => None,
         };
-        let gitlab_ca_pem = match &self.gitlab_ca_file {
-            Some(path) => Some(
-                std::fs::read(path)
-                    .map_err(|error| format!("--gitlab-ca-file {}: {error}", path.display()))?,
-            ),
-            None => None,
-        };
+        let gitlab_ca_pem = self.ca_pem()?;
         Ok(OperatorConfig {
             default_gitlab,
             gitlab_ca_pem,
@@ -223,14 +217,18 @@ impl GitLabArgs {
             (Some(_), None) => return Err("--gitlab-url is set but GITLAB_TOKEN is not".into()),
             (None, _) => None,
         };
-        let extra_ca_pem = match &self.gitlab_ca_file {
-            Some(path) => Some(
+        Ok((gitlab, self.ca_pem()?))
+    }
+
+    /// The contents of `--gitlab-ca-file`, if given.
+    fn ca_pem(&self) -> Result<Option<Vec<u8>>, String> {
+        self.gitlab_ca_file
+            .as_ref()
+            .map(|path| {
                 std::fs::read(path)
-                    .map_err(|error| format!("--gitlab-ca-file {}: {error}", path.display()))?,
-            ),
-            None => None,
-        };
-        Ok((gitlab, extra_ca_pem))
+                    .map_err(|error| format!("--gitlab-ca-file {}: {error}", path.display()))
+            })
+            .transpose()
     }
 }
 

@@ -512,14 +512,10 @@ fn count_kind(documents: &[serde_json::Value], kind: &str) -> usize {
     documents.iter().filter(|d| d["kind"] == kind).count()
 }
 
+/// RFC 1123 label, as Kubernetes checks names.
 fn is_dns_label(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
+    let label = regex::Regex::new("^[a-z0-9]([-a-z0-9]*[a-z0-9])?$").expect("regex");
+    name.len() <= 63 && label.is_match(name)
 }
 
 /// Requests other than reads and connection tests (which change nothing in GitLab), as
