@@ -606,6 +606,11 @@ async fn assert_round_trip(sim: &SimHandle, group: &str, name: &str) -> Vec<serd
 #[tokio::test(flavor = "multi_thread")]
 async fn export_of_the_demo_data_round_trips_through_plan_and_apply() {
     let sim = simulator().await;
+    let output =
+        tokio::task::block_in_place(|| run(Some(&sim), &["export", "--group", "my-org/platform"]));
+    assert_eq!(output.status.code(), Some(1));
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(error.contains("only on top-level groups"), "{error}");
     let documents = assert_round_trip(&sim, "my-org", "demo").await;
     assert_eq!(count_kind(&documents, "Upstream"), 1, "{documents:#?}");
     assert_eq!(documents[0]["spec"]["name"], "Docker Hub");

@@ -101,7 +101,18 @@ pub async fn execute_export(
     if let Some(handle) = simulator {
         handle.shutdown().await;
     }
-    let exported = export::export_group(&options.group, options.namespace.as_deref(), &read?)?;
+    let contents = match read {
+        Ok(contents) => contents,
+        // Virtual registries belong to top-level groups; GitLab's refusal does not say so.
+        Err(error) if options.group.trim_matches('/').contains('/') => {
+            return Err(Error::Export(format!(
+                "{error} (virtual registries exist only on top-level groups, and {} is a subgroup)",
+                options.group
+            )));
+        }
+        Err(error) => return Err(error),
+    };
+    let exported = export::export_group(&options.group, options.namespace.as_deref(), &contents)?;
     Ok((
         exported,
         export::Provenance {
