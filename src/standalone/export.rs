@@ -122,24 +122,30 @@ pub struct Export {
 #[derive(Debug, Clone)]
 pub struct Provenance {
     pub group: String,
-    /// The GitLab URL, or a description of the embedded simulator.
-    pub source: String,
+    /// The GitLab URL; `None`: the embedded simulator.
+    pub gitlab_url: Option<String>,
     pub at: Timestamp,
 }
 
 impl Provenance {
     /// The header comment: when, from where, and how to check it.
     pub fn header(&self, check_path: &str) -> String {
+        let (source, environment) = match &self.gitlab_url {
+            Some(url) => (url.as_str(), format!("GITLAB_URL={url} GITLAB_TOKEN=... ")),
+            None => (
+                "the embedded GitLab simulator (demo data; no --gitlab-url / GITLAB_URL given)",
+                String::new(),
+            ),
+        };
         format!(
             "# Exported by `gitlab-registry-operator export --group {group}` at {at}\n\
              # from {source}: what GitLab held for group {group} at that time.\n\
-             # Check it against GitLab: gitlab-registry-operator plan -f {check_path}\n\
+             # Check it against GitLab: {environment}gitlab-registry-operator plan -f {check_path}\n\
              # (exit 0 and \"No changes\" while GitLab is in line with these manifests).\n\
              # Objects are exported with deletionPolicy: Orphan (deleting one leaves GitLab as it is);\n\
              # Secrets carry a placeholder password: GitLab never returns upstream passwords.\n",
             group = self.group,
             at = self.at.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            source = self.source,
         )
     }
 }

@@ -93,11 +93,7 @@ pub async fn execute_export(
     let (client, simulator) =
         connect(options.gitlab.as_ref(), options.extra_ca_pem.as_ref()).await?;
     let read = export::read_group(&client, &PathOrId::parse(&options.group)).await;
-    let source = if simulator.is_some() {
-        "the embedded GitLab simulator (demo data; no --gitlab-url / GITLAB_URL given)".to_owned()
-    } else {
-        client.base_url().to_string()
-    };
+    let gitlab_url = simulator.is_none().then(|| client.base_url().to_string());
     if let Some(handle) = simulator {
         handle.shutdown().await;
     }
@@ -117,7 +113,7 @@ pub async fn execute_export(
         exported,
         export::Provenance {
             group: options.group.clone(),
-            source,
+            gitlab_url,
             at: jiff::Timestamp::now(),
         },
     ))
