@@ -1,4 +1,5 @@
-//! The `gitlab-registry-operator` command line: `run`, `crds`, `apply`, `plan` and `sim`.
+//! The `gitlab-registry-operator` command line: `run`, `crds`, `apply`, `plan`, `export` and
+//! `sim`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -40,6 +41,12 @@ enum Command {
     /// Show what `apply` would change, field by field, sending only GET requests. Exit code:
     /// 0 no change, 2 changes, 1 error.
     Plan(StandaloneArgs),
+    /// Print (or write, one file per object, to a directory) the manifests that describe what
+    /// GitLab holds for one top-level group: its virtual registries, upstreams (with Secrets
+    /// whose password is a placeholder) and the GitLab cleanup policies enabled on its
+    /// projects. `plan -f` of the result reports no change. Without a GitLab URL, exports the
+    /// embedded simulator's demo data.
+    Export(ExportArgs),
     /// Serve the GitLab API simulator (for tests and demos); prints its base URL.
     Sim(gitlab_registry_operator::sim::cli::SimArgs),
 }
@@ -62,6 +69,21 @@ struct StandaloneArgs {
     /// output lists (repeatable); like the annotation gitlabregistry.io/approve-deletion.
     #[arg(long = "approve", value_name = "FINGERPRINT")]
     approve: Vec<String>,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// Top-level GitLab group: full path (`my-org`) or numeric id.
+    #[arg(long)]
+    group: String,
+    /// Namespace to put in every manifest (default: none, so `kubectl apply` uses the current one).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Write one file per object into this directory instead of printing one YAML stream.
+    #[arg(short = 'o', long = "output-dir", value_name = "DIR")]
+    output_dir: Option<PathBuf>,
+    #[command(flatten)]
+    gitlab: GitLabArgs,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -166,13 +188,7 @@ impl GitLabArgs {
             }
             (None, None) => None,
         };
-        let gitlab_ca_pem = match &self.gitlab_ca_file {
-            Some(path) => Some(
-                std::fs::read(path)
-                    .map_err(|error| format!("--gitlab-ca-file {}: {error}", path.display()))?,
-            ),
-            None => None,
-        };
+        let gitlab_ca_pem = self.ca_pem()?;
         Ok(OperatorConfig {
             default_gitlab,
             gitlab_ca_pem,
@@ -182,12 +198,51 @@ impl GitLabArgs {
     }
 }
 
+/// GitLab URL with token and extra CA certificates of a standalone command; no URL: `None`
+/// (the embedded simulator).
+type StandaloneConnection = (Option<(url::Url, SecretString)>, Option<Vec<u8>>);
+
+impl GitLabArgs {
+    /// Logging (only with RUST_LOG) and the connection of a standalone command; a bad
+    /// connection setting is reported and is the exit code.
+    fn start_standalone(&self) -> Result<StandaloneConnection, ExitCode> {
+        if std::env::var_os("RUST_LOG").is_some() {
+            init_logging(LogFormat::Text);
+        }
+        self.standalone_connection().map_err(|message| {
+            eprintln!("error: {message}");
+            ExitCode::from(1)
+        })
+    }
+
+    fn standalone_connection(&self) -> Result<StandaloneConnection, String> {
+        let gitlab = match (&self.gitlab_url, &self.gitlab_token) {
+            (Some(url), Some(token)) => Some((url.clone(), SecretString::from(token.clone()))),
+            (Some(_), None) => return Err("--gitlab-url is set but GITLAB_TOKEN is not".into()),
+            (None, _) => None,
+        };
+        Ok((gitlab, self.ca_pem()?))
+    }
+
+    /// The contents of `--gitlab-ca-file`, if given.
+    fn ca_pem(&self) -> Result<Option<Vec<u8>>, String> {
+        self.gitlab_ca_file
+            .as_ref()
+            .map(|path| {
+                std::fs::read(path)
+                    .map_err(|error| format!("--gitlab-ca-file {}: {error}", path.display()))
+            })
+            .transpose()
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Crds { output_dir } => print_or_write_crds(output_dir.as_deref()),
         Command::Apply(args) => standalone(args, gitlab_registry_operator::sync::Mode::Apply),
         Command::Plan(args) => standalone(args, gitlab_registry_operator::sync::Mode::Plan),
+        Command::Export(args) => export(args),
         Command::Sim(args) => {
             init_logging(LogFormat::Text);
             match tokio_runtime().block_on(gitlab_registry_operator::sim::cli::run(args)) {
@@ -234,26 +289,9 @@ fn main() -> ExitCode {
 
 fn standalone(args: StandaloneArgs, mode: gitlab_registry_operator::sync::Mode) -> ExitCode {
     use gitlab_registry_operator::standalone;
-    if std::env::var_os("RUST_LOG").is_some() {
-        init_logging(LogFormat::Text);
-    }
-    let gitlab = match (&args.gitlab.gitlab_url, &args.gitlab.gitlab_token) {
-        (Some(url), Some(token)) => Some((url.clone(), SecretString::from(token.clone()))),
-        (Some(_), None) => {
-            eprintln!("error: --gitlab-url is set but GITLAB_TOKEN is not");
-            return ExitCode::from(1);
-        }
-        (None, _) => None,
-    };
-    let extra_ca_pem = match &args.gitlab.gitlab_ca_file {
-        Some(path) => match std::fs::read(path) {
-            Ok(pem) => Some(pem),
-            Err(error) => {
-                eprintln!("error: --gitlab-ca-file {}: {error}", path.display());
-                return ExitCode::from(1);
-            }
-        },
-        None => None,
+    let (gitlab, extra_ca_pem) = match args.gitlab.start_standalone() {
+        Ok(connection) => connection,
+        Err(code) => return code,
     };
     let options = standalone::Options {
         paths: args.paths,
@@ -298,17 +336,63 @@ fn standalone(args: StandaloneArgs, mode: gitlab_registry_operator::sync::Mode) 
         } else {
             ExitCode::from(1)
         }
-    } else if report
-        .objects
-        .iter()
-        .any(|o| o.reason == "InvalidSpec" || o.reason == "SecretNotFound")
-    {
+    } else if report.needs_fixing() {
         ExitCode::from(1)
     } else if report.changes_anything() {
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS
     }
+}
+
+fn export(args: ExportArgs) -> ExitCode {
+    use gitlab_registry_operator::standalone::{self, export};
+    let (gitlab, extra_ca_pem) = match args.gitlab.start_standalone() {
+        Ok(connection) => connection,
+        Err(code) => return code,
+    };
+    let options = standalone::ExportOptions {
+        group: args.group,
+        namespace: args.namespace,
+        gitlab,
+        extra_ca_pem,
+    };
+    let (exported, provenance) =
+        match tokio_runtime().block_on(standalone::execute_export(&options)) {
+            Ok(result) => result,
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::from(1);
+            }
+        };
+    for warning in &exported.warnings {
+        eprintln!("warning: {warning}");
+    }
+    match &args.output_dir {
+        None => print!("{}", export::render_stream(&exported, &provenance)),
+        Some(dir) => match export::write_files(&exported, &provenance, dir) {
+            Ok(written) => {
+                for other in export::files_not_written(dir, &written) {
+                    eprintln!(
+                        "warning: {} is not part of this export, and `plan -f {}` reads it too",
+                        other.display(),
+                        dir.display()
+                    );
+                }
+                eprintln!(
+                    "wrote {} manifests to {}; check them with: gitlab-registry-operator plan -f {}",
+                    written.len(),
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::from(1);
+            }
+        },
+    }
+    ExitCode::SUCCESS
 }
 
 fn tokio_runtime() -> tokio::runtime::Runtime {

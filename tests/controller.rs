@@ -604,6 +604,50 @@ async fn credentials_come_from_a_secret_in_the_objects_namespace() {
     .await;
 }
 
+/// A Secret still holding `export`'s placeholder password is not sent: the Upstream waits,
+/// with the reason, and GitLab is not called.
+#[tokio::test]
+async fn a_placeholder_password_from_export_is_never_sent() {
+    guarded(async {
+        let secret = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "hub-credentials", "namespace": NAMESPACE, "resourceVersion": "7"},
+            "stringData": {
+                "username": "robot",
+                "password": gitlab_registry_operator::crd::upstream::PLACEHOLDER_PASSWORD,
+            },
+        });
+        let env = Env::with(true, vec![secret]).await;
+        let upstream = upstream_object(
+            "https://registry.example.com",
+            &[FINALIZER],
+            json!({"credentialsSecretRef": {"name": "hub-credentials"}}),
+        );
+        let error = env
+            .reconcile_upstream(&upstream)
+            .await
+            .expect_err("placeholder");
+        assert_eq!(error.reason(), "PlaceholderPassword");
+        assert!(!error.is_transient());
+        assert!(
+            env.sim.request_counts().is_empty(),
+            "{:?}",
+            env.sim.request_counts()
+        );
+        let seen = env.api.take();
+        let status = &status_patches(&seen, UPSTREAMS_PATH)[0].body["status"];
+        let synced = condition(status, "Synced");
+        assert_eq!(synced["reason"], "PlaceholderPassword");
+        assert!(
+            synced["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("hub-credentials")),
+            "{synced}"
+        );
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_upstream_without_a_registry_waits() {
     guarded(async {

@@ -1,5 +1,5 @@
-//! `apply` and `plan` through the real binary, against the simulator over loopback (and, for
-//! the README's first command, against the embedded default).
+//! `apply`, `plan` and `export` through the real binary, against the simulator over loopback
+//! (and, for the README's first command, against the embedded default).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -39,9 +39,14 @@ async fn simulator() -> SimHandle {
 }
 
 fn run(sim: Option<&SimHandle>, args: &[&str]) -> Output {
+    run_with_env(sim, args, &[])
+}
+
+fn run_with_env(sim: Option<&SimHandle>, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(BINARY);
     command
         .args(args)
+        .envs(env.iter().copied())
         .env_remove("GITLAB_URL")
         .env_remove("GITLAB_TOKEN")
         .env_remove("RUST_LOG");
@@ -71,9 +76,12 @@ async fn apply_then_plan_reports_no_change_and_plan_only_reads() {
         String::from_utf8_lossy(&output.stderr)
     );
     let text = stdout(&output);
+    let header = text.lines().next().expect("table header");
+    let ready_column = header.find("READY").expect("READY column");
+    assert!(header.starts_with("OBJECT") && header.contains("  ACTION  "));
     for line in text.lines().skip(1).take_while(|line| !line.is_empty()) {
         assert_eq!(
-            line.split_whitespace().nth(1),
+            line.get(ready_column..ready_column + 4),
             Some("True"),
             "every object Ready: {text}"
         );
@@ -459,7 +467,7 @@ async fn sim_command_serves_the_api_as_the_readme_shows() {
 #[test]
 fn help_texts_describe_every_command_and_flag() {
     let top = stdout(&run(None, &["--help"]));
-    for command in ["run", "crds", "apply", "plan", "sim"] {
+    for command in ["run", "crds", "apply", "plan", "export", "sim"] {
         assert!(top.contains(command), "{command} in --help: {top}");
     }
     let run_help = stdout(&run(None, &["run", "--help"]));
@@ -484,6 +492,13 @@ fn help_texts_describe_every_command_and_flag() {
         plan_help.contains("--filename") && plan_help.contains("--output"),
         "{plan_help}"
     );
+    let export_help = stdout(&run(None, &["export", "--help"]));
+    for flag in ["--group", "--namespace", "--output-dir", "--gitlab-url"] {
+        assert!(
+            export_help.contains(flag),
+            "{flag} in export --help: {export_help}"
+        );
+    }
     let sim_help = stdout(&run(None, &["sim", "--help"]));
     assert!(
         sim_help.contains("--allow-local-network") && sim_help.contains("--seed"),
@@ -585,5 +600,518 @@ async fn plan_prints_pending_approvals_and_apply_approve_deletes_exactly_that_pl
     assert_eq!(approved.status.code(), Some(0), "{report}");
     let deleted = pending["wouldDelete"].as_u64().expect("count") as usize;
     assert_eq!(tags(&sim).len(), before.len() - deleted, "{report}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+// ---- plan's ACTION column -------------------------------------------------------------------
+
+fn json_objects(output: &Output) -> Vec<serde_json::Value> {
+    let report: serde_json::Value = serde_json::from_str(&stdout(output))
+        .unwrap_or_else(|error| panic!("json output ({error}): {}", stdout(output)));
+    report["objects"].as_array().cloned().expect("objects")
+}
+
+fn object<'a>(objects: &'a [serde_json::Value], kind: &str, name: &str) -> &'a serde_json::Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["name"] == name)
+        .unwrap_or_else(|| panic!("{kind}/{name} in {objects:#?}"))
+}
+
+/// What plan would create has no READY (it does not exist); what it would update is not Ready
+/// yet; apply reports what it did, and what it could not complete as blocked.
+#[tokio::test(flavor = "multi_thread")]
+async fn plan_and_apply_say_what_happens_to_each_object() {
+    let sim = simulator().await;
+    let dir = registry_examples(&temp_dir("actions"));
+    let dir_arg = dir.to_string_lossy().into_owned();
+
+    let output = tokio::task::block_in_place(|| run(Some(&sim), &["plan", "-f", &dir_arg]));
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    let table = stdout(&output);
+    let header = table.lines().next().expect("header");
+    let (action_column, ready_column) = (
+        header.find("ACTION").expect("ACTION"),
+        header.find("READY").expect("READY"),
+    );
+    let row = |object: &str| -> (String, String) {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(object))
+            .unwrap_or_else(|| panic!("{object}: {table}"));
+        (
+            line[action_column..ready_column].trim().to_owned(),
+            line[ready_column..]
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        )
+    };
+    assert_eq!(
+        row("VirtualRegistry/default/docker-cache"),
+        ("create".into(), "-".into()),
+        "{table}"
+    );
+    assert_eq!(
+        row("Upstream/default/quay"),
+        ("create".into(), "-".into()),
+        "{table}"
+    );
+    assert_eq!(
+        row("Upstream/default/dockerhub"),
+        ("update".into(), "False".into()),
+        "{table}"
+    );
+    assert!(!table.contains("in line with the spec"), "{table}");
+
+    let output =
+        tokio::task::block_in_place(|| run(Some(&sim), &["plan", "-f", &dir_arg, "-o", "json"]));
+    let objects = json_objects(&output);
+    let registry = object(&objects, "VirtualRegistry", "docker-cache");
+    assert_eq!(registry["action"], "create");
+    assert_eq!(registry["ready"], serde_json::Value::Null);
+    assert_eq!(registry["reason"], "NotCreated");
+    let dockerhub = object(&objects, "Upstream", "dockerhub");
+    assert_eq!(dockerhub["action"], "update");
+    assert_eq!(dockerhub["ready"], false);
+    assert_eq!(dockerhub["reason"], "OutOfSync");
+    assert!(sim.write_count() == 0, "plan wrote");
+
+    // An Upstream no registry references cannot be created: apply says it is blocked.
+    std::fs::write(
+        dir.join("upstream-orphan.yaml"),
+        "apiVersion: gitlabregistry.io/v1alpha1\nkind: Upstream\nmetadata: {name: orphan}\nspec: {group: my-org, url: 'https://ghcr.io'}\n",
+    )
+    .expect("write");
+    let output =
+        tokio::task::block_in_place(|| run(Some(&sim), &["apply", "-f", &dir_arg, "-o", "json"]));
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    let objects = json_objects(&output);
+    let orphan = object(&objects, "Upstream", "orphan");
+    assert_eq!(orphan["action"], "blocked: WaitingForRegistry");
+    assert_eq!(orphan["ready"], serde_json::Value::Null);
+    for (kind, name, action) in [
+        ("VirtualRegistry", "docker-cache", "create"),
+        ("Upstream", "quay", "create"),
+        ("Upstream", "dockerhub", "update"),
+    ] {
+        let done = object(&objects, kind, name);
+        assert_eq!(done["action"], action, "{done:#}");
+        assert_eq!(done["ready"], true, "{done:#}");
+    }
+
+    std::fs::remove_file(dir.join("upstream-orphan.yaml")).expect("remove");
+    let output =
+        tokio::task::block_in_place(|| run(Some(&sim), &["plan", "-f", &dir_arg, "-o", "json"]));
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    for object in json_objects(&output) {
+        assert_eq!(object["action"], "no change", "{object:#}");
+        assert_eq!(object["ready"], true, "{object:#}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+// ---- export ---------------------------------------------------------------------------------
+
+/// The documents of an export, parsed, by kind.
+fn exported_documents(yaml: &str) -> Vec<serde_json::Value> {
+    serde_saphyr::from_multiple::<serde_json::Value>(yaml)
+        .expect("export is valid YAML")
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+fn count_kind(documents: &[serde_json::Value], kind: &str) -> usize {
+    documents.iter().filter(|d| d["kind"] == kind).count()
+}
+
+/// RFC 1123 label, as Kubernetes checks names.
+fn is_dns_label(name: &str) -> bool {
+    let label = regex::Regex::new("^[a-z0-9]([-a-z0-9]*[a-z0-9])?$").expect("regex");
+    name.len() <= 63 && label.is_match(name)
+}
+
+/// Requests other than reads and connection tests (which change nothing in GitLab), as
+/// `GET /-/sim/requests` reports them.
+async fn sim_writes(sim: &SimHandle) -> Vec<(String, u64)> {
+    let counts: std::collections::BTreeMap<String, u64> =
+        reqwest::get(format!("{}/-/sim/requests", sim.base_url()))
+            .await
+            .expect("requests answer")
+            .json()
+            .await
+            .expect("json");
+    counts
+        .into_iter()
+        .filter(|(route, _)| !route.starts_with("GET ") && !route.ends_with("/test"))
+        .collect()
+}
+
+/// Exports the group, then checks the round trip: `plan` of the stream and of the directory
+/// reports no change with GET requests only, `apply` writes nothing.
+async fn assert_round_trip(sim: &SimHandle, group: &str, name: &str) -> Vec<serde_json::Value> {
+    let dir = temp_dir(name);
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let file = std::env::temp_dir().join(format!("gro-export-{name}-{}.yaml", std::process::id()));
+    let file_arg = file.to_string_lossy().into_owned();
+
+    let output = tokio::task::block_in_place(|| run(Some(sim), &["export", "--group", group]));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let yaml = stdout(&output);
+    assert!(yaml.starts_with("# Exported by"), "{yaml}");
+    assert!(
+        yaml.contains(&sim.base_url()),
+        "the header says where from: {yaml}"
+    );
+    assert!(yaml.contains("gitlab-registry-operator plan -f"), "{yaml}");
+    std::fs::write(&file, &yaml).expect("write export");
+    let output = tokio::task::block_in_place(|| {
+        run(Some(sim), &["export", "--group", group, "-o", &dir_arg])
+    });
+    assert_eq!(output.status.code(), Some(0));
+
+    sim.reset_request_counts();
+    // What GitLab holds; the simulator's clock moves on regardless.
+    let state = || {
+        let mut state = serde_json::to_value(sim.snapshot()).expect("snapshot");
+        state.as_object_mut().expect("object").remove("now");
+        state
+    };
+    let snapshot_before = state();
+    for path in [&file_arg, &dir_arg] {
+        let output = tokio::task::block_in_place(|| run(Some(sim), &["plan", "-f", path]));
+        let text = stdout(&output);
+        assert_eq!(output.status.code(), Some(0), "plan of the export: {text}");
+        assert!(text.contains("No changes"), "{text}");
+        for line in text.lines().skip(1).take_while(|line| !line.is_empty()) {
+            assert!(line.contains("  no change  "), "{line}\n{text}");
+        }
+    }
+    assert!(
+        sim.request_counts()
+            .keys()
+            .all(|route| route.starts_with("GET ")),
+        "{:?}",
+        sim.request_counts()
+    );
+    let output = tokio::task::block_in_place(|| run(Some(sim), &["apply", "-f", &dir_arg]));
+    assert_eq!(output.status.code(), Some(0), "apply: {}", stdout(&output));
+    let writes = sim_writes(sim).await;
+    assert!(writes.is_empty(), "apply of the export wrote: {writes:?}");
+    assert_eq!(state(), snapshot_before, "GitLab changed");
+    let files = std::fs::read_dir(&dir).expect("dir").count();
+    let documents = exported_documents(&yaml);
+    assert_eq!(files, documents.len(), "one file per object");
+    for document in &documents {
+        let name = document["metadata"]["name"].as_str().expect("name");
+        assert!(is_dns_label(name), "{name}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_file(file);
+    documents
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn export_of_the_demo_data_round_trips_through_plan_and_apply() {
+    let sim = simulator().await;
+    let output =
+        tokio::task::block_in_place(|| run(Some(&sim), &["export", "--group", "my-org/platform"]));
+    assert_eq!(output.status.code(), Some(1));
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(error.contains("only on top-level groups"), "{error}");
+    let documents = assert_round_trip(&sim, "my-org", "demo").await;
+    assert_eq!(count_kind(&documents, "Upstream"), 1, "{documents:#?}");
+    assert_eq!(documents[0]["spec"]["name"], "Docker Hub");
+
+    // After the examples are applied: a registry, credentials, a GitLab-run policy.
+    let output = tokio::task::block_in_place(|| {
+        run(Some(&sim), &["apply", "-f", &examples().to_string_lossy()])
+    });
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let documents = assert_round_trip(&sim, "my-org", "demo-applied").await;
+    assert_eq!(count_kind(&documents, "VirtualRegistry"), 1);
+    assert_eq!(count_kind(&documents, "Upstream"), 2);
+    assert_eq!(count_kind(&documents, "Secret"), 1);
+    assert_eq!(count_kind(&documents, "CleanupPolicy"), 1);
+    let registry = documents
+        .iter()
+        .find(|d| d["kind"] == "VirtualRegistry")
+        .expect("registry");
+    assert_eq!(
+        registry["spec"]["upstreams"],
+        serde_json::json!([{"name": "docker-hub"}, {"name": "quay"}])
+    );
+}
+
+/// A group of 5 registries sharing upstreams in different orders, names that collide once
+/// made Kubernetes names, credentials, an upstream in no registry, project policies on and
+/// off, and another group that must not leak in.
+const SEEDED_GROUP: &str = r#"
+groups:
+  - {id: 10, full_path: acme}
+  - {id: 12, full_path: acme/team}
+  - {id: 11, full_path: other}
+projects:
+  - {id: 20, path_with_namespace: acme/web}
+  - {id: 21, path_with_namespace: acme/team/svc}
+  - {id: 22, path_with_namespace: acme/legacy}
+  - {id: 23, path_with_namespace: other/thing}
+registries:
+  - {id: 600, group: acme, name: Docker Cache, description: "The main cache: Docker Hub, then Quay"}
+  - {id: 601, group: acme, name: docker-cache}
+  - {id: 602, group: acme, name: "Mirror #1"}
+  - {id: 603, group: acme, name: GitHub}
+  - {id: 604, group: acme, name: cache.internal, description: empty for now}
+  - {id: 610, group: other, name: Docker Cache}
+upstreams:
+  - {id: 500, group: acme, name: Docker Hub, url: "https://registry-1.docker.io", username: acme-bot, password: s3cret-1, description: "Docker Hub, authenticated", registries: [Docker Cache, docker-cache]}
+  - {id: 502, group: acme, name: GHCR, url: "https://ghcr.io", username: gh-user, password: s3cret-2, cache_validity_hours: 0, registries: [GitHub, "Mirror #1"]}
+  - {id: 501, group: acme, name: Quay, url: "https://quay.io", cache_validity_hours: 48, registries: [docker-cache, Docker Cache, "Mirror #1"]}
+  - {id: 503, group: acme, name: Docker Hub, url: "https://mirror.gcr.io", registries: ["Mirror #1", GitHub]}
+  - {id: 504, group: acme, name: Harbor, url: "https://harbor.example.com", username: "robot$acme", password: p4ss, description: "pre-existing, unused"}
+  - {id: 505, group: other, name: Elsewhere, url: "https://other.example.com", registries: [Docker Cache]}
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn export_of_a_seeded_group_round_trips_and_keeps_gitlab_names_and_order() {
+    use gitlab_registry_operator::gitlab::{
+        ClientConfig, ContainerExpirationPolicyUpdate, GitLabClient, PathOrId,
+    };
+    let sim = Simulator::start(
+        SimConfig::embedded_demo(),
+        Seed::parse(SEEDED_GROUP).expect("seed parses"),
+    )
+    .await
+    .expect("simulator starts");
+    let client = GitLabClient::new(ClientConfig::new(
+        sim.base_url().parse().expect("url"),
+        sim.config().token.clone(),
+    ))
+    .expect("client");
+    for (project, update) in [
+        (
+            "acme/web",
+            ContainerExpirationPolicyUpdate {
+                cadence: Some("7d".into()),
+                enabled: Some(true),
+                keep_n: Some(Some(10)),
+                older_than: Some(Some("14d".into())),
+                name_regex: Some(".*".into()),
+                name_regex_keep: Some("main|release-.*".into()),
+            },
+        ),
+        (
+            "acme/team/svc",
+            ContainerExpirationPolicyUpdate {
+                cadence: Some("1month".into()),
+                enabled: Some(true),
+                keep_n: Some(None),
+                older_than: Some(None),
+                name_regex: Some("feature-.*".into()),
+                name_regex_keep: None,
+            },
+        ),
+        (
+            "acme/legacy",
+            ContainerExpirationPolicyUpdate {
+                cadence: Some("14d".into()),
+                enabled: Some(false),
+                ..Default::default()
+            },
+        ),
+        (
+            "other/thing",
+            ContainerExpirationPolicyUpdate {
+                cadence: Some("1d".into()),
+                enabled: Some(true),
+                name_regex: Some(".*".into()),
+                ..Default::default()
+            },
+        ),
+    ] {
+        client
+            .update_cleanup_policy(&PathOrId::parse(project), &update)
+            .await
+            .expect("policy set");
+    }
+
+    let documents = assert_round_trip(&sim, "acme", "seeded").await;
+    assert_eq!(
+        count_kind(&documents, "VirtualRegistry"),
+        5,
+        "{documents:#?}"
+    );
+    assert_eq!(count_kind(&documents, "Upstream"), 5);
+    assert_eq!(count_kind(&documents, "Secret"), 3);
+    assert_eq!(count_kind(&documents, "CleanupPolicy"), 2);
+    let find = |kind: &str, name: &str| {
+        documents
+            .iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{kind}/{name} in {documents:#?}"))
+            .clone()
+    };
+    let members = |registry: &str| find("VirtualRegistry", registry)["spec"]["upstreams"].clone();
+    assert_eq!(
+        find("VirtualRegistry", "docker-cache")["spec"]["name"],
+        "Docker Cache"
+    );
+    assert_eq!(
+        find("VirtualRegistry", "docker-cache-601")["spec"]["name"],
+        "docker-cache"
+    );
+    assert_eq!(
+        find("VirtualRegistry", "mirror-1")["spec"]["name"],
+        "Mirror #1"
+    );
+    assert_eq!(
+        members("docker-cache"),
+        serde_json::json!([{"name": "docker-hub"}, {"name": "quay"}])
+    );
+    assert_eq!(
+        members("docker-cache-601"),
+        serde_json::json!([{"name": "docker-hub"}, {"name": "quay"}])
+    );
+    assert_eq!(
+        members("mirror-1"),
+        serde_json::json!([{"name": "ghcr"}, {"name": "quay"}, {"name": "docker-hub-503"}])
+    );
+    assert_eq!(
+        members("github"),
+        serde_json::json!([{"name": "ghcr"}, {"name": "docker-hub-503"}])
+    );
+    assert_eq!(members("cache-internal"), serde_json::json!([]));
+    assert_eq!(
+        find("Upstream", "docker-hub-503")["spec"]["url"],
+        "https://mirror.gcr.io"
+    );
+    assert_eq!(find("Upstream", "ghcr")["spec"]["cacheValidityHours"], 0);
+    let secret = find("Secret", "harbor-credentials");
+    assert_eq!(secret["stringData"]["username"], "robot$acme");
+    assert_eq!(
+        secret["stringData"]["password"],
+        gitlab_registry_operator::standalone::export::PLACEHOLDER_PASSWORD
+    );
+    let web = find("CleanupPolicy", "web");
+    assert_eq!(web["spec"]["strategy"], "GitLabPolicy");
+    assert_eq!(web["spec"]["cadence"], "7d");
+    assert_eq!(web["spec"]["rules"]["nameRegexKeep"], "main|release-.*");
+    assert_eq!(
+        find("CleanupPolicy", "team-svc")["spec"]["target"]["containerRepositories"]["project"],
+        "acme/team/svc"
+    );
+    let everything = serde_json::to_string(&documents).expect("json");
+    for secret in ["s3cret-1", "s3cret-2", "p4ss"] {
+        assert!(!everything.contains(secret), "a password was exported");
+    }
+    for foreign in ["Elsewhere", "other/thing"] {
+        assert!(
+            !everything.contains(foreign),
+            "{foreign} is not in group acme"
+        );
+    }
+}
+
+/// An exported Secret's placeholder is never sent: a plan or apply that would send the
+/// credentials (here, asked to resend them) is blocked and writes nothing, until the real
+/// password is given.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_placeholder_password_is_never_sent_to_gitlab() {
+    let sim = Simulator::start(
+        SimConfig::embedded_demo(),
+        Seed::parse(SEEDED_GROUP).expect("seed parses"),
+    )
+    .await
+    .expect("simulator starts");
+    let dir = temp_dir("placeholder");
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let output = tokio::task::block_in_place(|| {
+        run(Some(&sim), &["export", "--group", "acme", "-o", &dir_arg])
+    });
+    assert_eq!(output.status.code(), Some(0));
+
+    sim.reset_request_counts();
+    for command in ["plan", "apply"] {
+        let output = tokio::task::block_in_place(|| {
+            run(
+                Some(&sim),
+                &[
+                    command,
+                    "-f",
+                    &dir_arg,
+                    "--resend-credentials",
+                    "-o",
+                    "json",
+                ],
+            )
+        });
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{command}: {}",
+            stdout(&output)
+        );
+        let objects = json_objects(&output);
+        for name in ["docker-hub", "ghcr", "harbor"] {
+            let upstream = object(&objects, "Upstream", name);
+            assert_eq!(
+                upstream["action"], "blocked: PlaceholderPassword",
+                "{upstream:#}"
+            );
+            assert!(
+                upstream["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(&format!(
+                        "{}_CREDENTIALS_PASSWORD",
+                        name.to_uppercase().replace('-', "_")
+                    ))),
+                "{upstream:#}"
+            );
+        }
+        assert_eq!(object(&objects, "Upstream", "quay")["action"], "no change");
+    }
+    let writes = sim_writes(&sim).await;
+    assert!(writes.is_empty(), "the placeholder was sent: {writes:?}");
+
+    // With the real password from the environment, the credentials go.
+    let output = tokio::task::block_in_place(|| {
+        run_with_env(
+            Some(&sim),
+            &["apply", "-f", &dir_arg, "--resend-credentials"],
+            &[
+                ("DOCKER_HUB_CREDENTIALS_PASSWORD", "s3cret-1"),
+                ("GHCR_CREDENTIALS_PASSWORD", "s3cret-2"),
+                ("HARBOR_CREDENTIALS_PASSWORD", "p4ss"),
+            ],
+        )
+    });
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    assert_eq!(
+        sim.request_count("PATCH", "/virtual_registries/container/upstreams/:id"),
+        3
+    );
+
+    // Exporting again into the directory names what an earlier export left there.
+    std::fs::write(
+        dir.join("upstream-gone.yaml"),
+        "# deleted in GitLab since\n",
+    )
+    .expect("write");
+    let output = tokio::task::block_in_place(|| {
+        run(Some(&sim), &["export", "--group", "acme", "-o", &dir_arg])
+    });
+    assert_eq!(output.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("upstream-gone.yaml is not part of this export"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

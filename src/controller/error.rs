@@ -24,6 +24,16 @@ pub enum Error {
         name: String,
         key: String,
     },
+    /// The credentials Secret holds the placeholder password `export` writes: sending it would
+    /// replace the working password GitLab holds.
+    #[error(
+        "Secret {namespace}/{name} key {key:?} holds the placeholder password `export` wrote (GitLab never returns passwords): put the real password there"
+    )]
+    PlaceholderPassword {
+        namespace: String,
+        name: String,
+        key: String,
+    },
     /// The spec cannot work as written (beyond what the CRD schema checks).
     #[error("invalid spec: {0}")]
     InvalidSpec(String),
@@ -85,6 +95,7 @@ impl Error {
         match self {
             Self::ConnectionMissing => "ConnectionMissing",
             Self::SecretNotFound { .. } | Self::SecretKeyMissing { .. } => "SecretNotFound",
+            Self::PlaceholderPassword { .. } => crate::crd::upstream::REASON_PLACEHOLDER_PASSWORD,
             Self::InvalidSpec(_) => "InvalidSpec",
             Self::Sync(error) => error.reason(),
             Self::Kube(_) => "KubernetesError",
@@ -110,6 +121,7 @@ impl Error {
             Self::ConnectionMissing
             | Self::SecretNotFound { .. }
             | Self::SecretKeyMissing { .. }
+            | Self::PlaceholderPassword { .. }
             | Self::InvalidSpec(_) => false,
         }
     }

@@ -112,6 +112,15 @@ async fn dereference_and_sync(upstream: &Upstream, ctx: &Context) -> Result<Upst
             let username = secret_key(&secret, &namespace, &reference.username_key)?;
             let password = secret_key(&secret, &namespace, &reference.password_key)?;
             use secrecy::ExposeSecret;
+            // Nothing is sent while the Secret holds `export`'s placeholder: the controller
+            // keeps no record that would tell when GitLab's password may be left alone.
+            if password.value.expose_secret() == crate::crd::upstream::PLACEHOLDER_PASSWORD {
+                return Err(Error::PlaceholderPassword {
+                    namespace,
+                    name: reference.name.clone(),
+                    key: reference.password_key.clone(),
+                });
+            }
             Some(ResolvedCredentials {
                 credentials: UpstreamCredentials::new(
                     username.value.expose_secret(),

@@ -209,3 +209,12 @@ impl Upstream {
             .unwrap_or_default()
     }
 }
+
+/// The password `export` writes into the credentials Secrets it generates: GitLab never
+/// returns an upstream's password. Neither the controller nor standalone `plan`/`apply`
+/// ever sends it to GitLab.
+pub const PLACEHOLDER_PASSWORD: &str = "REPLACE-ME-gitlab-never-returns-upstream-passwords";
+
+/// Condition reason of an Upstream whose credentials Secret still holds
+/// [`PLACEHOLDER_PASSWORD`] where sending it would replace GitLab's working password.
+pub const REASON_PLACEHOLDER_PASSWORD: &str = "PlaceholderPassword";

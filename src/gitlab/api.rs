@@ -655,6 +655,26 @@ impl GitLabClient {
             .await
     }
 
+    fn group_projects_call(group: &GroupRef) -> Call {
+        // `with_shared=false`: projects of other groups shared with this one are not its own.
+        Call::new(
+            Method::GET,
+            "/groups/:id/projects",
+            format!("/groups/{}/projects", group.to_path_segment()),
+        )
+        .query("include_subgroups", true)
+        .query("with_shared", false)
+    }
+
+    /// `GET /groups/:id/projects?include_subgroups=true&with_shared=false`, every page: the
+    /// projects of the group and of its subgroups. INFERRED from GitLab's Groups API
+    /// documentation (not among the shared API pages).
+    pub async fn list_group_projects_all(&self, group: &GroupRef) -> Result<Vec<Project>> {
+        self.inner
+            .all_pages(|page| all_pages_of(Self::group_projects_call(group), page))
+            .await
+    }
+
     /// `GET /projects/:id`.
     pub async fn get_project(&self, project: &ProjectRef) -> Result<Project> {
         self.inner

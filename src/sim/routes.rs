@@ -464,6 +464,7 @@ pub(crate) fn router(app: App) -> Router {
             "/groups/{id}/registry/repositories",
             get(list_group_repositories),
         )
+        .at("/groups/{id}/projects", get(list_group_projects))
         .at("/registry/repositories/{id}", get(get_repository));
     let control = Router::new()
         .route("/-/sim/requests", get(get_requests).delete(reset_requests))
@@ -1147,6 +1148,38 @@ async fn list_group_repositories(
                     &app.config.registry_host,
                     RepositoryExtras::default(),
                 )
+            })
+            .collect()
+    };
+    paginate(list, &params, &url)
+}
+
+/// `GET /groups/:id/projects`: the group's own projects, and with `include_subgroups` those
+/// of its subgroups too. Projects shared with the group are not modelled (as `with_shared=false`).
+/// INFERRED: the shared API pages do not cover the Groups API; this follows GitLab's public
+/// Groups API documentation (offset pagination, the project entity of `GET /projects/:id`).
+async fn list_group_projects(
+    AxumState(app): AxumState<App>,
+    Path(group): Path<String>,
+    url: RequestUrl,
+    params: Params,
+) -> ApiResult<Response> {
+    let include_subgroups = {
+        let mut check = Check::new(&params);
+        let include = check.boolean("include_subgroups");
+        check.boolean("with_shared");
+        check.finish()?;
+        include
+    };
+    let list: Vec<Value> = {
+        let state = app.state();
+        let group_id = state.group(&group)?.id;
+        state
+            .projects_of_group(group_id, include_subgroups)
+            .into_iter()
+            .map(|project| {
+                let namespace = state.group(&project.namespace_id.to_string()).ok();
+                views::project(project, namespace, &url.origin)
             })
             .collect()
     };

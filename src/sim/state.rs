@@ -1333,20 +1333,33 @@ impl State {
             .collect()
     }
 
-    /// Repositories of every project in the group and its subgroups.
-    pub fn repositories_of_group(&self, group_id: u64) -> Vec<&Repository> {
+    /// Projects of the group (and of its subgroups with `include_subgroups`), by id.
+    pub fn projects_of_group(&self, group_id: u64, include_subgroups: bool) -> Vec<&Project> {
+        let groups = self.group_and_subgroups(group_id, include_subgroups);
+        self.projects
+            .values()
+            .filter(|project| groups.contains(&project.namespace_id))
+            .collect()
+    }
+
+    fn group_and_subgroups(&self, group_id: u64, include_subgroups: bool) -> BTreeSet<u64> {
         let Some(group) = self.groups.get(&group_id) else {
-            return Vec::new();
+            return BTreeSet::new();
         };
         let prefix = format!("{}/", group.full_path);
-        let groups: BTreeSet<u64> = self
-            .groups
+        self.groups
             .values()
             .filter(|candidate| {
-                candidate.id == group_id || candidate.full_path.starts_with(&prefix)
+                candidate.id == group_id
+                    || (include_subgroups && candidate.full_path.starts_with(&prefix))
             })
             .map(|candidate| candidate.id)
-            .collect();
+            .collect()
+    }
+
+    /// Repositories of every project in the group and its subgroups.
+    pub fn repositories_of_group(&self, group_id: u64) -> Vec<&Repository> {
+        let groups = self.group_and_subgroups(group_id, true);
         self.repositories
             .values()
             .filter(|repository| {

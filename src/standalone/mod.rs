@@ -1,8 +1,9 @@
 //! Standalone mode (`apply`, `plan`): reconcile manifests on disk against GitLab once, with the
 //! same `sync` engines the controllers use, without a cluster. With no GitLab URL, an embedded
 //! simulator seeded with demo data stands in for GitLab, so a fresh machine can run the whole
-//! product on `examples/`.
+//! product on `examples/`. `export` writes the manifests of what a GitLab group already holds.
 
+pub mod export;
 pub mod manifests;
 pub mod run;
 
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 use secrecy::SecretString;
 use url::Url;
 
-use crate::gitlab::{ClientConfig, GitLabClient};
+use crate::gitlab::{ClientConfig, GitLabClient, PathOrId};
 use crate::sim::{Seed, SimConfig, SimHandle, Simulator};
 use crate::sync::Mode;
 
@@ -42,17 +43,35 @@ pub enum Error {
     Simulator(String),
     #[error("GitLab client: {0}")]
     Client(#[from] crate::gitlab::Error),
+    #[error("export: {0}")]
+    Export(String),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
-/// The note printed when the embedded simulator answers instead of a real GitLab.
-pub const EMBEDDED_NOTE: &str = "No GitLab URL given (--gitlab-url / GITLAB_URL): using the embedded GitLab simulator with demo data. \
-Upstream connection tests are answered by its built-in stub registry; no network is used.";
+/// What `export` was asked to do.
+#[derive(Debug)]
+pub struct ExportOptions {
+    /// The top-level group: full path or numeric id.
+    pub group: String,
+    /// `metadata.namespace` of every manifest; `None` leaves it unset.
+    pub namespace: Option<String>,
+    /// GitLab URL and token; `None` starts the embedded simulator.
+    pub gitlab: Option<(Url, SecretString)>,
+    pub extra_ca_pem: Option<Vec<u8>>,
+}
 
-/// Loads, validates and reconciles (or plans) the manifests once.
-pub async fn execute(options: &Options) -> Result<Report, Error> {
-    let manifests = manifests::load(&options.paths)?;
+/// A client for the given GitLab, or for the embedded simulator (returned so that the caller
+/// shuts it down) when none is given.
+async fn connect(
+    gitlab: Option<&(Url, SecretString)>,
+    extra_ca_pem: Option<&Vec<u8>>,
+) -> Result<(GitLabClient, Option<SimHandle>), Error> {
     let mut simulator: Option<SimHandle> = None;
-    let (url, token) = match &options.gitlab {
+    let (url, token) = match gitlab {
         Some((url, token)) => (url.clone(), token.clone()),
         None => {
             let config = SimConfig::embedded_demo();
@@ -67,8 +86,52 @@ pub async fn execute(options: &Options) -> Result<Report, Error> {
         }
     };
     let mut config = ClientConfig::new(url, token);
-    config.extra_ca_pem = options.extra_ca_pem.clone();
-    let client = GitLabClient::new(config)?;
+    config.extra_ca_pem = extra_ca_pem.cloned();
+    Ok((GitLabClient::new(config)?, simulator))
+}
+
+/// Reads the group from GitLab and turns it into manifests.
+pub async fn execute_export(
+    options: &ExportOptions,
+) -> Result<(export::Export, export::Provenance), Error> {
+    let (client, simulator) =
+        connect(options.gitlab.as_ref(), options.extra_ca_pem.as_ref()).await?;
+    let read = export::read_group(&client, &PathOrId::parse(&options.group)).await;
+    let gitlab_url = simulator.is_none().then(|| client.base_url().to_string());
+    if let Some(handle) = simulator {
+        handle.shutdown().await;
+    }
+    let contents = match read {
+        Ok(contents) => contents,
+        // Virtual registries belong to top-level groups; GitLab's refusal does not say so.
+        Err(error) if options.group.trim_matches('/').contains('/') => {
+            return Err(Error::Export(format!(
+                "{error} (virtual registries exist only on top-level groups, and {} is a subgroup)",
+                options.group
+            )));
+        }
+        Err(error) => return Err(error),
+    };
+    let exported = export::export_group(&options.group, options.namespace.as_deref(), &contents)?;
+    Ok((
+        exported,
+        export::Provenance {
+            group: options.group.clone(),
+            gitlab_url,
+            at: jiff::Timestamp::now(),
+        },
+    ))
+}
+
+/// The note printed when the embedded simulator answers instead of a real GitLab.
+pub const EMBEDDED_NOTE: &str = "No GitLab URL given (--gitlab-url / GITLAB_URL): using the embedded GitLab simulator with demo data. \
+Upstream connection tests are answered by its built-in stub registry; no network is used.";
+
+/// Loads, validates and reconciles (or plans) the manifests once.
+pub async fn execute(options: &Options) -> Result<Report, Error> {
+    let manifests = manifests::load(&options.paths)?;
+    let (client, simulator) =
+        connect(options.gitlab.as_ref(), options.extra_ca_pem.as_ref()).await?;
     let mut report = run::reconcile_all(
         &client,
         &manifests,

@@ -1,6 +1,10 @@
 //! One standalone pass over the manifests: registries first (upstreams are created through
 //! them), then upstreams, then registries again (their upstreams now have ids), then cleanup
 //! policies. `plan` sends only GET requests and reports what `apply` would change.
+//!
+//! Every object's report says what happens to it (`action`: create, update, delete, no
+//! change, or blocked with the reason) and, only when it exists in GitLab, whether it is
+//! Ready. Upstream passwords that are `export`'s placeholder are never sent to GitLab.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -11,6 +15,7 @@ use serde::Serialize;
 use super::manifests::{Manifest, Manifests, environment_variable};
 use crate::controller::connection::secret_key;
 use crate::crd::conditions::{self, SYNCED, Status};
+use crate::crd::upstream::{PLACEHOLDER_PASSWORD, REASON_PLACEHOLDER_PASSWORD};
 use crate::crd::{
     CleanupPolicy, CleanupStrategy, Upstream, VirtualRegistry, conditions::ConditionUpdate,
 };
@@ -28,7 +33,12 @@ pub struct ObjectReport {
     pub name: String,
     pub source: String,
     pub gitlab_id: Option<i64>,
-    pub ready: bool,
+    /// What `apply` does (or did) to the object: `create`, `update`, `delete` (tags or cache
+    /// entries of a cleanup run), `no change`, or `blocked: <reason>`.
+    pub action: String,
+    /// Whether the object is Ready; `None` while it does not exist in GitLab (a plan that
+    /// would create it, an apply that could not).
+    pub ready: Option<bool>,
     pub reason: String,
     pub message: String,
     pub conditions: Vec<ConditionView>,
@@ -94,7 +104,8 @@ impl ObjectReport {
             name,
             source: source.into(),
             gitlab_id: None,
-            ready: false,
+            action: String::new(),
+            ready: None,
             reason: String::new(),
             message: String::new(),
             conditions: Vec::new(),
@@ -104,15 +115,41 @@ impl ObjectReport {
         }
     }
 
-    /// Sets the conditions and derives Ready from `components`.
-    fn conclude(&mut self, updates: Vec<ConditionUpdate>, components: &[&'static str]) {
+    /// Sets the conditions, derives Ready from `components` and the action from the
+    /// conditions and what was (or would be) written. `exists`: the object is in GitLab
+    /// after this pass.
+    fn conclude(
+        &mut self,
+        updates: Vec<ConditionUpdate>,
+        components: &[&'static str],
+        mode: Mode,
+        exists: bool,
+    ) {
         let now = crate::controller::status::now();
+        let blocked_by = updates
+            .iter()
+            .find(|update| {
+                [SYNCED, conditions::UPSTREAMS_RESOLVED].contains(&update.type_)
+                    && update.status != Status::True
+            })
+            .map(|update| update.reason.clone());
         let mut all = Vec::new();
         for update in updates {
             conditions::set_condition(&mut all, update, None, &now);
         }
-        let ready = conditions::ready_summary(&all, components);
-        self.ready = ready.status == Status::True;
+        let mut ready = conditions::ready_summary(&all, components);
+        self.action = match blocked_by {
+            Some(reason) => format!("blocked: {reason}"),
+            None => self.planned_action().to_owned(),
+        };
+        // A plan changes nothing: what it would create or update is not in line with the
+        // spec yet, whatever the engines say of the plan itself.
+        if !mode.writes()
+            && let Some(pending) = self.pending_summary()
+        {
+            ready = pending;
+        }
+        self.ready = exists.then_some(ready.status == Status::True);
         self.reason = ready.reason.clone();
         self.message = ready.message.clone();
         conditions::set_condition(&mut all, ready, None, &now);
@@ -125,6 +162,52 @@ impl ObjectReport {
                 message: c.message,
             })
             .collect();
+    }
+
+    /// For a plan: the Ready condition of an object the plan would create or update.
+    /// A cleanup run's deletions are the policy's work, not a difference from its spec.
+    fn pending_summary(&self) -> Option<ConditionUpdate> {
+        let pending: Vec<&ActionView> = self.actions.iter().filter(|a| a.writes).collect();
+        let first = pending.first()?;
+        match self.action.as_str() {
+            "create" => Some(ConditionUpdate::new(
+                conditions::READY,
+                false,
+                "NotCreated",
+                first.message.clone(),
+            )),
+            "update" => {
+                let fields: Vec<&str> = pending
+                    .iter()
+                    .flat_map(|a| a.changes.iter().map(|c| c.field.as_str()))
+                    .collect();
+                Some(ConditionUpdate::new(
+                    conditions::READY,
+                    false,
+                    "OutOfSync",
+                    if fields.is_empty() {
+                        first.message.clone()
+                    } else {
+                        format!("would change {}", fields.join(", "))
+                    },
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// The action from what was (or would be) written, for an object that is not blocked.
+    fn planned_action(&self) -> &'static str {
+        let writes = || self.actions.iter().filter(|a| a.writes);
+        if writes().any(|a| a.reason == "Created") {
+            "create"
+        } else if writes().any(|a| a.reason == "Deleted" || a.reason == "TagsDeleted") {
+            "delete"
+        } else if writes().next().is_some() {
+            "update"
+        } else {
+            "no change"
+        }
     }
 
     pub fn changes_anything(&self) -> bool {
@@ -148,7 +231,17 @@ impl Report {
     }
 
     pub fn all_ready(&self) -> bool {
-        self.objects.iter().all(|o| o.ready)
+        self.objects.iter().all(|o| o.ready == Some(true))
+    }
+
+    /// Some object needs a change to the manifests (or the environment) before `apply` can
+    /// complete it: an invalid spec, a missing Secret, a placeholder password to be sent.
+    pub fn needs_fixing(&self) -> bool {
+        self.objects.iter().any(|o| {
+            [REASON_PLACEHOLDER_PASSWORD, "InvalidSpec", "SecretNotFound"]
+                .iter()
+                .any(|reason| o.action == format!("blocked: {reason}"))
+        })
     }
 }
 
@@ -227,59 +320,14 @@ pub async fn reconcile_all(
                     .unwrap_or(0)
             })
             .max();
-        let outcome = match upstream_request(
+        let (request, placeholder) = match upstream_request(
             upstream,
             manifests,
             registry_for_create,
             mode,
             resend_credentials,
         ) {
-            Ok(mut request) => match find_by_unique_name(client, upstream, manifests).await {
-                Ok(NameMatch::NotFound) => upstream::reconcile(client, &request).await,
-                Ok(NameMatch::Unique(found)) => {
-                    request.known.upstream_id = Some(found.id);
-                    let mut outcome = upstream::reconcile(client, &request).await;
-                    outcome.actions.insert(
-                        0,
-                        Action::new(
-                            "Adopted",
-                            format!(
-                                "upstream {} ({}) is the only one of that name in the group and \
-                                 no other manifest claims it: its url {} becomes {}",
-                                found.id, found.name, found.url, request.desired.url
-                            ),
-                        )
-                        .read_only(),
-                    );
-                    outcome
-                }
-                Ok(NameMatch::Ambiguous(message)) => {
-                    object_report.conclude(
-                        vec![ConditionUpdate::new(
-                            SYNCED,
-                            false,
-                            AMBIGUOUS_UPSTREAM,
-                            message,
-                        )],
-                        &[SYNCED],
-                    );
-                    report.objects.push(object_report);
-                    continue;
-                }
-                Err(error) => {
-                    let message = format!(
-                        "listing the upstreams of {}: {}",
-                        upstream.object.spec.group,
-                        error.message()
-                    );
-                    object_report.conclude(
-                        vec![ConditionUpdate::new(SYNCED, false, error.reason(), message)],
-                        &[SYNCED],
-                    );
-                    report.objects.push(object_report);
-                    continue;
-                }
-            },
+            Ok(prepared) => prepared,
             Err(message) => {
                 object_report.conclude(
                     vec![ConditionUpdate::new(
@@ -289,17 +337,76 @@ pub async fn reconcile_all(
                         message,
                     )],
                     &[SYNCED],
+                    mode,
+                    false,
                 );
                 report.objects.push(object_report);
                 continue;
             }
         };
+        let mut request = request;
+        let found_by_name = match find_by_unique_name(client, upstream, manifests).await {
+            Ok(NameMatch::NotFound) => None,
+            Ok(NameMatch::Unique(found)) => {
+                request.known.upstream_id = Some(found.id);
+                Some(found)
+            }
+            Ok(NameMatch::Ambiguous(message)) => {
+                object_report.conclude(
+                    vec![ConditionUpdate::new(
+                        SYNCED,
+                        false,
+                        AMBIGUOUS_UPSTREAM,
+                        message,
+                    )],
+                    &[SYNCED],
+                    mode,
+                    false,
+                );
+                report.objects.push(object_report);
+                continue;
+            }
+            Err(error) => {
+                let message = format!(
+                    "listing the upstreams of {}: {}",
+                    upstream.object.spec.group,
+                    error.message()
+                );
+                object_report.conclude(
+                    vec![ConditionUpdate::new(SYNCED, false, error.reason(), message)],
+                    &[SYNCED],
+                    mode,
+                    false,
+                );
+                report.objects.push(object_report);
+                continue;
+            }
+        };
+        let desired_url = request.desired.url.clone();
+        let mut outcome = match placeholder {
+            None => upstream::reconcile(client, &request).await,
+            Some(placeholder) => reconcile_keeping_placeholder(client, request, &placeholder).await,
+        };
+        if let Some(found) = found_by_name {
+            outcome.actions.insert(
+                0,
+                Action::new(
+                    "Adopted",
+                    format!(
+                        "upstream {} ({}) is the only one of that name in the group and no \
+                         other manifest claims it: its url {} becomes {desired_url}",
+                        found.id, found.name, found.url
+                    ),
+                )
+                .read_only(),
+            );
+        }
         if let Some(id) = outcome.upstream_id {
             upstream_ids.insert((namespace.clone(), name.clone()), id);
         } else if !mode.writes() && outcome.actions.iter().any(|a| a.reason == "Created") {
             upstreams_created_by_plan.push((namespace.clone(), name.clone()));
         }
-        fill_upstream_report(&mut object_report, &outcome);
+        fill_upstream_report(&mut object_report, &outcome, mode);
         report.objects.push(object_report);
     }
 
@@ -377,6 +484,8 @@ pub async fn reconcile_all(
         object_report.conclude(
             vec![outcome.synced.clone(), resolved],
             &[SYNCED, conditions::UPSTREAMS_RESOLVED],
+            mode,
+            outcome.registry_id.is_some(),
         );
         report.objects.push(object_report);
     }
@@ -427,6 +536,8 @@ async fn cleanup_policy_report(
                 message,
             )],
             &[SYNCED],
+            mode,
+            true,
         );
     };
     if policy.object.spec.strategy == CleanupStrategy::GitLabPolicy {
@@ -465,6 +576,8 @@ async fn cleanup_policy_report(
                         "GitLab's cleanup policy is in line",
                     )],
                     &[SYNCED],
+                    mode,
+                    true,
                 );
             }
             Err(error) => fail(&mut object_report, error.reason(), error.message()),
@@ -539,7 +652,7 @@ async fn cleanup_policy_report(
             object_report
                 .actions
                 .extend(report.actions().iter().map(ActionView::from));
-            object_report.conclude(vec![run_condition(&report)], &[SYNCED]);
+            object_report.conclude(vec![run_condition(&report)], &[SYNCED], mode, true);
         }
         Err(error) => fail(&mut object_report, error.reason(), error.message()),
     }
@@ -595,11 +708,17 @@ fn upstream_request(
     registry_for_create: Option<i64>,
     mode: Mode,
     resend_credentials: bool,
-) -> Result<upstream::UpstreamRequest, String> {
+) -> Result<(upstream::UpstreamRequest, Option<Placeholder>), String> {
+    let mut placeholder = None;
     let credentials = match &upstream.object.spec.credentials_secret_ref {
         None => None,
         Some(reference) => {
             let namespace = namespace_of(&upstream.object);
+            let from_environment = |key: &str| {
+                std::env::var(environment_variable(&reference.name, key))
+                    .ok()
+                    .map(SecretString::from)
+            };
             let read = |key: &str| -> Result<SecretString, String> {
                 if let Some(secret) = manifests.secrets.iter().find(|s| {
                     namespace_of(&s.object) == namespace && s.object.name_any() == reference.name
@@ -608,18 +727,31 @@ fn upstream_request(
                         .map(|v| v.value)
                         .map_err(|e| e.to_string());
                 }
-                let variable = environment_variable(&reference.name, key);
-                std::env::var(&variable)
-                    .map(SecretString::from)
-                    .map_err(|_| {
-                        format!(
-                            "Secret {} not in the manifests and {variable} not set",
-                            reference.name
-                        )
-                    })
+                from_environment(key).ok_or_else(|| {
+                    format!(
+                        "Secret {} not in the manifests and {} not set",
+                        reference.name,
+                        environment_variable(&reference.name, key)
+                    )
+                })
             };
             let username = read(&reference.username_key)?;
-            let password = read(&reference.password_key)?;
+            let mut password = read(&reference.password_key)?;
+            if password.expose_secret() == PLACEHOLDER_PASSWORD {
+                // The environment can supply the real password of an exported Secret.
+                match from_environment(&reference.password_key) {
+                    Some(real) => password = real,
+                    None => {
+                        placeholder = Some(Placeholder {
+                            secret: reference.name.clone(),
+                            variable: environment_variable(
+                                &reference.name,
+                                &reference.password_key,
+                            ),
+                        })
+                    }
+                }
+            }
             Some(ResolvedCredentials {
                 credentials: UpstreamCredentials::new(username.expose_secret(), password),
                 version: CredentialsVersion {
@@ -648,7 +780,7 @@ fn upstream_request(
             .as_ref()
             .map(|c| c.version.clone());
     }
-    Ok(request)
+    Ok((request, placeholder))
 }
 
 /// Reason of an Upstream whose url changed while other upstreams share its name.
@@ -732,7 +864,9 @@ async fn find_by_unique_name(
                 )
             };
             Ok(NameMatch::Ambiguous(format!(
-                "more than one upstream named {name:?} in group {} could be this one, none with url                  {}: {}{manifests_too}; nothing created. Give the one that is not this upstream                  another name, or delete it",
+                "more than one upstream named {name:?} in group {} could be this one, none with url \
+                 {}: {}{manifests_too}; nothing created. Give the one that is not this upstream \
+                 another name, or delete it",
                 spec.group,
                 spec.url,
                 listed.join(", ")
@@ -741,7 +875,7 @@ async fn find_by_unique_name(
     }
 }
 
-fn fill_upstream_report(report: &mut ObjectReport, outcome: &UpstreamOutcome) {
+fn fill_upstream_report(report: &mut ObjectReport, outcome: &UpstreamOutcome, mode: Mode) {
     report.gitlab_id = outcome.upstream_id;
     report
         .actions
@@ -759,7 +893,54 @@ fn fill_upstream_report(report: &mut ObjectReport, outcome: &UpstreamOutcome) {
         updates.push(reachable.clone());
         components.push(conditions::REACHABLE);
     }
-    report.conclude(updates, &components);
+    report.conclude(updates, &components, mode, outcome.upstream_id.is_some());
+}
+
+/// Where a placeholder password came from, to tell the user where the real one goes.
+#[derive(Debug, Clone)]
+struct Placeholder {
+    secret: String,
+    variable: String,
+}
+
+/// Reconciles an upstream whose Secret holds `export`'s placeholder password: planned first,
+/// and applied only when that plan sends no credentials (GitLab keeps the password it holds);
+/// otherwise blocked, with what the plan found (its id, so registries still resolve it).
+async fn reconcile_keeping_placeholder(
+    client: &GitLabClient,
+    request: upstream::UpstreamRequest,
+    placeholder: &Placeholder,
+) -> UpstreamOutcome {
+    let mut planned_request = request.clone();
+    planned_request.mode = Mode::Plan;
+    let mut planned = upstream::reconcile(client, &planned_request).await;
+    let sends_credentials = planned.actions.iter().any(|action| {
+        action.writes
+            && (action.reason == "Created"
+                || action.changes.iter().any(|c| c.field == "credentials"))
+    });
+    if !sends_credentials {
+        return if request.mode.writes() {
+            upstream::reconcile(client, &request).await
+        } else {
+            planned
+        };
+    }
+    let message = format!(
+        "the password in Secret {} is the placeholder `export` wrote (GitLab never returns passwords) \
+         and this change would send it to GitLab: put the real password in the Secret, or set {}",
+        placeholder.secret, placeholder.variable
+    );
+    planned.actions.retain(|action| !action.writes);
+    planned.actions.push(
+        Action::new(
+            REASON_PLACEHOLDER_PASSWORD,
+            format!("credentials not sent: {message}"),
+        )
+        .read_only(),
+    );
+    planned.synced = ConditionUpdate::new(SYNCED, false, REASON_PLACEHOLDER_PASSWORD, message);
+    planned
 }
 
 /// The human table: one line per object, then what was (or would be) done.
@@ -772,16 +953,28 @@ pub fn render_table(report: &Report) -> String {
         .max()
         .unwrap_or(10)
         .max(12);
+    let action_width = report
+        .objects
+        .iter()
+        .map(|o| o.action.len())
+        .max()
+        .unwrap_or(0)
+        .max("no change".len());
     out.push_str(&format!(
-        "{:<width$}  {:<5}  {:<24}  {}\n",
-        "OBJECT", "READY", "REASON", "MESSAGE"
+        "{:<width$}  {:<action_width$}  {:<5}  {:<24}  {}\n",
+        "OBJECT", "ACTION", "READY", "REASON", "MESSAGE"
     ));
     for object in &report.objects {
         let name = format!("{}/{}/{}", object.kind, object.namespace, object.name);
-        let ready = if object.ready { "True" } else { "False" };
+        // Readiness only of what exists in GitLab.
+        let ready = match object.ready {
+            Some(true) => "True",
+            Some(false) => "False",
+            None => "-",
+        };
         out.push_str(&format!(
-            "{name:<width$}  {ready:<5}  {:<24}  {}\n",
-            object.reason, object.message
+            "{name:<width$}  {:<action_width$}  {ready:<5}  {:<24}  {}\n",
+            object.action, object.reason, object.message
         ));
     }
     for object in &report.objects {
@@ -816,7 +1009,17 @@ pub fn render_table(report: &Report) -> String {
             out.push_str(&format!("    {detail}\n"));
         }
     }
-    if report.mode == "plan" && !report.changes_anything() {
+    let blocked = report
+        .objects
+        .iter()
+        .filter(|o| o.action.starts_with("blocked"))
+        .count();
+    if blocked > 0 {
+        out.push_str(&format!(
+            "\n{blocked} object(s) blocked: {} cannot complete them as they are (see ACTION and MESSAGE).\n",
+            if report.mode == "plan" { "apply" } else { "this apply" }
+        ));
+    } else if report.mode == "plan" && !report.changes_anything() {
         out.push_str("\nNo changes: GitLab is in line with the manifests.\n");
     }
     out
