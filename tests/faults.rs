@@ -1902,6 +1902,7 @@ async fn tokens_and_passwords_appear_in_no_log_event_status_error_metric_or_plan
                 gitlab: Some((sim.base_url().parse().expect("url"), SecretString::from(token))),
                 extra_ca_pem: None,
                 resend_credentials: true,
+                access_policy: None,
             };
             outputs.push(("options".into(), format!("{options:?}")));
             let report = standalone::execute(&options).await.expect("report");

@@ -16,7 +16,7 @@ use kube::{Api, ResourceExt};
 
 use super::connection::gitlab_client;
 use super::status::{apply_status, mark_suspended, now, publish, publish_actions};
-use super::{Context, Error, Result, reconciler};
+use super::{Context, Error, Result, reconciler, tenancy};
 use crate::cleanup::{InUseIndex, Schedule, parse_duration};
 use crate::crd::cleanup_policy::{CleanupPolicyStatus, RunOutcome, RunSummary};
 use crate::crd::conditions::{self, ConditionUpdate, SYNCED};
@@ -148,9 +148,12 @@ async fn apply(policy: &CleanupPolicy, ctx: &Context, api: &Api<CleanupPolicy>) 
         apply_status(api, policy, policy.status.as_ref(), &status).await?;
         return Ok(Requeue::await_change());
     }
-    let outcome = match policy.spec.strategy {
-        CleanupStrategy::Operator => scheduled_run(policy, ctx, &mut status).await,
-        CleanupStrategy::GitLabPolicy => gitlab_policy(policy, ctx, &mut status).await,
+    let outcome = match tenancy::check_policy(ctx, policy) {
+        Err(error) => Err(error),
+        Ok(()) => match policy.spec.strategy {
+            CleanupStrategy::Operator => scheduled_run(policy, ctx, &mut status).await,
+            CleanupStrategy::GitLabPolicy => gitlab_policy(policy, ctx, &mut status).await,
+        },
     };
     let (synced, requeue, error) = match outcome {
         Ok((synced, requeue)) => (synced, requeue, None),
@@ -457,6 +460,10 @@ async fn cleanup(policy: &CleanupPolicy, ctx: &Context) -> Result<Requeue> {
     let Ok(project) = gitlab_policy_project(policy) else {
         return Ok(Requeue::await_change());
     };
+    let checked = tenancy::check_policy(ctx, policy);
+    if !tenancy::may_clean_up_in_gitlab(checked, "CleanupPolicy", &policy.name_any()) {
+        return Ok(Requeue::await_change());
+    }
     let namespace = policy.namespace().unwrap_or_default();
     let client = gitlab_client(ctx, &namespace, policy.spec.gitlab.as_ref()).await?;
     let update = ContainerExpirationPolicyUpdate {

@@ -36,6 +36,15 @@ pub enum Error {
     /// The finalizer helper failed (adding or removing the finalizer, or the cleanup).
     #[error("finalizer: {0}")]
     Finalizer(String),
+    /// The access policy does not let the object's namespace use the operator's connection
+    /// for its group or project.
+    #[error(transparent)]
+    NotPermitted(crate::tenancy::Denial),
+    /// An older object manages the same GitLab object.
+    #[error(
+        "{owner} manages {object}: this object sends nothing to GitLab while it does (it takes over when {owner} is deleted or no longer claims it)"
+    )]
+    Conflict { owner: String, object: String },
 }
 
 impl Error {
@@ -48,6 +57,8 @@ impl Error {
             Self::Sync(error) => error.reason(),
             Self::Kube(_) => "KubernetesError",
             Self::Finalizer(_) => "FinalizerError",
+            Self::NotPermitted(_) => crate::crd::reasons::NOT_PERMITTED,
+            Self::Conflict { .. } => crate::crd::reasons::CONFLICT,
         }
     }
 
@@ -68,7 +79,9 @@ impl Error {
             Self::ConnectionMissing
             | Self::SecretNotFound { .. }
             | Self::SecretKeyMissing { .. }
-            | Self::InvalidSpec(_) => false,
+            | Self::InvalidSpec(_)
+            | Self::NotPermitted(_)
+            | Self::Conflict { .. } => false,
         }
     }
 

@@ -5,6 +5,7 @@
 
 pub mod manifests;
 pub mod run;
+pub mod tenancy;
 
 use std::path::PathBuf;
 
@@ -28,6 +29,8 @@ pub struct Options {
     pub extra_ca_pem: Option<Vec<u8>>,
     /// Send upstream credentials even when GitLab already has the declared username.
     pub resend_credentials: bool,
+    /// `--access-policy`: objects outside it are reported `NotPermitted` and not sent.
+    pub access_policy: Option<crate::tenancy::AccessPolicy>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,9 +47,22 @@ pub enum Error {
 pub const EMBEDDED_NOTE: &str = "No GitLab URL given (--gitlab-url / GITLAB_URL): using the embedded GitLab simulator with demo data. \
 Upstream connection tests are answered by its built-in stub registry; no network is used.";
 
+/// The GitLab the claims of manifests name when the embedded simulator stands in.
+const EMBEDDED_GITLAB: &str = "http://embedded-simulator.invalid";
+
 /// Loads, validates and reconciles (or plans) the manifests once.
 pub async fn execute(options: &Options) -> Result<Report, Error> {
-    let manifests = manifests::load(&options.paths)?;
+    let mut manifests = manifests::load(&options.paths)?;
+    let claimed_gitlab = match &options.gitlab {
+        Some((url, _)) => url.clone(),
+        // Claims only compare: any one url stands for the embedded simulator.
+        None => Url::parse(EMBEDDED_GITLAB).map_err(|error| Error::Simulator(error.to_string()))?,
+    };
+    tenancy::check_claims(&manifests, &claimed_gitlab)?;
+    let withheld = match &options.access_policy {
+        Some(policy) => tenancy::withhold_not_permitted(&mut manifests, policy),
+        None => Vec::new(),
+    };
     let mut simulator: Option<SimHandle> = None;
     let (url, token) = match &options.gitlab {
         Some((url, token)) => (url.clone(), token.clone()),
@@ -72,6 +88,7 @@ pub async fn execute(options: &Options) -> Result<Report, Error> {
         options.resend_credentials,
     )
     .await;
+    report.objects.extend(withheld);
     if simulator.is_some() {
         report.notes.push(EMBEDDED_NOTE.into());
     }

@@ -84,7 +84,7 @@ impl From<&Action> for ActionView {
 }
 
 impl ObjectReport {
-    fn new(kind: &str, namespace: String, name: String, source: &str) -> Self {
+    pub(super) fn new(kind: &str, namespace: String, name: String, source: &str) -> Self {
         Self {
             kind: kind.into(),
             namespace,
@@ -101,7 +101,7 @@ impl ObjectReport {
     }
 
     /// Sets the conditions and derives Ready from `components`.
-    fn conclude(&mut self, updates: Vec<ConditionUpdate>, components: &[&'static str]) {
+    pub(super) fn conclude(&mut self, updates: Vec<ConditionUpdate>, components: &[&'static str]) {
         let now = crate::controller::status::now();
         let mut all = Vec::new();
         for update in updates {

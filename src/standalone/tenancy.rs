@@ -1,0 +1,145 @@
+//! The tenancy rules for `apply`/`plan`: manifests that claim one GitLab object twice are an
+//! error naming both files, and objects outside `--access-policy` are reported
+//! `NotPermitted` and sent nowhere (they leave the set the engines see).
+
+use kube::ResourceExt;
+use url::Url;
+
+use super::manifests::{Manifest, ManifestError, ManifestErrors, Manifests};
+use super::run::ObjectReport;
+use crate::crd::conditions::{ConditionUpdate, SYNCED};
+use crate::crd::reasons;
+use crate::tenancy::claims;
+use crate::tenancy::ownership::{Contender, duplicate_claims};
+use crate::tenancy::{AccessPolicy, Target};
+
+/// One error per GitLab object that two manifests claim, naming both.
+pub fn check_claims(manifests: &Manifests, gitlab: &Url) -> Result<(), ManifestErrors> {
+    let mut errors = Vec::new();
+    let default = Some(gitlab);
+    duplicates(
+        "VirtualRegistry",
+        &manifests.registries,
+        |r| claims::registry_contender(r, default),
+        &mut errors,
+    );
+    duplicates(
+        "Upstream",
+        &manifests.upstreams,
+        |u| claims::upstream_contender(u, default),
+        &mut errors,
+    );
+    duplicates(
+        "CleanupPolicy",
+        &manifests.cleanup_policies,
+        |p| claims::policy_contender(p, default),
+        &mut errors,
+    );
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ManifestErrors(errors))
+    }
+}
+
+fn duplicates<K: ResourceExt>(
+    kind: &str,
+    items: &[Manifest<K>],
+    contender: impl Fn(&K) -> Contender<String>,
+    errors: &mut Vec<ManifestError>,
+) {
+    let contenders: Vec<Contender<usize>> = items
+        .iter()
+        .enumerate()
+        .map(|(index, item)| {
+            let Contender {
+                created, claims, ..
+            } = contender(&item.object);
+            Contender {
+                id: index,
+                created,
+                claims,
+            }
+        })
+        .collect();
+    for (claim, first, second) in duplicate_claims(&contenders) {
+        let (first, second) = (&items[*first], &items[*second]);
+        errors.push(ManifestError {
+            origin: second.source.clone(),
+            kind: kind.into(),
+            name: claims::object_id(&second.object),
+            field: "spec".into(),
+            message: format!(
+                "claims {claim}, which {} (in {}) already claims: one GitLab object has one owner",
+                claims::object_id(&first.object),
+                first.source
+            ),
+        });
+    }
+}
+
+/// Takes the objects the policy refuses out of `manifests`, with their reports.
+pub fn withhold_not_permitted(
+    manifests: &mut Manifests,
+    policy: &AccessPolicy,
+) -> Vec<ObjectReport> {
+    let mut reports = Vec::new();
+    let upstreams: Vec<_> = manifests
+        .upstreams
+        .iter()
+        .map(|u| u.object.clone())
+        .collect();
+    withhold(
+        "VirtualRegistry",
+        &mut manifests.registries,
+        policy,
+        claims::registry_targets,
+        &mut reports,
+    );
+    withhold(
+        "Upstream",
+        &mut manifests.upstreams,
+        policy,
+        claims::upstream_targets,
+        &mut reports,
+    );
+    withhold(
+        "CleanupPolicy",
+        &mut manifests.cleanup_policies,
+        policy,
+        |p| claims::policy_targets(p, &upstreams),
+        &mut reports,
+    );
+    reports
+}
+
+fn withhold<K: ResourceExt>(
+    kind: &str,
+    items: &mut Vec<Manifest<K>>,
+    policy: &AccessPolicy,
+    targets: impl Fn(&K) -> Vec<Target>,
+    reports: &mut Vec<ObjectReport>,
+) {
+    items.retain(|item| {
+        // As the other standalone code: a manifest without a namespace is in `default`.
+        let namespace = item.object.namespace().unwrap_or_else(|| "default".into());
+        match policy.check(&namespace, &targets(&item.object)) {
+            Ok(()) => true,
+            Err(denial) => {
+                let mut report =
+                    ObjectReport::new(kind, namespace, item.object.name_any(), &item.source);
+                report.conclude(
+                    vec![ConditionUpdate::new(
+                        SYNCED,
+                        false,
+                        reasons::NOT_PERMITTED,
+                        denial.to_string(),
+                    )],
+                    &[SYNCED],
+                );
+                reports.push(report);
+                false
+            }
+        }
+    });
+}
