@@ -1338,6 +1338,23 @@ fn policy_file(test: &str, text: &str) -> (std::path::PathBuf, Arc<AccessPolicyF
     (path, Arc::new(file))
 }
 
+/// The Ready condition of the first status patch to `collection` since the last look.
+fn patched_ready(api: &ApiServer, collection: &str) -> Value {
+    let patches = status_patches(&api.take(), collection);
+    let patch = patches.first().expect("a status patch");
+    condition(&patch.body["status"], "Ready").clone()
+}
+
+/// Asserts Ready's reason and that its message names `part`.
+fn assert_ready_false(ready: &Value, reason: &str, part: &str) {
+    assert_eq!(ready["status"], "False", "{ready}");
+    assert_eq!(ready["reason"], reason, "{ready}");
+    assert!(
+        ready["message"].as_str().is_some_and(|m| m.contains(part)),
+        "{part} in {ready}"
+    );
+}
+
 fn created_at<K: kube::Resource>(mut object: K, namespace: &str, time: &str) -> K {
     object.meta_mut().namespace = Some(namespace.into());
     object.meta_mut().creation_timestamp = Some(
@@ -1380,9 +1397,8 @@ async fn objects_outside_the_access_policy_are_not_permitted_and_send_nothing_to
             .await
             .expect_err("not permitted");
         assert_eq!(error.reason(), "NotPermitted");
-        let patches = status_patches(&env.api.take(), UPSTREAMS_PATH);
         assert_eq!(
-            condition(&patches[0].body["status"], "Ready")["reason"],
+            patched_ready(&env.api, UPSTREAMS_PATH)["reason"],
             "NotPermitted"
         );
         assert!(
@@ -1397,11 +1413,7 @@ async fn objects_outside_the_access_policy_are_not_permitted_and_send_nothing_to
             .await
             .expect("permitted now");
         assert_eq!(env.sim.snapshot().registries.len(), 1);
-        let patches = status_patches(&env.api.take(), REGISTRIES_PATH);
-        assert_eq!(
-            condition(&patches[0].body["status"], "Ready")["status"],
-            "True"
-        );
+        assert_eq!(patched_ready(&env.api, REGISTRIES_PATH)["status"], "True");
     })
     .await;
 }
@@ -1501,11 +1513,7 @@ async fn the_younger_of_two_registries_for_one_gitlab_registry_waits_and_takes_o
 
         env.reconcile_registry(&young).await.expect("takes over");
         assert_eq!(env.sim.snapshot().registries.len(), 1);
-        let patches = status_patches(&env.api.take(), REGISTRIES_PATH);
-        assert_eq!(
-            condition(&patches[0].body["status"], "Ready")["status"],
-            "True"
-        );
+        assert_eq!(patched_ready(&env.api, REGISTRIES_PATH)["status"], "True");
     })
     .await;
 }
@@ -1576,14 +1584,10 @@ async fn a_cleanup_outside_the_access_policy_runs_nothing() {
             sim.request_counts()
         );
         assert_eq!(tag_names(&sim).await, before);
-        let patches = status_patches(&api.take(), POLICIES_PATH);
-        let ready = condition(&patches[0].body["status"], "Ready");
-        assert_eq!(ready["reason"], "NotPermitted");
-        assert!(
-            ready["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("project my-org/app")),
-            "{ready}"
+        assert_ready_false(
+            &patched_ready(&api, POLICIES_PATH),
+            "NotPermitted",
+            "project my-org/app",
         );
     })
     .await;
@@ -1621,14 +1625,10 @@ async fn a_second_gitlab_policy_for_one_project_waits_in_conflict() {
             "{:?}",
             sim.request_counts()
         );
-        let patches = status_patches(&api.take(), POLICIES_PATH);
-        let ready = condition(&patches[0].body["status"], "Ready");
-        assert_eq!(ready["reason"], "Conflict");
-        assert!(
-            ready["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("elder/nightly")),
-            "{ready}"
+        assert_ready_false(
+            &patched_ready(&api, POLICIES_PATH),
+            "Conflict",
+            "elder/nightly",
         );
 
         // Its deletion leaves GitLab's policy, the owner's, as it is.

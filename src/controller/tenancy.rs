@@ -351,11 +351,15 @@ pub async fn watch_access_policy(ctx: Arc<Context>, senders: TriggerSenders) {
         return;
     };
     let mut interval = tokio::time::interval(POLICY_POLL_INTERVAL);
+    // Compared with the policy of the last tick, not with what `refresh` reports: a
+    // reconcile's read may have been the one to see the change first.
+    let mut before = file.current();
     loop {
         interval.tick().await;
-        let Some((before, after)) = file.refresh() else {
+        let after = file.current();
+        if after == before {
             continue;
-        };
+        }
         let registries = ctx.registries.state();
         let upstreams = ctx.upstreams.state();
         let policies = ctx.policies.as_ref().map(Store::state).unwrap_or_default();
@@ -393,6 +397,7 @@ pub async fn watch_access_policy(ctx: Arc<Context>, senders: TriggerSenders) {
             objects = sends,
             "access policy changed: reconciling the objects it concerns"
         );
+        before = after;
     }
 }
 

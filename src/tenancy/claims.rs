@@ -90,79 +90,74 @@ pub fn object_id<K: ResourceExt>(object: &K) -> String {
     )
 }
 
+/// The claims of an object on `gitlab` (none without one): the object by its spec's group
+/// and, once known, by the group's id, plus its own id once it has one.
+fn claims_on(
+    gitlab: Option<String>,
+    group: &str,
+    group_id: Option<i64>,
+    in_group: impl Fn(String) -> GitLabObject,
+    by_id: Option<GitLabObject>,
+) -> Vec<Claim> {
+    let Some(gitlab) = gitlab else {
+        return Vec::new();
+    };
+    let groups = std::iter::once(group_key(&PathOrId::parse(group)))
+        .chain(group_id.map(|id| group_key(&PathOrId::Id(id))));
+    groups
+        .map(in_group)
+        .chain(by_id)
+        .map(|object| Claim {
+            gitlab: gitlab.clone(),
+            object,
+        })
+        .collect()
+}
+
 /// The registry a VirtualRegistry manages: by group and name (the group's id too once
 /// known), and by id once it has one.
 pub fn registry_contender(registry: &VirtualRegistry, default: Option<&Url>) -> Contender<String> {
-    let mut claims = Vec::new();
-    if let Some(gitlab) = gitlab_of(registry.spec.gitlab.as_ref(), default) {
-        let name = registry.gitlab_name();
-        let status = registry.status.as_ref();
-        let mut objects = vec![GitLabObject::Registry {
-            group: group_key(&PathOrId::parse(&registry.spec.group)),
-            name: name.clone(),
-        }];
-        if let Some(group_id) = status.and_then(|s| s.group_id) {
-            objects.push(GitLabObject::Registry {
-                group: group_key(&PathOrId::Id(group_id)),
-                name,
-            });
-        }
-        objects.extend(
-            status
-                .and_then(|s| s.registry_id)
-                .map(GitLabObject::RegistryId),
-        );
-        claims = objects
-            .into_iter()
-            .map(|object| Claim {
-                gitlab: gitlab.clone(),
-                object,
-            })
-            .collect();
-    }
+    let status = registry.status.as_ref();
+    let name = registry.gitlab_name();
     Contender {
         id: object_id(registry),
         created: created(registry),
-        claims,
+        claims: claims_on(
+            gitlab_of(registry.spec.gitlab.as_ref(), default),
+            &registry.spec.group,
+            status.and_then(|s| s.group_id),
+            |group| GitLabObject::Registry {
+                group,
+                name: name.clone(),
+            },
+            status
+                .and_then(|s| s.registry_id)
+                .map(GitLabObject::RegistryId),
+        ),
     }
 }
 
 /// The upstream an Upstream manages: by group, name and url (the group's id too once
 /// known), and by id once it has one.
 pub fn upstream_contender(upstream: &Upstream, default: Option<&Url>) -> Contender<String> {
-    let mut claims = Vec::new();
-    if let Some(gitlab) = gitlab_of(upstream.spec.gitlab.as_ref(), default) {
-        let (name, url) = (upstream.gitlab_name(), upstream.spec.url.clone());
-        let status = upstream.status.as_ref();
-        let mut objects = vec![GitLabObject::Upstream {
-            group: group_key(&PathOrId::parse(&upstream.spec.group)),
-            name: name.clone(),
-            url: url.clone(),
-        }];
-        if let Some(group_id) = status.and_then(|s| s.group_id) {
-            objects.push(GitLabObject::Upstream {
-                group: group_key(&PathOrId::Id(group_id)),
-                name,
-                url,
-            });
-        }
-        objects.extend(
-            status
-                .and_then(|s| s.upstream_id)
-                .map(GitLabObject::UpstreamId),
-        );
-        claims = objects
-            .into_iter()
-            .map(|object| Claim {
-                gitlab: gitlab.clone(),
-                object,
-            })
-            .collect();
-    }
+    let status = upstream.status.as_ref();
+    let name = upstream.gitlab_name();
     Contender {
         id: object_id(upstream),
         created: created(upstream),
-        claims,
+        claims: claims_on(
+            gitlab_of(upstream.spec.gitlab.as_ref(), default),
+            &upstream.spec.group,
+            status.and_then(|s| s.group_id),
+            |group| GitLabObject::Upstream {
+                group,
+                name: name.clone(),
+                url: upstream.spec.url.clone(),
+            },
+            status
+                .and_then(|s| s.upstream_id)
+                .map(GitLabObject::UpstreamId),
+        ),
     }
 }
 

@@ -97,7 +97,7 @@ pub fn owned_elsewhere<'a, Id: Ord>(
         contenders
             .iter()
             .filter(|other| other.claims.contains(claim))
-            .map(|other| *other)
+            .copied()
             .min_by(|a, b| a.rank().cmp(&b.rank()))
             .filter(|oldest| oldest.rank() < me.rank())
             .map(|owner| OwnedElsewhere {
