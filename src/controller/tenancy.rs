@@ -5,25 +5,21 @@
 //! waiting in `Conflict`.
 
 use std::collections::HashMap;
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use url::Url;
 
 use super::{Context, Error, Result};
-use crate::crd::conditions::{self, READY};
-use crate::crd::{CleanupPolicy, Upstream, VirtualRegistry, reasons};
+use crate::crd::{CleanupPolicy, Upstream, VirtualRegistry};
 use crate::tenancy::access::{self, AccessPolicy, Target};
 use crate::tenancy::claims;
-use crate::tenancy::ownership::{Contender, owned_elsewhere};
+use crate::tenancy::ownership::{Claim, Contender, owned_elsewhere};
 
 /// How often `run` looks at the policy file besides the reads of reconciles: a mounted
 /// ConfigMap changes without any Kubernetes event reaching the operator.
@@ -200,18 +196,14 @@ pub fn may_clean_up_in_gitlab(check: Result<()>, kind: &str, object: &str) -> bo
     }
 }
 
-/// The kinds' view for the triggers: what they claim, and whether they wait in `Conflict`.
+/// The kinds' view for the triggers: what they claim.
 pub trait Tenant: Resource<DynamicType = ()> + Clone + Send + Sync + 'static {
     fn contender(&self, default: Option<&Url>) -> Contender<String>;
-    fn conditions(&self) -> &[Condition];
 }
 
 impl Tenant for VirtualRegistry {
     fn contender(&self, default: Option<&Url>) -> Contender<String> {
         claims::registry_contender(self, default)
-    }
-    fn conditions(&self) -> &[Condition] {
-        self.status.as_ref().map_or(&[], |s| &s.conditions)
     }
 }
 
@@ -219,31 +211,23 @@ impl Tenant for Upstream {
     fn contender(&self, default: Option<&Url>) -> Contender<String> {
         claims::upstream_contender(self, default)
     }
-    fn conditions(&self) -> &[Condition] {
-        self.status.as_ref().map_or(&[], |s| &s.conditions)
-    }
 }
 
 impl Tenant for CleanupPolicy {
     fn contender(&self, default: Option<&Url>) -> Contender<String> {
         claims::policy_contender(self, default)
     }
-    fn conditions(&self) -> &[Condition] {
-        self.status.as_ref().map_or(&[], |s| &s.conditions)
-    }
 }
 
-fn waits_in_conflict<K: Tenant>(object: &K) -> bool {
-    conditions::false_reason(object.conditions(), READY) == Some(reasons::CONFLICT)
-}
-
-/// Watches one kind's events (after its reflector applied them) and sends the objects
-/// waiting in `Conflict` when an object is deleted or its claims change: the owner gone or
-/// moved, the next contender takes over at the reconcile this starts.
+/// Watches one kind's events (after its reflector applied them) and, when an object is
+/// deleted or its claims change, sends the other objects claiming what it claimed or claims
+/// now: an owner gone or moved hands over to the next contender, and an object that newly
+/// claims a GitLab object another manages makes them meet, both at the reconcile this starts
+/// instead of the next resync.
 pub struct HandoverObserver<K: Tenant> {
     store: Store<K>,
     default: Option<Url>,
-    claims: HashMap<ObjectRef<K>, u64>,
+    claims: HashMap<ObjectRef<K>, Vec<Claim>>,
     sender: UnboundedSender<ObjectRef<K>>,
 }
 
@@ -267,38 +251,46 @@ impl<K: Tenant> HandoverObserver<K> {
     }
 
     pub fn observe(&mut self, event: &watcher::Event<K>) {
-        let handover = match event {
+        let default = self.default.as_ref();
+        let (changed, moved): (ObjectRef<K>, Vec<Claim>) = match event {
             watcher::Event::Apply(object) | watcher::Event::InitApply(object) => {
-                let hash = hash_of(&object.contender(self.default.as_ref()).claims);
-                let previous = self.claims.insert(ObjectRef::from_obj(object), hash);
-                previous.is_some_and(|previous| previous != hash)
+                let key = ObjectRef::from_obj(object);
+                let claims = object.contender(default).claims;
+                match self.claims.insert(key.clone(), claims.clone()) {
+                    Some(previous) if previous != claims => {
+                        (key, previous.into_iter().chain(claims).collect())
+                    }
+                    // First sight (a new object is the youngest: its own reconcile decides),
+                    // or nothing moved.
+                    _ => return,
+                }
             }
             watcher::Event::Delete(object) => {
-                self.claims.remove(&ObjectRef::from_obj(object));
-                true
+                let key = ObjectRef::from_obj(object);
+                let claims = self
+                    .claims
+                    .remove(&key)
+                    .unwrap_or_else(|| object.contender(default).claims);
+                (key, claims)
             }
-            watcher::Event::Init | watcher::Event::InitDone => false,
+            watcher::Event::Init | watcher::Event::InitDone => return,
         };
-        if handover {
-            for waiting in self
-                .store
-                .state()
+        if moved.is_empty() {
+            return;
+        }
+        for contender in self.store.state().iter() {
+            let key = ObjectRef::from_obj(contender.as_ref());
+            let contends = contender
+                .contender(default)
+                .claims
                 .iter()
-                .filter(|o| waits_in_conflict(o.as_ref()))
-            {
+                .any(|claim| moved.contains(claim));
+            if key != changed && contends {
                 // A closed channel means the controller stopped: nothing left to trigger.
-                let _ = self
-                    .sender
-                    .unbounded_send(ObjectRef::from_obj(waiting.as_ref()));
+                let _ = self.sender.unbounded_send(key);
             }
         }
     }
-}
-
-fn hash_of(value: impl Hash) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    value.hash(&mut hasher);
-    hasher.finish()
 }
 
 /// A trigger channel per kind, fed by the handover observers and the policy watch.
