@@ -329,11 +329,11 @@ fn standalone(args: StandaloneArgs, mode: gitlab_registry_operator::sync::Mode) 
         } else {
             ExitCode::from(1)
         }
-    } else if report
-        .objects
-        .iter()
-        .any(|o| o.reason == "InvalidSpec" || o.reason == "SecretNotFound")
-    {
+    } else if report.objects.iter().any(|o| {
+        o.reason == "InvalidSpec"
+            || o.reason == "SecretNotFound"
+            || o.reason == gitlab_registry_operator::crd::reasons::NOT_PERMITTED
+    }) {
         ExitCode::from(1)
     } else if report.changes_anything() {
         ExitCode::from(2)

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use gitlab_registry_operator::controller::context::{DefaultConnection, OperatorConfig};
 use gitlab_registry_operator::controller::runtime::{RuntimeOptions, run_until};
 use gitlab_registry_operator::crd::{self, Upstream, VirtualRegistry};
@@ -462,67 +463,90 @@ async fn an_access_policy_and_one_owner_per_gitlab_registry_on_a_shared_cluster(
         async move { api.get(name).await.ok().and_then(|r| ready_reason(&r)) }
     };
 
-    in_a.create(&PostParams::default(), &registry("first", "shared"))
-        .await
-        .expect("created");
-    wait_for("first Ready", || async {
-        reason_of(&in_a, "first")
+    // Whatever happens in the checks, the namespaces, the operators and the policy file go.
+    let checks = std::panic::AssertUnwindSafe(async {
+        in_a.create(&PostParams::default(), &registry("first", "shared"))
             .await
-            .is_some_and(|(s, _, _)| s == "True")
-    })
-    .await;
-    in_a.create(&PostParams::default(), &registry("second", "shared"))
-        .await
-        .expect("created");
-    wait_for("second in Conflict naming first", || async {
-        reason_of(&in_a, "second").await.is_some_and(|(s, r, m)| {
-            s == "False" && r == "Conflict" && m.contains(&format!("{team_a}/first"))
-        })
-    })
-    .await;
-    in_b.create(&PostParams::default(), &registry("other", "team-b-cache"))
-        .await
-        .expect("created");
-    wait_for("other NotPermitted", || async {
-        reason_of(&in_b, "other")
-            .await
-            .is_some_and(|(s, r, m)| s == "False" && r == "NotPermitted" && m.contains(&team_b))
-    })
-    .await;
-    assert_eq!(sim.snapshot().registries.len(), 1, "one GitLab registry");
-
-    // The owner goes (deleting its GitLab registry): the other takes over and recreates it.
-    in_a.delete("first", &DeleteParams::default())
-        .await
-        .expect("deleted");
-    wait_for("second takes over", || async {
-        reason_of(&in_a, "second")
-            .await
-            .is_some_and(|(s, _, _)| s == "True")
-    })
-    .await;
-    assert_eq!(sim.snapshot().registries.len(), 1);
-
-    // The policy file changes: team-b is let in without a restart.
-    std::fs::write(
-        &policy_path,
-        format!("rules: [{{namespaces: [{team_a}, {team_b}], groups: [{group}]}}]\n"),
-    )
-    .expect("policy");
-    wait_for("other Ready", || async {
-        reason_of(&in_b, "other")
-            .await
-            .is_some_and(|(s, _, _)| s == "True")
-    })
-    .await;
-    assert_eq!(sim.snapshot().registries.len(), 2);
-
-    for (api, name) in [(&in_b, "other"), (&in_a, "second")] {
-        let _ = api.delete(name, &DeleteParams::default()).await;
-        wait_for("deleted", || async {
-            api.get_opt(name).await.is_ok_and(|r| r.is_none())
+            .expect("created");
+        wait_for("first Ready", || async {
+            reason_of(&in_a, "first")
+                .await
+                .is_some_and(|(s, _, _)| s == "True")
         })
         .await;
+        in_a.create(&PostParams::default(), &registry("second", "shared"))
+            .await
+            .expect("created");
+        wait_for("second in Conflict naming first", || async {
+            reason_of(&in_a, "second").await.is_some_and(|(s, r, m)| {
+                s == "False" && r == "Conflict" && m.contains(&format!("{team_a}/first"))
+            })
+        })
+        .await;
+        in_b.create(&PostParams::default(), &registry("other", "team-b-cache"))
+            .await
+            .expect("created");
+        wait_for("other NotPermitted", || async {
+            reason_of(&in_b, "other")
+                .await
+                .is_some_and(|(s, r, m)| s == "False" && r == "NotPermitted" && m.contains(&team_b))
+        })
+        .await;
+        assert_eq!(sim.snapshot().registries.len(), 1, "one GitLab registry");
+
+        // The owner goes (deleting its GitLab registry): the other takes over and recreates it.
+        in_a.delete("first", &DeleteParams::default())
+            .await
+            .expect("deleted");
+        wait_for("second takes over", || async {
+            reason_of(&in_a, "second")
+                .await
+                .is_some_and(|(s, _, _)| s == "True")
+        })
+        .await;
+        assert_eq!(sim.snapshot().registries.len(), 1);
+
+        // The policy file changes: team-b is let in without a restart.
+        std::fs::write(
+            &policy_path,
+            format!("rules: [{{namespaces: [{team_a}, {team_b}], groups: [{group}]}}]\n"),
+        )
+        .expect("policy");
+        wait_for("other Ready", || async {
+            reason_of(&in_b, "other")
+                .await
+                .is_some_and(|(s, _, _)| s == "True")
+        })
+        .await;
+        assert_eq!(sim.snapshot().registries.len(), 2);
+
+        for (api, name) in [(&in_b, "other"), (&in_a, "second")] {
+            let _ = api.delete(name, &DeleteParams::default()).await;
+            wait_for("deleted", || async {
+                api.get_opt(name).await.is_ok_and(|r| r.is_none())
+            })
+            .await;
+        }
+    })
+    .catch_unwind()
+    .await;
+
+    // A failed check may leave objects behind: their finalizers must not hold the namespaces.
+    for api in [&in_a, &in_b] {
+        for leftover in api
+            .list(&Default::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+        {
+            let _ = api
+                .patch(
+                    &leftover.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                )
+                .await;
+        }
     }
     for namespace in [&team_a, &team_b] {
         let _ = namespaces.delete(namespace, &DeleteParams::default()).await;
@@ -532,4 +556,7 @@ async fn an_access_policy_and_one_owner_per_gitlab_registry_on_a_shared_cluster(
         let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
     }
     let _ = std::fs::remove_dir_all(&policy_dir);
+    if let Err(panic) = checks {
+        std::panic::resume_unwind(panic);
+    }
 }
