@@ -505,6 +505,11 @@ async fn objects_outside_the_access_policy_are_not_permitted_and_never_sent() {
         "{}",
         stdout(&output)
     );
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "a refused object is an error of the plan"
+    );
     assert!(
         sim.request_counts().is_empty(),
         "{:?}",
