@@ -1639,3 +1639,58 @@ async fn a_second_gitlab_policy_for_one_project_waits_in_conflict() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_group_cleanup_runs_only_when_every_project_it_expands_to_is_permitted() {
+    guarded(async {
+        let group_run = || {
+            let mut policy = policy_object(
+                json!({"gitlabregistry.io/run-requested-at": "2026-11-23T10:00:00Z"}),
+                json!(null),
+                false,
+            );
+            policy.spec.target.container_repositories =
+                Some(serde_json::from_value(json!({"group": "my-org"})).expect("group target"));
+            Arc::new(policy)
+        };
+        let (path, file) = policy_file(
+            "group-expansion",
+            "rules: [{namespaces: [team], groups: [my-org], projects: ['my-org/other-*']}]",
+        );
+        let (sim, api, ctx) = cleanup_env_with(Some(true), Some(file), None).await;
+        let ctx = Arc::new(ctx);
+        let before = tag_names(&sim).await;
+        sim.reset_request_counts();
+        let error = controller::cleanup_policy::reconcile(group_run(), ctx.clone())
+            .await
+            .expect_err("my-org/app is not permitted");
+        assert_eq!(error.reason(), "NotPermitted");
+        assert_eq!(sim.write_count(), 0, "{:?}", sim.request_counts());
+        assert_eq!(
+            sim.request_counts().values().sum::<u64>(),
+            1,
+            "only the group's listing: {:?}",
+            sim.request_counts()
+        );
+        assert_eq!(tag_names(&sim).await, before);
+        assert_ready_false(
+            &patched_ready(&api, POLICIES_PATH),
+            "NotPermitted",
+            "project my-org/app",
+        );
+
+        std::fs::write(
+            &path,
+            "rules: [{namespaces: [team], groups: [my-org], projects: ['my-org/**']}]",
+        )
+        .expect("write");
+        controller::cleanup_policy::reconcile(group_run(), ctx)
+            .await
+            .expect("permitted now");
+        assert!(
+            tag_names(&sim).await.len() < before.len(),
+            "the run deleted"
+        );
+    })
+    .await;
+}

@@ -517,3 +517,51 @@ async fn objects_outside_the_access_policy_are_not_permitted_and_never_sent() {
     );
     std::fs::remove_dir_all(&dir).expect("cleaned up");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_cleanup_expanding_to_a_refused_project_is_not_permitted() {
+    let sim = simulator().await;
+    let dir = temp_dir("group-expansion");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let manifest = dir.join("cleanup.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: gitlabregistry.io/v1alpha1\nkind: CleanupPolicy\nmetadata: {name: group, namespace: platform}\nspec:\n  schedule: '0 3 * * *'\n  dryRun: true\n  target: {containerRepositories: {group: my-org}}\n  rules: {nameRegexDelete: '.*'}\n",
+    )
+    .expect("manifest");
+    let policy = dir.join("access.yaml");
+    std::fs::write(
+        &policy,
+        "rules: [{namespaces: [platform], groups: [my-org], projects: ['my-org/platform/**']}]\n",
+    )
+    .expect("policy");
+    let (manifest_arg, policy_arg) = (
+        manifest.to_string_lossy().into_owned(),
+        policy.to_string_lossy().into_owned(),
+    );
+    let output = tokio::task::block_in_place(|| {
+        run(
+            Some(&sim),
+            &[
+                "plan",
+                "-f",
+                &manifest_arg,
+                "--access-policy",
+                &policy_arg,
+                "-o",
+                "json",
+            ],
+        )
+    });
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json report");
+    let object = &report["objects"][0];
+    assert_eq!(object["reason"], "NotPermitted", "{report}");
+    assert!(
+        object["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("project my-org/a")),
+        "{object}"
+    );
+    assert_eq!(output.status.code(), Some(1));
+    std::fs::remove_dir_all(&dir).expect("cleaned up");
+}

@@ -220,6 +220,9 @@ async fn scheduled_run(
         )?;
         let namespace = policy.namespace().unwrap_or_default();
         let client = gitlab_client(ctx, &namespace, spec.gitlab.as_ref()).await?;
+        if let CleanupTarget::Group { group, .. } = &run.target {
+            tenancy::check_group_expansion(ctx, policy, &client, group).await?;
+        }
         let started = Timestamp::now();
         let report = run_cleanup(&client, &run).await?;
         let finished = Timestamp::now();

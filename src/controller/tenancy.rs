@@ -136,6 +136,31 @@ fn default_url(ctx: &Context) -> Option<&Url> {
         .map(|default| &default.url)
 }
 
+/// For a group cleanup with the operator's connection, once its group passed: every project
+/// the group expands to must be permitted too (one listing of the group's repositories).
+pub async fn check_group_expansion(
+    ctx: &Context,
+    policy: &CleanupPolicy,
+    client: &crate::gitlab::GitLabClient,
+    group: &crate::gitlab::PathOrId,
+) -> Result<()> {
+    let (Some(file), None) = (&ctx.config.access_policy, &policy.spec.gitlab) else {
+        return Ok(());
+    };
+    let repositories = client
+        .list_group_repositories_all(group)
+        .await
+        .map_err(|error| Error::Sync(error.into()))?;
+    file.current()
+        .check_expansion(
+            &policy.namespace().unwrap_or_default(),
+            repositories
+                .iter()
+                .map(|r| (r.path.as_str(), r.name.as_str())),
+        )
+        .map_err(Error::NotPermitted)
+}
+
 /// Access and ownership of a registry, before any GitLab call.
 pub fn check_registry(ctx: &Context, registry: &VirtualRegistry) -> Result<()> {
     let namespace = registry.namespace().unwrap_or_default();

@@ -81,6 +81,10 @@ pub async fn execute(options: &Options) -> Result<Report, Error> {
     let mut config = ClientConfig::new(url, token);
     config.extra_ca_pem = options.extra_ca_pem.clone();
     let client = GitLabClient::new(config)?;
+    let mut withheld = withheld;
+    if let Some(policy) = &options.access_policy {
+        withheld.extend(tenancy::withhold_group_expansions(&client, &mut manifests, policy).await);
+    }
     let mut report = run::reconcile_all(
         &client,
         &manifests,

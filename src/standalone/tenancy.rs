@@ -9,9 +9,10 @@ use super::manifests::{Manifest, ManifestError, ManifestErrors, Manifests};
 use super::run::ObjectReport;
 use crate::crd::conditions::{ConditionUpdate, SYNCED};
 use crate::crd::reasons;
+use crate::gitlab::{GitLabClient, PathOrId};
 use crate::tenancy::claims;
 use crate::tenancy::ownership::{Contender, duplicate_claims};
-use crate::tenancy::{AccessPolicy, Target};
+use crate::tenancy::{AccessPolicy, Denial, Target};
 
 /// One error per GitLab object that two manifests claim, naming both.
 pub fn check_claims(manifests: &Manifests, gitlab: &Url) -> Result<(), ManifestErrors> {
@@ -113,6 +114,75 @@ pub fn withhold_not_permitted(
     reports
 }
 
+/// Takes out the group cleanups whose group expands to a project the policy refuses (one
+/// listing per group cleanup the policy let through), with their reports. A listing that
+/// fails is left to the run, which reports it.
+pub async fn withhold_group_expansions(
+    client: &GitLabClient,
+    manifests: &mut Manifests,
+    policy: &AccessPolicy,
+) -> Vec<ObjectReport> {
+    let mut denials = Vec::new();
+    for (index, item) in manifests.cleanup_policies.iter().enumerate() {
+        let group = item
+            .object
+            .spec
+            .target
+            .container_repositories
+            .as_ref()
+            .and_then(|target| target.group.as_deref());
+        let (Some(group), None) = (group, &item.object.spec.gitlab) else {
+            continue;
+        };
+        let Ok(repositories) = client
+            .list_group_repositories_all(&PathOrId::parse(group))
+            .await
+        else {
+            continue;
+        };
+        let namespace = namespace_of(&item.object);
+        if let Err(denial) = policy.check_expansion(
+            &namespace,
+            repositories
+                .iter()
+                .map(|r| (r.path.as_str(), r.name.as_str())),
+        ) {
+            denials.push((index, denial));
+        }
+    }
+    let mut reports = Vec::new();
+    for (index, denial) in denials.into_iter().rev() {
+        let item = manifests.cleanup_policies.remove(index);
+        reports.push(not_permitted("CleanupPolicy", &item, &denial));
+    }
+    reports.reverse();
+    reports
+}
+
+fn namespace_of<K: ResourceExt>(object: &K) -> String {
+    // As the other standalone code: a manifest without a namespace is in `default`.
+    object.namespace().unwrap_or_else(|| "default".into())
+}
+
+fn not_permitted<K: ResourceExt>(kind: &str, item: &Manifest<K>, denial: &Denial) -> ObjectReport {
+    let mut report = ObjectReport::new(
+        kind,
+        namespace_of(&item.object),
+        item.object.name_any(),
+        &item.source,
+    );
+    report.conclude(
+        vec![ConditionUpdate::new(
+            SYNCED,
+            false,
+            reasons::NOT_PERMITTED,
+            denial.to_string(),
+        )],
+        &[SYNCED],
+    );
+    report
+}
+
 fn withhold<K: ResourceExt>(
     kind: &str,
     items: &mut Vec<Manifest<K>>,
@@ -120,26 +190,13 @@ fn withhold<K: ResourceExt>(
     targets: impl Fn(&K) -> Vec<Target>,
     reports: &mut Vec<ObjectReport>,
 ) {
-    items.retain(|item| {
-        // As the other standalone code: a manifest without a namespace is in `default`.
-        let namespace = item.object.namespace().unwrap_or_else(|| "default".into());
-        match policy.check(&namespace, &targets(&item.object)) {
+    items.retain(
+        |item| match policy.check(&namespace_of(&item.object), &targets(&item.object)) {
             Ok(()) => true,
             Err(denial) => {
-                let mut report =
-                    ObjectReport::new(kind, namespace, item.object.name_any(), &item.source);
-                report.conclude(
-                    vec![ConditionUpdate::new(
-                        SYNCED,
-                        false,
-                        reasons::NOT_PERMITTED,
-                        denial.to_string(),
-                    )],
-                    &[SYNCED],
-                );
-                reports.push(report);
+                reports.push(not_permitted(kind, item, &denial));
                 false
             }
-        }
-    });
+        },
+    );
 }

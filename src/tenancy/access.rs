@@ -55,8 +55,9 @@ pub struct Rule {
     /// cleanups; `*` for every group; a numeric id permits exactly that id.
     #[serde(default)]
     pub groups: Vec<String>,
-    /// Globs over project full paths for cleanup targets: `*` within one path segment, `**`
-    /// any number of segments; a numeric id permits exactly that id.
+    /// Globs over project full paths for cleanup targets (a project, a GitLab cleanup policy,
+    /// and every project a group cleanup expands to): `*` within one path segment, `**` any
+    /// number of segments; a numeric id permits exactly that id.
     #[serde(default)]
     pub projects: Vec<String>,
 }
@@ -164,6 +165,36 @@ impl AccessPolicy {
                 policy: self.source_name.clone(),
             }),
         }
+    }
+}
+
+/// The full path of the project a container repository belongs to: its `path` without the
+/// trailing `/<name>` (the project's own repository has an empty name and the project's
+/// path). INFERRED from the API examples (`group/project`, `group/project/releases`).
+pub fn project_of_repository<'a>(path: &'a str, name: &str) -> &'a str {
+    if name.is_empty() {
+        return path;
+    }
+    path.strip_suffix(name)
+        .and_then(|rest| rest.strip_suffix('/'))
+        .unwrap_or(path)
+}
+
+impl AccessPolicy {
+    /// For a group cleanup, at run time: every project the group expands to (the projects of
+    /// its repositories, `(path, name)`) must be one `namespace` may clean.
+    pub fn check_expansion<'a>(
+        &self,
+        namespace: &str,
+        repositories: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<(), Denial> {
+        let projects: Vec<Target> = repositories
+            .into_iter()
+            .map(|(path, name)| {
+                Target::Project(PathOrId::Path(project_of_repository(path, name).into()))
+            })
+            .collect();
+        self.check(namespace, &projects)
     }
 }
 
@@ -402,6 +433,40 @@ mod tests {
             !by_glob.permits("team-c", &group("team-c-org")),
             "projects are not groups"
         );
+    }
+
+    #[test]
+    fn a_group_cleanup_expands_to_projects_that_must_each_be_permitted() {
+        assert_eq!(project_of_repository("group/project", ""), "group/project");
+        assert_eq!(
+            project_of_repository("group/project/releases", "releases"),
+            "group/project"
+        );
+        assert_eq!(
+            project_of_repository("group/sub/project/a/b", "a/b"),
+            "group/sub/project"
+        );
+        let policy = AccessPolicy::parse(
+            "p.yaml",
+            "rules: [{namespaces: [team-a], groups: [shared], projects: ['shared/team-a-*']}]",
+        )
+        .expect("valid");
+        assert!(policy.permits("team-a", &Target::GroupProjects("shared".into())));
+        assert!(
+            policy
+                .check_expansion(
+                    "team-a",
+                    [("shared/team-a-app", ""), ("shared/team-a-web/img", "img")]
+                )
+                .is_ok()
+        );
+        let denial = policy
+            .check_expansion(
+                "team-a",
+                [("shared/team-a-app", ""), ("shared/team-b-app/x", "x")],
+            )
+            .expect_err("another team's project");
+        assert_eq!(denial.target, Target::Project("shared/team-b-app".into()));
     }
 
     #[test]
