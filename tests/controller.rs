@@ -1345,6 +1345,11 @@ fn patched_ready(api: &ApiServer, collection: &str) -> Value {
     condition(&patch.body["status"], "Ready").clone()
 }
 
+fn assert_no_gitlab_request(sim: &SimHandle) {
+    let counts = sim.request_counts();
+    assert!(counts.is_empty(), "no GitLab request: {counts:?}");
+}
+
 /// Asserts Ready's reason and that its message names `part`.
 fn assert_ready_false(ready: &Value, reason: &str, part: &str) {
     assert_eq!(ready["status"], "False", "{ready}");
@@ -1401,11 +1406,7 @@ async fn objects_outside_the_access_policy_are_not_permitted_and_send_nothing_to
             patched_ready(&env.api, UPSTREAMS_PATH)["reason"],
             "NotPermitted"
         );
-        assert!(
-            env.sim.request_counts().is_empty(),
-            "no GitLab request: {:?}",
-            env.sim.request_counts()
-        );
+        assert_no_gitlab_request(&env.sim);
 
         // A change of the file is used by the next reconcile, without a restart.
         std::fs::write(&path, "rules: [{namespaces: [team], groups: [My-Org]}]").expect("write");
@@ -1476,11 +1477,7 @@ async fn the_younger_of_two_registries_for_one_gitlab_registry_waits_and_takes_o
                 .is_some_and(|m| m.contains("elder/cache")),
             "names the owner: {ready}"
         );
-        assert!(
-            env.sim.request_counts().is_empty(),
-            "no GitLab request: {:?}",
-            env.sim.request_counts()
-        );
+        assert_no_gitlab_request(&env.sim);
 
         // The waiting one is triggered when the owner's claims move, and when it goes.
         young.status = Some(serde_json::from_value(status).expect("status"));
@@ -1538,11 +1535,7 @@ async fn deleting_the_non_owner_deletes_and_disassociates_nothing_in_gitlab() {
         env.reconcile_registry(&young)
             .await
             .expect("finalizer removed");
-        assert!(
-            env.sim.request_counts().is_empty(),
-            "{:?}",
-            env.sim.request_counts()
-        );
+        assert_no_gitlab_request(&env.sim);
         assert_eq!(
             env.sim.snapshot().registries.len(),
             1,
@@ -1574,11 +1567,7 @@ async fn a_cleanup_outside_the_access_policy_runs_nothing() {
             .await
             .expect_err("not permitted");
         assert_eq!(error.reason(), "NotPermitted");
-        assert!(
-            sim.request_counts().is_empty(),
-            "{:?}",
-            sim.request_counts()
-        );
+        assert_no_gitlab_request(&sim);
         assert_eq!(tag_names(&sim).await, before);
         assert_ready_false(
             &patched_ready(&api, POLICIES_PATH),
@@ -1616,11 +1605,7 @@ async fn a_second_gitlab_policy_for_one_project_waits_in_conflict() {
             .await
             .expect_err("in conflict");
         assert_eq!(error.reason(), "Conflict");
-        assert!(
-            sim.request_counts().is_empty(),
-            "{:?}",
-            sim.request_counts()
-        );
+        assert_no_gitlab_request(&sim);
         assert_ready_false(
             &patched_ready(&api, POLICIES_PATH),
             "Conflict",
@@ -1631,11 +1616,7 @@ async fn a_second_gitlab_policy_for_one_project_waits_in_conflict() {
         controller::cleanup_policy::reconcile(Arc::new(deleting(young)), ctx)
             .await
             .expect("finalizer removed");
-        assert!(
-            sim.request_counts().is_empty(),
-            "{:?}",
-            sim.request_counts()
-        );
+        assert_no_gitlab_request(&sim);
     })
     .await;
 }
