@@ -48,7 +48,7 @@ pub const EMBEDDED_NOTE: &str = "No GitLab URL given (--gitlab-url / GITLAB_URL)
 Upstream connection tests are answered by its built-in stub registry; no network is used.";
 
 /// The GitLab the claims of manifests name when the embedded simulator stands in.
-const EMBEDDED_GITLAB: &str = "http://embedded-simulator.invalid";
+const EMBEDDED_GITLAB: &str = "http://embedded-gitlab-simulator";
 
 /// Loads, validates and reconciles (or plans) the manifests once.
 pub async fn execute(options: &Options) -> Result<Report, Error> {

@@ -68,11 +68,11 @@ fn duplicates<K: ResourceExt>(
         errors.push(ManifestError {
             origin: second.source.clone(),
             kind: kind.into(),
-            name: claims::object_id(&second.object),
+            name: manifest_id(&second.object),
             field: "spec".into(),
             message: format!(
                 "claims {claim}, which {} (in {}) already claims: one GitLab object has one owner",
-                claims::object_id(&first.object),
+                manifest_id(&first.object),
                 first.source
             ),
         });
@@ -157,6 +157,11 @@ pub async fn withhold_group_expansions(
     }
     reports.reverse();
     reports
+}
+
+/// `namespace/name` of a manifest, its namespace `default` when it names none.
+fn manifest_id<K: ResourceExt>(object: &K) -> String {
+    format!("{}/{}", namespace_of(object), object.name_any())
 }
 
 fn namespace_of<K: ResourceExt>(object: &K) -> String {
