@@ -267,6 +267,50 @@ mod tests {
     }
 
     #[test]
+    fn upstreams_conflict_by_group_name_and_url_or_by_id() {
+        let upstream = |namespace: &str, url: &str, id: Option<i64>| -> Upstream {
+            let mut upstream: Upstream = serde_saphyr::from_str(&format!(
+                "apiVersion: gitlabregistry.io/v1alpha1\nkind: Upstream\nmetadata: {{name: hub, namespace: {namespace}}}\nspec: {{group: my-org, url: '{url}'}}\n"
+            ))
+            .expect("upstream");
+            upstream.status = id.map(|id| crate::crd::UpstreamStatus {
+                upstream_id: Some(id),
+                ..Default::default()
+            });
+            upstream
+        };
+        let contenders = |a: &Upstream, b: &Upstream| {
+            [
+                upstream_contender(a, Some(&default())),
+                upstream_contender(b, Some(&default())),
+            ]
+        };
+        let hub = "https://registry-1.docker.io";
+        let same = contenders(&upstream("a", hub, None), &upstream("b", hub, None));
+        assert!(
+            owned_elsewhere(&same[1], &same).is_some(),
+            "same group, name and url"
+        );
+        let other_url = contenders(
+            &upstream("a", hub, None),
+            &upstream("b", "https://quay.io", None),
+        );
+        assert_eq!(
+            owned_elsewhere(&other_url[1], &other_url),
+            None,
+            "names are not unique in GitLab"
+        );
+        let same_id = contenders(
+            &upstream("a", hub, Some(7)),
+            &upstream("b", "https://quay.io", Some(7)),
+        );
+        assert!(
+            owned_elsewhere(&same_id[1], &same_id).is_some(),
+            "one upstream id"
+        );
+    }
+
+    #[test]
     fn cleanup_targets_follow_the_kind_of_target() {
         let policy = |target: &str| -> CleanupPolicy {
             serde_saphyr::from_str(&format!(
