@@ -11,3 +11,4 @@ pub mod gitlab;
 pub mod sim;
 pub mod standalone;
 pub mod sync;
+pub mod tenancy;

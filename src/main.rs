@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use gitlab_registry_operator::cleanup::parse_duration;
 use gitlab_registry_operator::controller::context::{DefaultConnection, OperatorConfig};
 use gitlab_registry_operator::controller::runtime::{self, RuntimeOptions};
+use gitlab_registry_operator::controller::tenancy::AccessPolicyFile;
 use gitlab_registry_operator::crd;
 use secrecy::SecretString;
 
@@ -69,6 +70,19 @@ struct StandaloneArgs {
     /// output lists (repeatable); like the annotation gitlabregistry.io/approve-deletion.
     #[arg(long = "approve", value_name = "FINGERPRINT")]
     approve: Vec<String>,
+    #[command(flatten)]
+    access: AccessArgs,
+}
+
+/// Tenancy: who may use the default GitLab connection for what.
+#[derive(Args)]
+struct AccessArgs {
+    /// YAML rules of which namespaces may use the default GitLab connection for which groups
+    /// and projects (`rules: [{namespaces, groups, projects}]`); objects outside them get
+    /// Ready=False, reason NotPermitted. Without it, everything is allowed. `run` re-reads the
+    /// file when it changes.
+    #[arg(long, value_name = "FILE")]
+    access_policy: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -115,6 +129,8 @@ struct RunArgs {
     /// request bursts and memory when many objects change at once.
     #[arg(long, default_value_t = runtime::DEFAULT_MAX_CONCURRENT_RECONCILES)]
     max_concurrent_reconciles: u16,
+    #[command(flatten)]
+    access: AccessArgs,
     #[command(flatten)]
     logging: LogArgs,
 }
@@ -194,6 +210,7 @@ impl GitLabArgs {
             gitlab_ca_pem,
             gitlab_requests_per_second: self.gitlab_requests_per_second,
             resync,
+            access_policy: None,
         })
     }
 }
@@ -255,13 +272,25 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => {
             init_logging(args.logging.log_format);
-            let config = match args.gitlab.operator_config(args.resync) {
+            let mut config = match args.gitlab.operator_config(args.resync) {
                 Ok(config) => config,
                 Err(message) => {
                     eprintln!("error: {message}");
                     return ExitCode::from(2);
                 }
             };
+            match &args.access.access_policy {
+                Some(path) => match AccessPolicyFile::load(path) {
+                    Ok(file) => config.access_policy = Some(std::sync::Arc::new(file)),
+                    Err(error) => {
+                        eprintln!("error: --access-policy: {error}");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => tracing::warn!(
+                    "no --access-policy: every namespace may use the default GitLab connection for any group and project its token reaches"
+                ),
+            }
             if config.default_gitlab.is_none() {
                 tracing::warn!(
                     "no default GitLab connection (--gitlab-url and GITLAB_TOKEN): objects need spec.gitlab"
@@ -293,6 +322,16 @@ fn standalone(args: StandaloneArgs, mode: gitlab_registry_operator::sync::Mode) 
         Ok(connection) => connection,
         Err(code) => return code,
     };
+    let access_policy = match &args.access.access_policy {
+        Some(path) => match AccessPolicyFile::load(path) {
+            Ok(file) => Some((*file.current()).clone()),
+            Err(error) => {
+                eprintln!("error: --access-policy: {error}");
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
     let options = standalone::Options {
         paths: args.paths,
         mode,
@@ -304,6 +343,7 @@ fn standalone(args: StandaloneArgs, mode: gitlab_registry_operator::sync::Mode) 
             .iter()
             .flat_map(|value| gitlab_registry_operator::cleanup::parse_approvals(value))
             .collect(),
+        access_policy,
     };
     let report = match tokio_runtime().block_on(standalone::execute(&options)) {
         Ok(report) => report,

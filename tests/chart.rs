@@ -1932,3 +1932,51 @@ fn readme_shows_the_health_script_for_each_kind_as_it_is() {
         );
     }
 }
+
+#[test]
+fn an_access_policy_is_rendered_into_a_config_map_mounted_as_a_directory_and_passed() {
+    let Some(helm) =
+        helm("an_access_policy_is_rendered_into_a_config_map_mounted_as_a_directory_and_passed")
+    else {
+        return;
+    };
+    let values = chart_path("ci/shared-cluster-values.yaml");
+    let objects = render(&helm, &["-f", &values.to_string_lossy()]);
+    let config_map = one_of_kind(&objects, "ConfigMap");
+    let text = config_map["data"]["access.yaml"]
+        .as_str()
+        .expect("access.yaml in the ConfigMap");
+    let policy = gitlab_registry_operator::tenancy::AccessPolicy::parse("access.yaml", text)
+        .expect("the rendered policy is one the operator reads");
+    let group = |path: &str| gitlab_registry_operator::tenancy::Target::Group(path.into());
+    assert!(policy.permits("team-a", &group("team-a-org")));
+    assert!(!policy.permits("team-a", &group("team-b-org")));
+    assert!(policy.permits("anyone", &group("shared-cache")));
+    assert!(
+        args(&objects)
+            .contains(&"--access-policy=/etc/gitlab-registry-operator/access/access.yaml".into())
+    );
+    let pod = &deployment(&objects)["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_array()
+        .and_then(|volumes| volumes.iter().find(|v| v["name"] == "access-policy"))
+        .expect("access-policy volume");
+    assert_eq!(volume["configMap"]["name"], config_map["metadata"]["name"]);
+    let mount = container(&objects)["volumeMounts"]
+        .as_array()
+        .and_then(|mounts| mounts.iter().find(|m| m["name"] == "access-policy"))
+        .expect("access-policy mount");
+    assert_eq!(mount["mountPath"], "/etc/gitlab-registry-operator/access");
+    assert!(
+        mount.get("subPath").is_none(),
+        "a subPath mount would never see the ConfigMap change"
+    );
+
+    let default = render(&helm, &[]);
+    assert!(of_kind(&default, "ConfigMap").is_empty());
+    assert!(
+        !args(&default)
+            .iter()
+            .any(|a| a.starts_with("--access-policy"))
+    );
+}

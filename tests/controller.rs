@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use gitlab_registry_operator::controller::context::DefaultConnection;
 use gitlab_registry_operator::controller::metrics::Metrics;
+use gitlab_registry_operator::controller::tenancy::{AccessPolicyFile, HandoverObserver};
 use gitlab_registry_operator::controller::{self, Context, OperatorConfig};
-use gitlab_registry_operator::crd::{Upstream, VirtualRegistry};
+use gitlab_registry_operator::crd::{CleanupPolicy, Upstream, VirtualRegistry};
 use gitlab_registry_operator::sim::upstream_stub::{StubBehaviour, UpstreamStub};
 use gitlab_registry_operator::sim::{Seed, SimConfig, SimHandle, Simulator};
 use http::{Request, Response};
@@ -172,6 +173,14 @@ impl Env {
     }
 
     async fn with(default_connection: bool, secrets: Vec<Value>) -> Self {
+        Self::with_access_policy(default_connection, secrets, None).await
+    }
+
+    async fn with_access_policy(
+        default_connection: bool,
+        secrets: Vec<Value>,
+        access_policy: Option<Arc<AccessPolicyFile>>,
+    ) -> Self {
         let sim = Simulator::start(
             SimConfig {
                 allow_local_network: true,
@@ -190,6 +199,7 @@ impl Env {
                 token: SecretString::from(TOKEN),
             }),
             resync: RESYNC,
+            access_policy,
             ..OperatorConfig::default()
         };
         let (registry_store, registries) = store::store::<VirtualRegistry>();
@@ -970,6 +980,17 @@ fn policy_object(
 }
 
 async fn cleanup_env(pods_synced: Option<bool>) -> (SimHandle, ApiServer, Arc<Context>) {
+    let (sim, api, ctx) = cleanup_env_with(pods_synced, None, None).await;
+    (sim, api, Arc::new(ctx))
+}
+
+/// As [`cleanup_env`], with an access policy and a CleanupPolicy store, the context not yet
+/// shared.
+async fn cleanup_env_with(
+    pods_synced: Option<bool>,
+    access_policy: Option<Arc<AccessPolicyFile>>,
+    policies: Option<store::Store<CleanupPolicy>>,
+) -> (SimHandle, ApiServer, Context) {
     let sim = Simulator::start(
         SimConfig {
             tag_list_details: true,
@@ -987,6 +1008,7 @@ async fn cleanup_env(pods_synced: Option<bool>) -> (SimHandle, ApiServer, Arc<Co
             token: SecretString::from(TOKEN),
         }),
         resync: RESYNC,
+        access_policy,
         ..OperatorConfig::default()
     };
     let (registry_store, _) = store::store::<VirtualRegistry>();
@@ -1005,7 +1027,10 @@ async fn cleanup_env(pods_synced: Option<bool>) -> (SimHandle, ApiServer, Arc<Co
             synced: Arc::new(std::sync::atomic::AtomicBool::new(synced)),
         });
     }
-    (sim, api, Arc::new(ctx))
+    if let Some(policies) = policies {
+        ctx = ctx.with_policies(policies);
+    }
+    (sim, api, ctx)
 }
 
 /// The tags GitLab lists for the repository, by name.
@@ -1470,6 +1495,356 @@ async fn two_instances_starting_together_elect_exactly_one() {
         assert!(!lost.is_finished(), "the other instance stands by");
         assert_eq!(holder(&state), Some(leader));
         lost.abort();
+    })
+    .await;
+}
+
+// ---- Tenancy -----------------------------------------------------------------------------
+
+/// An access policy file of its own for one test.
+fn policy_file(test: &str, text: &str) -> (std::path::PathBuf, Arc<AccessPolicyFile>) {
+    let dir = std::env::temp_dir().join(format!("controller-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("access.yaml");
+    std::fs::write(&path, text).expect("policy written");
+    let file = AccessPolicyFile::load(&path).expect("policy loads");
+    (path, Arc::new(file))
+}
+
+/// The Ready condition of the first status patch to `collection` since the last look.
+fn patched_ready(api: &ApiServer, collection: &str) -> Value {
+    let patches = status_patches(&api.take(), collection);
+    let patch = patches.first().expect("a status patch");
+    condition(&patch.body["status"], "Ready").clone()
+}
+
+fn assert_no_gitlab_request(sim: &SimHandle) {
+    let counts = sim.request_counts();
+    assert!(counts.is_empty(), "no GitLab request: {counts:?}");
+}
+
+/// Asserts Ready's reason and that its message names `part`.
+fn assert_ready_false(ready: &Value, reason: &str, part: &str) {
+    assert_eq!(ready["status"], "False", "{ready}");
+    assert_eq!(ready["reason"], reason, "{ready}");
+    assert!(
+        ready["message"].as_str().is_some_and(|m| m.contains(part)),
+        "{part} in {ready}"
+    );
+}
+
+fn created_at<K: kube::Resource>(mut object: K, namespace: &str, time: &str) -> K {
+    object.meta_mut().namespace = Some(namespace.into());
+    object.meta_mut().creation_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(time.parse().expect("time")),
+    );
+    object
+}
+
+#[tokio::test]
+async fn objects_outside_the_access_policy_are_not_permitted_and_send_nothing_to_gitlab() {
+    guarded(async {
+        let (path, file) = policy_file(
+            "not-permitted",
+            "rules: [{namespaces: [team], groups: [other-org]}]",
+        );
+        let env = Env::with_access_policy(true, Vec::new(), Some(file)).await;
+        let registry = registry_object(&[], None, &[FINALIZER]);
+        let error = env
+            .reconcile_registry(&registry)
+            .await
+            .expect_err("not permitted");
+        assert_eq!(error.reason(), "NotPermitted");
+        let seen = env.api.take();
+        let patches = status_patches(&seen, REGISTRIES_PATH);
+        assert_eq!(patches.len(), 1, "{seen:?}");
+        let ready = condition(&patches[0].body["status"], "Ready");
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "NotPermitted");
+        let message = ready["message"].as_str().expect("message");
+        for part in [
+            "namespace team",
+            "group my-org",
+            &path.display().to_string(),
+        ] {
+            assert!(message.contains(part), "{part} in {message}");
+        }
+        let upstream = upstream_object("https://registry-1.docker.io", &[FINALIZER], json!({}));
+        let error = env
+            .reconcile_upstream(&upstream)
+            .await
+            .expect_err("not permitted");
+        assert_eq!(error.reason(), "NotPermitted");
+        assert_eq!(
+            patched_ready(&env.api, UPSTREAMS_PATH)["reason"],
+            "NotPermitted"
+        );
+        assert_no_gitlab_request(&env.sim);
+
+        // A change of the file is used by the next reconcile, without a restart.
+        std::fs::write(&path, "rules: [{namespaces: [team], groups: [My-Org]}]").expect("write");
+        env.reconcile_registry(&registry)
+            .await
+            .expect("permitted now");
+        assert_eq!(env.sim.snapshot().registries.len(), 1);
+        assert_eq!(patched_ready(&env.api, REGISTRIES_PATH)["status"], "True");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_object_with_its_own_token_is_outside_the_access_policy() {
+    guarded(async {
+        let (_, file) = policy_file("own-token", "rules: []");
+        let secret = json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "gitlab-token", "namespace": NAMESPACE, "resourceVersion": "4"},
+            "stringData": {"token": TOKEN}});
+        let env = Env::with_access_policy(false, vec![secret], Some(file)).await;
+        let mut registry = registry_object(&[], None, &[FINALIZER]);
+        registry.spec.gitlab = Some(gitlab_registry_operator::crd::GitLabConnection {
+            url: env.sim.base_url(),
+            token_secret_ref: gitlab_registry_operator::crd::SecretKeyReference {
+                name: "gitlab-token".into(),
+                key: "token".into(),
+            },
+        });
+        env.reconcile_registry(&registry)
+            .await
+            .expect("GitLab's permissions for that token apply");
+        assert_eq!(env.sim.snapshot().registries.len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_younger_of_two_registries_for_one_gitlab_registry_waits_and_takes_over_when_the_owner_goes()
+ {
+    guarded(async {
+        let mut env = Env::start().await;
+        let owner = created_at(
+            registry_object(&[], None, &[FINALIZER]),
+            "elder",
+            "2026-01-01T00:00:00Z",
+        );
+        env.know_registry(&owner);
+        let mut young = created_at(
+            registry_object(&[], None, &[FINALIZER]),
+            NAMESPACE,
+            "2026-06-01T00:00:00Z",
+        );
+        env.know_registry(&young);
+        let error = env
+            .reconcile_registry(&young)
+            .await
+            .expect_err("in conflict");
+        assert_eq!(error.reason(), "Conflict");
+        let patches = status_patches(&env.api.take(), REGISTRIES_PATH);
+        assert_eq!(patches.len(), 1);
+        let status = patches[0].body["status"].clone();
+        let ready = condition(&status, "Ready");
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "Conflict");
+        assert!(
+            ready["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("elder/cache")),
+            "names the owner: {ready}"
+        );
+        assert_no_gitlab_request(&env.sim);
+
+        // The waiting one is triggered when the owner's claims move, and when it goes.
+        young.status = Some(serde_json::from_value(status).expect("status"));
+        env.know_registry(&young);
+        let (sender, mut triggered) = futures::channel::mpsc::unbounded();
+        let mut observer = HandoverObserver::new(
+            env.ctx.registries.clone(),
+            Some(env.sim.base_url().parse().expect("url")),
+            sender,
+        );
+        observer.observe(&watcher::Event::Apply(owner.clone()));
+        observer.observe(&watcher::Event::Apply(owner.clone()));
+        assert!(triggered.try_recv().is_err(), "nothing moved yet");
+        let mut renamed = owner.clone();
+        renamed.spec.name = Some("elder-cache".into());
+        let young_ref = kube::runtime::reflector::ObjectRef::from_obj(&young);
+        for moved in [renamed, owner.clone()] {
+            observer.observe(&watcher::Event::Apply(moved));
+            assert_eq!(triggered.try_recv().expect("sent"), young_ref);
+            assert!(triggered.try_recv().is_err(), "only the contender");
+        }
+        env.registries
+            .apply_watcher_event(&watcher::Event::Delete(owner.clone()));
+        observer.observe(&watcher::Event::Delete(owner));
+        assert_eq!(triggered.try_recv().expect("sent"), young_ref);
+
+        env.reconcile_registry(&young).await.expect("takes over");
+        assert_eq!(env.sim.snapshot().registries.len(), 1);
+        assert_eq!(patched_ready(&env.api, REGISTRIES_PATH)["status"], "True");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn deleting_the_non_owner_deletes_and_disassociates_nothing_in_gitlab() {
+    guarded(async {
+        let mut env = Env::start().await;
+        let registry_id = env
+            .sim
+            .with_state(|state| state.create_registry(100, "cache", None))
+            .expect("registry")
+            .id as i64;
+        let owner = created_at(
+            registry_object(&[], Some(registry_id), &[FINALIZER]),
+            "elder",
+            "2026-01-01T00:00:00Z",
+        );
+        env.know_registry(&owner);
+        let young = deleting(created_at(
+            registry_object(&[], Some(registry_id), &[FINALIZER]),
+            NAMESPACE,
+            "2026-06-01T00:00:00Z",
+        ));
+        env.know_registry(&young);
+        env.reconcile_registry(&young)
+            .await
+            .expect("finalizer removed");
+        assert_no_gitlab_request(&env.sim);
+        assert_eq!(
+            env.sim.snapshot().registries.len(),
+            1,
+            "the owner's registry stays"
+        );
+        let seen = env.api.take();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_finalizer_patch(&seen[0], &format!("{REGISTRIES_PATH}/cache"), "remove");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_cleanup_outside_the_access_policy_runs_nothing() {
+    guarded(async {
+        let (_, file) = policy_file(
+            "cleanup-not-permitted",
+            "rules: [{namespaces: [team], groups: [my-org], projects: ['other-org/**']}]",
+        );
+        let (sim, api, ctx) = cleanup_env_with(Some(true), Some(file), None).await;
+        let before = tag_names(&sim).await;
+        sim.reset_request_counts();
+        let policy = policy_object(
+            json!({"gitlabregistry.io/run-requested-at": "2026-11-23T10:00:00Z"}),
+            json!(null),
+            false,
+        );
+        let error = controller::cleanup_policy::reconcile(Arc::new(policy), Arc::new(ctx))
+            .await
+            .expect_err("not permitted");
+        assert_eq!(error.reason(), "NotPermitted");
+        assert_no_gitlab_request(&sim);
+        assert_eq!(tag_names(&sim).await, before);
+        assert_ready_false(
+            &patched_ready(&api, POLICIES_PATH),
+            "NotPermitted",
+            "project my-org/app",
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_second_gitlab_policy_for_one_project_waits_in_conflict() {
+    guarded(async {
+        let gitlab_policy = |namespace: &str, created: &str| {
+            let mut policy = created_at(
+                policy_object(json!({}), json!(null), false),
+                namespace,
+                created,
+            );
+            policy.spec.strategy = gitlab_registry_operator::crd::CleanupStrategy::GitLabPolicy;
+            policy.spec.cadence = Some(serde_json::from_value(json!("7d")).expect("cadence"));
+            policy
+        };
+        let owner = gitlab_policy("elder", "2026-01-01T00:00:00Z");
+        let young = gitlab_policy(NAMESPACE, "2026-06-01T00:00:00Z");
+        let (policies, mut writer) = {
+            let (store, writer) = store::store::<CleanupPolicy>();
+            (store, writer)
+        };
+        writer.apply_watcher_event(&watcher::Event::Apply(owner));
+        writer.apply_watcher_event(&watcher::Event::Apply(young.clone()));
+        let (sim, api, ctx) = cleanup_env_with(Some(true), None, Some(policies)).await;
+        let ctx = Arc::new(ctx);
+        let error = controller::cleanup_policy::reconcile(Arc::new(young.clone()), ctx.clone())
+            .await
+            .expect_err("in conflict");
+        assert_eq!(error.reason(), "Conflict");
+        assert_no_gitlab_request(&sim);
+        assert_ready_false(
+            &patched_ready(&api, POLICIES_PATH),
+            "Conflict",
+            "elder/nightly",
+        );
+
+        // Its deletion leaves GitLab's policy, the owner's, as it is.
+        controller::cleanup_policy::reconcile(Arc::new(deleting(young)), ctx)
+            .await
+            .expect("finalizer removed");
+        assert_no_gitlab_request(&sim);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_group_cleanup_runs_only_when_every_project_it_expands_to_is_permitted() {
+    guarded(async {
+        let group_run = || {
+            let mut policy = policy_object(
+                json!({"gitlabregistry.io/run-requested-at": "2026-11-23T10:00:00Z"}),
+                json!(null),
+                false,
+            );
+            policy.spec.target.container_repositories =
+                Some(serde_json::from_value(json!({"group": "my-org"})).expect("group target"));
+            Arc::new(policy)
+        };
+        let (path, file) = policy_file(
+            "group-expansion",
+            "rules: [{namespaces: [team], groups: [my-org], projects: ['my-org/other-*']}]",
+        );
+        let (sim, api, ctx) = cleanup_env_with(Some(true), Some(file), None).await;
+        let ctx = Arc::new(ctx);
+        let before = tag_names(&sim).await;
+        sim.reset_request_counts();
+        let error = controller::cleanup_policy::reconcile(group_run(), ctx.clone())
+            .await
+            .expect_err("my-org/app is not permitted");
+        assert_eq!(error.reason(), "NotPermitted");
+        assert_eq!(sim.write_count(), 0, "{:?}", sim.request_counts());
+        assert_eq!(
+            sim.request_counts().values().sum::<u64>(),
+            1,
+            "only the group's listing: {:?}",
+            sim.request_counts()
+        );
+        assert_eq!(tag_names(&sim).await, before);
+        assert_ready_false(
+            &patched_ready(&api, POLICIES_PATH),
+            "NotPermitted",
+            "project my-org/app",
+        );
+
+        std::fs::write(
+            &path,
+            "rules: [{namespaces: [team], groups: [my-org], projects: ['my-org/**']}]",
+        )
+        .expect("write");
+        controller::cleanup_policy::reconcile(group_run(), ctx)
+            .await
+            .expect("permitted now");
+        assert!(
+            tag_names(&sim).await.len() < before.len(),
+            "the run deleted"
+        );
     })
     .await;
 }

@@ -10,6 +10,7 @@ mod chart;
 
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use gitlab_registry_operator::controller::context::{DefaultConnection, OperatorConfig};
 use gitlab_registry_operator::controller::runtime::{
     LEASE_NAME, RuntimeOptions, run_until, run_with_client,
@@ -553,4 +554,199 @@ async fn controllers_with_leader_election_work_under_the_charts_own_rbac() {
     let _ = namespaces
         .delete(&namespace, &DeleteParams::default())
         .await;
+}
+
+fn ready_reason(registry: &VirtualRegistry) -> Option<(String, String, String)> {
+    let status = registry.status.as_ref()?;
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+    Some((
+        ready.status.clone(),
+        ready.reason.clone(),
+        ready.message.clone(),
+    ))
+}
+
+/// Two namespaces under one access policy, each watched by an operator of its own
+/// (`--watch-namespace`): the permitted namespace gets its registry, and of two registries
+/// there claiming one GitLab registry the younger waits in `Conflict` until the owner goes;
+/// the other namespace is `NotPermitted` until the policy file lets it in.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_access_policy_and_one_owner_per_gitlab_registry_on_a_shared_cluster() {
+    let client = match cluster().await {
+        Ok(client) => client,
+        Err(reason) => {
+            println!("SKIPPED e2e tenancy: {reason}");
+            return;
+        }
+    };
+    install_crds(&client).await;
+    let run = std::process::id();
+    let group = format!("gro-tenancy-{run}");
+    let (team_a, team_b) = (
+        format!("gro-tenancy-a-{run}"),
+        format!("gro-tenancy-b-{run}"),
+    );
+    let sim = Simulator::start(
+        SimConfig::with_token("e2e-tenancy-token"),
+        Seed::parse(&format!("groups:\n  - {{id: 100, full_path: {group}}}\n")).expect("seed"),
+    )
+    .await
+    .expect("simulator");
+    let policy_dir = std::env::temp_dir().join(format!("gro-e2e-tenancy-{run}"));
+    std::fs::create_dir_all(&policy_dir).expect("policy dir");
+    let policy_path = policy_dir.join("access.yaml");
+    std::fs::write(
+        &policy_path,
+        format!("rules: [{{namespaces: [{team_a}], groups: [{group}]}}]\n"),
+    )
+    .expect("policy");
+    let policy = std::sync::Arc::new(
+        gitlab_registry_operator::controller::tenancy::AccessPolicyFile::load(&policy_path)
+            .expect("policy loads"),
+    );
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for namespace in [&team_a, &team_b] {
+        namespaces
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("ns"),
+            )
+            .await
+            .expect("namespace created");
+    }
+    let start = |namespace: &str| {
+        let config = OperatorConfig {
+            default_gitlab: Some(DefaultConnection {
+                url: sim.base_url().parse().expect("url"),
+                token: sim.config().token.clone(),
+            }),
+            resync: Duration::from_secs(30),
+            access_policy: Some(policy.clone()),
+            ..OperatorConfig::default()
+        };
+        let options = RuntimeOptions {
+            metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+            leader_election: false,
+            leader_election_namespace: None,
+            leader_election_identity: None,
+            watch_namespace: Some(namespace.to_owned()),
+            max_concurrent_reconciles: 16,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run_until(config, options, async move {
+            let _ = stopped.await;
+        }));
+        (stop, task)
+    };
+    let operators = [start(&team_a), start(&team_b)];
+    let registry = |name: &str, gitlab_name: &str| -> VirtualRegistry {
+        serde_json::from_value(json!({
+            "apiVersion": "gitlabregistry.io/v1alpha1", "kind": "VirtualRegistry",
+            "metadata": {"name": name}, "spec": {"group": group, "name": gitlab_name}
+        }))
+        .expect("registry")
+    };
+    let in_a: Api<VirtualRegistry> = Api::namespaced(client.clone(), &team_a);
+    let in_b: Api<VirtualRegistry> = Api::namespaced(client.clone(), &team_b);
+    let reason_of = |api: &Api<VirtualRegistry>, name: &'static str| {
+        let api = api.clone();
+        async move { api.get(name).await.ok().and_then(|r| ready_reason(&r)) }
+    };
+
+    // Whatever happens in the checks, the namespaces, the operators and the policy file go.
+    let checks = std::panic::AssertUnwindSafe(async {
+        in_a.create(&PostParams::default(), &registry("first", "shared"))
+            .await
+            .expect("created");
+        wait_for("first Ready", || async {
+            reason_of(&in_a, "first")
+                .await
+                .is_some_and(|(s, _, _)| s == "True")
+        })
+        .await;
+        in_a.create(&PostParams::default(), &registry("second", "shared"))
+            .await
+            .expect("created");
+        wait_for("second in Conflict naming first", || async {
+            reason_of(&in_a, "second").await.is_some_and(|(s, r, m)| {
+                s == "False" && r == "Conflict" && m.contains(&format!("{team_a}/first"))
+            })
+        })
+        .await;
+        in_b.create(&PostParams::default(), &registry("other", "team-b-cache"))
+            .await
+            .expect("created");
+        wait_for("other NotPermitted", || async {
+            reason_of(&in_b, "other")
+                .await
+                .is_some_and(|(s, r, m)| s == "False" && r == "NotPermitted" && m.contains(&team_b))
+        })
+        .await;
+        assert_eq!(sim.snapshot().registries.len(), 1, "one GitLab registry");
+
+        // The owner goes (deleting its GitLab registry): the other takes over and recreates it.
+        in_a.delete("first", &DeleteParams::default())
+            .await
+            .expect("deleted");
+        wait_for("second takes over", || async {
+            reason_of(&in_a, "second")
+                .await
+                .is_some_and(|(s, _, _)| s == "True")
+        })
+        .await;
+        assert_eq!(sim.snapshot().registries.len(), 1);
+
+        // The policy file changes: team-b is let in without a restart.
+        std::fs::write(
+            &policy_path,
+            format!("rules: [{{namespaces: [{team_a}, {team_b}], groups: [{group}]}}]\n"),
+        )
+        .expect("policy");
+        wait_for("other Ready", || async {
+            reason_of(&in_b, "other")
+                .await
+                .is_some_and(|(s, _, _)| s == "True")
+        })
+        .await;
+        assert_eq!(sim.snapshot().registries.len(), 2);
+
+        for (api, name) in [(&in_b, "other"), (&in_a, "second")] {
+            let _ = api.delete(name, &DeleteParams::default()).await;
+            wait_for("deleted", || async {
+                api.get_opt(name).await.is_ok_and(|r| r.is_none())
+            })
+            .await;
+        }
+    })
+    .catch_unwind()
+    .await;
+
+    // A failed check may leave objects behind: their finalizers must not hold the namespaces.
+    for api in [&in_a, &in_b] {
+        for leftover in api
+            .list(&Default::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+        {
+            let _ = api
+                .patch(
+                    &leftover.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                )
+                .await;
+        }
+    }
+    for namespace in [&team_a, &team_b] {
+        let _ = namespaces.delete(namespace, &DeleteParams::default()).await;
+    }
+    for (stop, task) in operators {
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+    }
+    let _ = std::fs::remove_dir_all(&policy_dir);
+    if let Err(panic) = checks {
+        std::panic::resume_unwind(panic);
+    }
 }

@@ -1979,6 +1979,7 @@ async fn tokens_and_passwords_appear_in_no_log_event_status_error_metric_or_plan
                 extra_ca_pem: None,
                 resend_credentials: true,
                 approved_deletions: Default::default(),
+                access_policy: None,
             };
             outputs.push(("options".into(), format!("{options:?}")));
             let report = standalone::execute(&options).await.expect("report");

@@ -1117,3 +1117,196 @@ async fn a_placeholder_password_is_never_sent_to_gitlab() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+// ---- Tenancy -----------------------------------------------------------------------------
+
+fn registry_manifest(namespace: &str, name: &str, group: &str, gitlab_name: &str) -> String {
+    format!(
+        "apiVersion: gitlabregistry.io/v1alpha1\nkind: VirtualRegistry\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {{group: {group}, name: {gitlab_name}}}\n"
+    )
+}
+
+#[test]
+fn two_manifests_claiming_one_gitlab_registry_are_an_error_naming_both_files() {
+    let dir = temp_dir("one-owner");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let first = dir.join("team-a.yaml");
+    let second = dir.join("team-b.yaml");
+    std::fs::write(
+        &first,
+        registry_manifest("team-a", "cache", "my-org", "shared"),
+    )
+    .expect("a");
+    std::fs::write(
+        &second,
+        registry_manifest("team-b", "mine", "My-Org", "shared"),
+    )
+    .expect("b");
+    let dir_arg = dir.to_string_lossy().into_owned();
+    for command in ["plan", "apply"] {
+        let output = run(None, &[command, "-f", &dir_arg]);
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{command}: {}",
+            stdout(&output)
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        for file in [&first, &second] {
+            assert!(
+                stderr.contains(&file.display().to_string()),
+                "{command} names {}: {stderr}",
+                file.display()
+            );
+        }
+        assert!(
+            stderr.contains("one GitLab object has one owner"),
+            "{stderr}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).expect("cleaned up");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn objects_outside_the_access_policy_are_not_permitted_and_never_sent() {
+    let sim = simulator().await;
+    let dir = temp_dir("access-policy");
+    let manifests = dir.join("manifests");
+    std::fs::create_dir_all(&manifests).expect("dir");
+    std::fs::write(
+        manifests.join("allowed.yaml"),
+        registry_manifest("team-a", "cache-a", "my-org", "cache-a"),
+    )
+    .expect("allowed");
+    let denied = manifests.join("denied.yaml");
+    std::fs::write(
+        &denied,
+        registry_manifest("team-b", "cache-b", "my-org", "cache-b"),
+    )
+    .expect("denied");
+    let policy = dir.join("access.yaml");
+    std::fs::write(
+        &policy,
+        "rules:\n  - namespaces: [team-a]\n    groups: [my-org]\n",
+    )
+    .expect("policy");
+    let (manifests_arg, policy_arg) = (
+        manifests.to_string_lossy().into_owned(),
+        policy.to_string_lossy().into_owned(),
+    );
+    let output = tokio::task::block_in_place(|| {
+        run(
+            Some(&sim),
+            &[
+                "apply",
+                "-f",
+                &manifests_arg,
+                "--access-policy",
+                &policy_arg,
+                "-o",
+                "json",
+            ],
+        )
+    });
+    assert_eq!(output.status.code(), Some(1), "one object is not Ready");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json report");
+    let objects = report["objects"].as_array().expect("objects");
+    let by_name = |name: &str| {
+        objects
+            .iter()
+            .find(|o| o["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {report}"))
+    };
+    assert_eq!(by_name("cache-a")["ready"], true, "{report}");
+    let refused = by_name("cache-b");
+    assert_eq!(refused["reason"], "NotPermitted");
+    let message = refused["message"].as_str().expect("message");
+    assert!(
+        message.contains("namespace team-b") && message.contains(&policy_arg),
+        "{message}"
+    );
+    let names: Vec<String> = sim
+        .snapshot()
+        .registries
+        .iter()
+        .map(|r| r.name.clone())
+        .collect();
+    assert!(
+        names.contains(&"cache-a".to_string()) && !names.contains(&"cache-b".to_string()),
+        "{names:?}"
+    );
+
+    // Alone, the refused manifest sends no request at all.
+    sim.reset_request_counts();
+    let denied_arg = denied.to_string_lossy().into_owned();
+    let output = tokio::task::block_in_place(|| {
+        run(
+            Some(&sim),
+            &["plan", "-f", &denied_arg, "--access-policy", &policy_arg],
+        )
+    });
+    assert!(
+        stdout(&output).contains("NotPermitted"),
+        "{}",
+        stdout(&output)
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "a refused object is an error of the plan"
+    );
+    assert!(
+        sim.request_counts().is_empty(),
+        "{:?}",
+        sim.request_counts()
+    );
+    std::fs::remove_dir_all(&dir).expect("cleaned up");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_cleanup_expanding_to_a_refused_project_is_not_permitted() {
+    let sim = simulator().await;
+    let dir = temp_dir("group-expansion");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let manifest = dir.join("cleanup.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: gitlabregistry.io/v1alpha1\nkind: CleanupPolicy\nmetadata: {name: group, namespace: platform}\nspec:\n  schedule: '0 3 * * *'\n  dryRun: true\n  target: {containerRepositories: {group: my-org}}\n  rules: {nameRegexDelete: '.*'}\n",
+    )
+    .expect("manifest");
+    let policy = dir.join("access.yaml");
+    std::fs::write(
+        &policy,
+        "rules: [{namespaces: [platform], groups: [my-org], projects: ['my-org/platform/**']}]\n",
+    )
+    .expect("policy");
+    let (manifest_arg, policy_arg) = (
+        manifest.to_string_lossy().into_owned(),
+        policy.to_string_lossy().into_owned(),
+    );
+    let output = tokio::task::block_in_place(|| {
+        run(
+            Some(&sim),
+            &[
+                "plan",
+                "-f",
+                &manifest_arg,
+                "--access-policy",
+                &policy_arg,
+                "-o",
+                "json",
+            ],
+        )
+    });
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json report");
+    let object = &report["objects"][0];
+    assert_eq!(object["reason"], "NotPermitted", "{report}");
+    assert!(
+        object["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("project my-org/a")),
+        "{object}"
+    );
+    assert_eq!(output.status.code(), Some(1));
+    std::fs::remove_dir_all(&dir).expect("cleaned up");
+}

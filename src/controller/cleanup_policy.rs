@@ -18,7 +18,7 @@ use kube::{Api, ResourceExt};
 
 use super::connection::gitlab_client;
 use super::status::{apply_status, mark_suspended, now, publish, publish_actions};
-use super::{Context, Error, Result, reconciler};
+use super::{Context, Error, Result, reconciler, tenancy};
 use crate::cleanup::{InUseIndex, Schedule, parse_approvals, parse_duration};
 use crate::crd::cleanup_policy::{CleanupPolicyStatus, PendingApproval, RunOutcome, RunSummary};
 use crate::crd::conditions::{self, ConditionUpdate, SYNCED};
@@ -150,9 +150,12 @@ async fn apply(policy: &CleanupPolicy, ctx: &Context, api: &Api<CleanupPolicy>) 
         apply_status(api, policy, policy.status.as_ref(), &status).await?;
         return Ok(Requeue::await_change());
     }
-    let outcome = match policy.spec.strategy {
-        CleanupStrategy::Operator => scheduled_run(policy, ctx, &mut status).await,
-        CleanupStrategy::GitLabPolicy => gitlab_policy(policy, ctx, &mut status).await,
+    let outcome = match tenancy::check_policy(ctx, policy) {
+        Err(error) => Err(error),
+        Ok(()) => match policy.spec.strategy {
+            CleanupStrategy::Operator => scheduled_run(policy, ctx, &mut status).await,
+            CleanupStrategy::GitLabPolicy => gitlab_policy(policy, ctx, &mut status).await,
+        },
     };
     let (synced, requeue, error) = match outcome {
         Ok((synced, requeue)) => (synced, requeue, None),
@@ -219,6 +222,9 @@ async fn scheduled_run(
         )?;
         let namespace = policy.namespace().unwrap_or_default();
         let client = gitlab_client(ctx, &namespace, spec.gitlab.as_ref()).await?;
+        if let CleanupTarget::Group { group, .. } = &run.target {
+            tenancy::check_group_expansion(ctx, policy, &client, group).await?;
+        }
         let started = Timestamp::now();
         let report = run_cleanup(&client, &run).await?;
         let finished = Timestamp::now();
@@ -489,6 +495,10 @@ async fn cleanup(policy: &CleanupPolicy, ctx: &Context) -> Result<Requeue> {
     let Ok(project) = gitlab_policy_project(policy) else {
         return Ok(Requeue::await_change());
     };
+    let checked = tenancy::check_policy(ctx, policy);
+    if !tenancy::may_clean_up_in_gitlab(checked, "CleanupPolicy", &policy.name_any()) {
+        return Ok(Requeue::await_change());
+    }
     let namespace = policy.namespace().unwrap_or_default();
     let client = gitlab_client(ctx, &namespace, policy.spec.gitlab.as_ref()).await?;
     let update = ContainerExpirationPolicyUpdate {

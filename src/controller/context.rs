@@ -12,7 +12,7 @@ use secrecy::SecretString;
 use url::Url;
 
 use super::metrics::Metrics;
-use crate::crd::{Upstream, VirtualRegistry};
+use crate::crd::{CleanupPolicy, Upstream, VirtualRegistry};
 use crate::gitlab::{ClientConfig, GitLabClient, RequestObserver};
 use crate::sync::listing::UpstreamListings;
 use crate::sync::registry::{REGISTRY_VIEW_MAX_AGE, RegistryViews};
@@ -28,6 +28,8 @@ pub struct OperatorConfig {
     pub gitlab_requests_per_second: Option<f64>,
     /// Every object is reconciled at least this often (drift correction).
     pub resync: Duration,
+    /// `--access-policy`: who may use the default connection for what; `None` allows all.
+    pub access_policy: Option<Arc<super::tenancy::AccessPolicyFile>>,
 }
 
 /// The operator-wide GitLab connection.
@@ -44,6 +46,7 @@ impl Default for OperatorConfig {
             gitlab_ca_pem: None,
             gitlab_requests_per_second: None,
             resync: Duration::from_secs(600),
+            access_policy: None,
         }
     }
 }
@@ -97,6 +100,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub registries: Store<VirtualRegistry>,
     pub upstreams: Store<Upstream>,
+    /// The CleanupPolicy store, for the ownership of GitLab cleanup policies; `None` when
+    /// not shared with the context (then a policy contends with no other).
+    pub policies: Option<Store<CleanupPolicy>>,
     /// Group upstream listings shared by the Upstream reconciles of a resync wave, at most
     /// half a resync old: one list per group per resync instead of one GET per Upstream.
     pub upstream_listings: UpstreamListings,
@@ -132,6 +138,7 @@ impl Context {
             registries,
             upstreams,
             pods: None,
+            policies: None,
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -139,6 +146,12 @@ impl Context {
     /// Lets cleanups see the images Pods run (`keepInUse`).
     pub fn with_pods(mut self, pods: super::cleanup_policy::PodImages) -> Self {
         self.pods = Some(pods);
+        self
+    }
+
+    /// Lets GitLab-run cleanup policies see each other (one owner per project's policy).
+    pub fn with_policies(mut self, policies: Store<CleanupPolicy>) -> Self {
+        self.policies = Some(policies);
         self
     }
 

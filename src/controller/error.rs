@@ -47,17 +47,26 @@ pub enum Error {
     /// the failed JSON-patch `test` of a finalizer patch. Not a failure: retried promptly,
     /// against the newer object the watch brings.
     #[error("conflict with another write, retrying: {0}")]
-    Conflict(kube::Error),
+    WriteConflict(kube::Error),
     /// The finalizer helper failed (adding or removing the finalizer, or the cleanup).
     #[error("finalizer: {0}")]
     Finalizer(String),
+    /// The access policy does not let the object's namespace use the operator's connection
+    /// for its group or project.
+    #[error(transparent)]
+    NotPermitted(crate::tenancy::Denial),
+    /// An older object manages the same GitLab object.
+    #[error(
+        "{owner} manages {object}: this object sends nothing to GitLab while it does (it takes over when {owner} is deleted or no longer claims it)"
+    )]
+    Conflict { owner: String, object: String },
 }
 
 /// A 409 from any write is a conflict.
 impl From<kube::Error> for Error {
     fn from(error: kube::Error) -> Self {
         match &error {
-            kube::Error::Api(status) if status.code == 409 => Self::Conflict(error),
+            kube::Error::Api(status) if status.code == 409 => Self::WriteConflict(error),
             _ => Self::Kube(error),
         }
     }
@@ -75,7 +84,7 @@ pub const CONFLICT_RETRY: Duration = Duration::from_millis(500);
 /// tightened under stored objects): an error, not a race.
 pub fn finalizer_patch_error(error: kube::Error) -> Error {
     match &error {
-        kube::Error::Api(status) if status.code == 409 => Error::Conflict(error),
+        kube::Error::Api(status) if status.code == 409 => Error::WriteConflict(error),
         kube::Error::Api(status)
             if status.code == 422
                 && status
@@ -83,7 +92,7 @@ pub fn finalizer_patch_error(error: kube::Error) -> Error {
                     .as_ref()
                     .is_none_or(|details| details.causes.iter().all(|c| c.field.is_empty())) =>
         {
-            Error::Conflict(error)
+            Error::WriteConflict(error)
         }
         _ => Error::Finalizer(error.to_string()),
     }
@@ -99,8 +108,10 @@ impl Error {
             Self::InvalidSpec(_) => "InvalidSpec",
             Self::Sync(error) => error.reason(),
             Self::Kube(_) => "KubernetesError",
-            Self::Conflict(_) => "Conflict",
+            Self::WriteConflict(_) => "WriteConflict",
             Self::Finalizer(_) => "FinalizerError",
+            Self::NotPermitted(_) => crate::crd::reasons::NOT_PERMITTED,
+            Self::Conflict { .. } => crate::crd::reasons::CONFLICT,
         }
     }
 
@@ -117,18 +128,20 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Sync(error) => error.is_transient(),
-            Self::Kube(_) | Self::Conflict(_) | Self::Finalizer(_) => true,
+            Self::Kube(_) | Self::WriteConflict(_) | Self::Finalizer(_) => true,
             Self::ConnectionMissing
             | Self::SecretNotFound { .. }
             | Self::SecretKeyMissing { .. }
             | Self::PlaceholderPassword { .. }
-            | Self::InvalidSpec(_) => false,
+            | Self::InvalidSpec(_)
+            | Self::NotPermitted(_)
+            | Self::Conflict { .. } => false,
         }
     }
 
     /// A lost race with another writer, retried promptly and not counted as an error.
     pub fn is_conflict(&self) -> bool {
-        matches!(self, Self::Conflict(_))
+        matches!(self, Self::WriteConflict(_))
     }
 
     pub fn retry_after(&self) -> Option<Duration> {
@@ -186,7 +199,7 @@ mod tests {
     fn conflicts_are_retried_promptly_and_other_api_errors_back_off() {
         let conflict = Error::from(api_error(409, "Conflict"));
         assert!(conflict.is_conflict());
-        assert_eq!(conflict.reason(), "Conflict");
+        assert_eq!(conflict.reason(), "WriteConflict");
         assert_eq!(
             retry_delay(&conflict, 9, Duration::from_secs(600)),
             CONFLICT_RETRY

@@ -12,6 +12,7 @@ pub mod reconciler;
 pub mod registry;
 pub mod runtime;
 pub mod status;
+pub mod tenancy;
 pub mod triggers;
 pub mod upstream;
 

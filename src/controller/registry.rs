@@ -13,7 +13,7 @@ use super::status::{
     apply_status, mark_failed, mark_suspended, nothing_requested_since, now, publish_actions,
     publish_outcome,
 };
-use super::{Context, Error, Result, reconciler};
+use super::{Context, Error, Result, reconciler, tenancy};
 use crate::crd::conditions::{self, SYNCED, UPSTREAMS_RESOLVED};
 use crate::crd::virtual_registry::RegistryUpstreamStatus;
 use crate::crd::{
@@ -61,6 +61,7 @@ async fn apply(
     }
     let namespace = registry.namespace().unwrap_or_default();
     let synced = async {
+        tenancy::check_registry(ctx, registry)?;
         let Connection { client, key } =
             gitlab_connection(ctx, &namespace, registry.spec.gitlab.as_ref()).await?;
         let upstreams = ctx.upstreams.state();
@@ -236,6 +237,10 @@ async fn cleanup(registry: &VirtualRegistry, ctx: &Context) -> Result<Requeue> {
     else {
         return Ok(Requeue::await_change());
     };
+    let checked = tenancy::check_registry(ctx, registry);
+    if !tenancy::may_clean_up_in_gitlab(checked, "VirtualRegistry", &registry.name_any()) {
+        return Ok(Requeue::await_change());
+    }
     let namespace = registry.namespace().unwrap_or_default();
     let Connection { client, key } =
         gitlab_connection(ctx, &namespace, registry.spec.gitlab.as_ref()).await?;

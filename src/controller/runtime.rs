@@ -12,7 +12,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt as _};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::runtime::controller::Config as ControllerConfig;
 use kube::runtime::reflector::ObjectRef;
@@ -21,7 +21,7 @@ use kube::{Api, Client, ResourceExt};
 
 use super::context::{Context, OperatorConfig};
 use super::metrics::Metrics;
-use super::{cleanup_policy, registry, triggers, upstream};
+use super::{cleanup_policy, registry, tenancy, triggers, upstream};
 use crate::crd::{CleanupPolicy, Upstream, VirtualRegistry};
 
 /// Settings of `run` besides the operator config.
@@ -224,6 +224,12 @@ pub async fn run_with_client(
     let (registry_store, registry_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
     let (upstream_store, upstream_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
     let registry_changes = registry_writer.subscribe().ok_or(Error::SharedStore)?;
+    // Tenancy: a deleted owner, or one whose claims moved, hands its GitLab object to the
+    // next contender; a changed access policy reconciles the objects whose verdict changed.
+    let default_url = config.default_gitlab.as_ref().map(|d| d.url.clone());
+    let registry_triggers = tenancy::Triggers::<VirtualRegistry>::new();
+    let upstream_triggers = tenancy::Triggers::<Upstream>::new();
+    let policy_triggers = tenancy::Triggers::<CleanupPolicy>::new();
     let upstream_changes = upstream_writer.subscribe().ok_or(Error::SharedStore)?;
     let registry_events = watcher(
         registries_api.clone(),
@@ -231,6 +237,14 @@ pub async fn run_with_client(
     )
     .default_backoff()
     .reflect_shared(registry_writer)
+    .inspect_ok(
+        tenancy::HandoverObserver::new(
+            registry_store.clone(),
+            default_url.clone(),
+            registry_triggers.sender.clone(),
+        )
+        .into_fn(),
+    )
     .applied_objects()
     .predicate_filter(triggers::spec_or_intent, Default::default());
     let upstream_events = watcher(
@@ -239,14 +253,24 @@ pub async fn run_with_client(
     )
     .default_backoff()
     .reflect_shared(upstream_writer)
+    .inspect_ok(
+        tenancy::HandoverObserver::new(
+            upstream_store.clone(),
+            default_url.clone(),
+            upstream_triggers.sender.clone(),
+        )
+        .into_fn(),
+    )
     .applied_objects()
     .predicate_filter(triggers::spec_or_intent, Default::default());
     let controller_config =
         ControllerConfig::default().concurrency(options.max_concurrent_reconciles);
     let registry_controller = Controller::for_stream(registry_events, registry_store.clone())
-        .with_config(controller_config.clone());
+        .with_config(controller_config.clone())
+        .reconcile_on(registry_triggers.receiver);
     let upstream_controller = Controller::for_stream(upstream_events, upstream_store.clone())
-        .with_config(controller_config.clone());
+        .with_config(controller_config.clone())
+        .reconcile_on(upstream_triggers.receiver);
     // Pods, stripped to their images, for keepInUse; readiness is tracked so that a run
     // before the first full list deletes nothing.
     let pods_api: Api<Pod> = scoped_api(&client, options.watch_namespace.as_deref());
@@ -272,10 +296,19 @@ pub async fn run_with_client(
     let policy_events = watcher(policies_api, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(policy_writer)
+        .inspect_ok(
+            tenancy::HandoverObserver::new(
+                policy_store.clone(),
+                default_url.clone(),
+                policy_triggers.sender.clone(),
+            )
+            .into_fn(),
+        )
         .applied_objects()
         .predicate_filter(triggers::spec_or_intent, Default::default());
     let policy_controller = Controller::for_stream(policy_events, policy_store.clone())
         .with_config(controller_config)
+        .reconcile_on(policy_triggers.receiver)
         .graceful_shutdown_on(shutdown.clone());
 
     let context = Arc::new(
@@ -289,8 +322,17 @@ pub async fn run_with_client(
         .with_pods(cleanup_policy::PodImages {
             store: pod_store,
             synced: pods_synced,
-        }),
+        })
+        .with_policies(policy_store.clone()),
     );
+    let policy_watch = tokio::spawn(tenancy::watch_access_policy(
+        context.clone(),
+        tenancy::TriggerSenders {
+            registries: registry_triggers.sender,
+            upstreams: upstream_triggers.sender,
+            policies: policy_triggers.sender,
+        },
+    ));
 
     // An Upstream change (a new GitLab id, above all) requeues the registries that list it.
     let registries_listing = registry_store.clone();
@@ -407,6 +449,7 @@ pub async fn run_with_client(
     let controllers = async {
         tokio::join!(registries, upstreams, policies, readiness);
         pod_task.abort();
+        policy_watch.abort();
     };
     match lost_lease {
         None => controllers.await,

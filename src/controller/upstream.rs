@@ -14,7 +14,7 @@ use super::status::{
     apply_status, mark_failed, mark_suspended, nothing_requested_since, now, publish,
     publish_outcome,
 };
-use super::{Context, Error, Result, reconciler};
+use super::{Context, Error, Result, reconciler, tenancy};
 use crate::cleanup::parse_duration;
 use crate::crd::conditions::{self, SYNCED};
 use crate::crd::upstream::{AppliedCredentials, ConnectivityCheckResult};
@@ -102,6 +102,7 @@ fn record_reachability(ctx: &Context, upstream: &Upstream, reachable: Option<boo
 
 /// Everything the engine needs, read from the cluster, then one engine run.
 async fn dereference_and_sync(upstream: &Upstream, ctx: &Context) -> Result<UpstreamOutcome> {
+    tenancy::check_upstream(ctx, upstream)?;
     let namespace = upstream.namespace().unwrap_or_default();
     let Connection { client, key } =
         gitlab_connection(ctx, &namespace, upstream.spec.gitlab.as_ref()).await?;
@@ -374,6 +375,10 @@ async fn cleanup(upstream: &Upstream, ctx: &Context) -> Result<Requeue> {
     else {
         return Ok(Requeue::await_change());
     };
+    let checked = tenancy::check_upstream(ctx, upstream);
+    if !tenancy::may_clean_up_in_gitlab(checked, "Upstream", &upstream.name_any()) {
+        return Ok(Requeue::await_change());
+    }
     let namespace = upstream.namespace().unwrap_or_default();
     let Connection { client, key } =
         gitlab_connection(ctx, &namespace, upstream.spec.gitlab.as_ref()).await?;

@@ -5,6 +5,7 @@
 pub mod cleanup_policy;
 pub mod common;
 pub mod conditions;
+pub mod reasons;
 pub mod upstream;
 pub mod validation;
 pub mod virtual_registry;

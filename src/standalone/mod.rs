@@ -6,6 +6,7 @@
 pub mod export;
 pub mod manifests;
 pub mod run;
+pub mod tenancy;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -33,6 +34,8 @@ pub struct Options {
     /// Cleanup fingerprints approved past `maxDeletionPercent` (`--approve`), for every
     /// CleanupPolicy of the manifests.
     pub approved_deletions: BTreeSet<String>,
+    /// `--access-policy`: objects outside it are reported `NotPermitted` and not sent.
+    pub access_policy: Option<crate::tenancy::AccessPolicy>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,11 +130,27 @@ pub async fn execute_export(
 pub const EMBEDDED_NOTE: &str = "No GitLab URL given (--gitlab-url / GITLAB_URL): using the embedded GitLab simulator with demo data. \
 Upstream connection tests are answered by its built-in stub registry; no network is used.";
 
+/// The GitLab the claims of manifests name when the embedded simulator stands in.
+const EMBEDDED_GITLAB: &str = "http://embedded-gitlab-simulator";
+
 /// Loads, validates and reconciles (or plans) the manifests once.
 pub async fn execute(options: &Options) -> Result<Report, Error> {
-    let manifests = manifests::load(&options.paths)?;
+    let mut manifests = manifests::load(&options.paths)?;
+    let claimed_gitlab = match &options.gitlab {
+        Some((url, _)) => url.clone(),
+        // Claims only compare: any one url stands for the embedded simulator.
+        None => Url::parse(EMBEDDED_GITLAB).map_err(|error| Error::Simulator(error.to_string()))?,
+    };
+    tenancy::check_claims(&manifests, &claimed_gitlab)?;
+    let mut withheld = match &options.access_policy {
+        Some(policy) => tenancy::withhold_not_permitted(&mut manifests, policy),
+        None => Vec::new(),
+    };
     let (client, simulator) =
         connect(options.gitlab.as_ref(), options.extra_ca_pem.as_ref()).await?;
+    if let Some(policy) = &options.access_policy {
+        withheld.extend(tenancy::withhold_group_expansions(&client, &mut manifests, policy).await);
+    }
     let mut report = run::reconcile_all(
         &client,
         &manifests,
@@ -140,6 +159,7 @@ pub async fn execute(options: &Options) -> Result<Report, Error> {
         &options.approved_deletions,
     )
     .await;
+    report.objects.extend(withheld);
     if simulator.is_some() {
         report.notes.push(EMBEDDED_NOTE.into());
     }

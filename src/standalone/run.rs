@@ -97,7 +97,7 @@ impl From<&Action> for ActionView {
 }
 
 impl ObjectReport {
-    fn new(kind: &str, namespace: String, name: String, source: &str) -> Self {
+    pub(super) fn new(kind: &str, namespace: String, name: String, source: &str) -> Self {
         Self {
             kind: kind.into(),
             namespace,
@@ -118,7 +118,7 @@ impl ObjectReport {
     /// Sets the conditions, derives Ready from `components` and the action from the
     /// conditions and what was (or would be) written. `exists`: the object is in GitLab
     /// after this pass.
-    fn conclude(
+    pub(super) fn conclude(
         &mut self,
         updates: Vec<ConditionUpdate>,
         components: &[&'static str],
@@ -238,9 +238,14 @@ impl Report {
     /// complete it: an invalid spec, a missing Secret, a placeholder password to be sent.
     pub fn needs_fixing(&self) -> bool {
         self.objects.iter().any(|o| {
-            [REASON_PLACEHOLDER_PASSWORD, "InvalidSpec", "SecretNotFound"]
-                .iter()
-                .any(|reason| o.action == format!("blocked: {reason}"))
+            [
+                REASON_PLACEHOLDER_PASSWORD,
+                "InvalidSpec",
+                "SecretNotFound",
+                crate::crd::reasons::NOT_PERMITTED,
+            ]
+            .iter()
+            .any(|reason| o.reason == *reason || o.action == format!("blocked: {reason}"))
         })
     }
 }
