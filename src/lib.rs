@@ -8,6 +8,7 @@ pub mod cleanup;
 pub mod controller;
 pub mod crd;
 pub mod gitlab;
+pub mod resolve;
 pub mod sim;
 pub mod standalone;
 pub mod sync;

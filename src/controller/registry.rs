@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use kube::runtime::controller::Action as Requeue;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 
 use super::connection::{Connection, gitlab_connection};
 use super::status::{
@@ -21,6 +21,7 @@ use crate::crd::{
     VirtualRegistryStatus,
 };
 use crate::gitlab::PathOrId;
+use crate::resolve::{self, GitLabId, UpstreamFacts};
 use crate::sync::registry::{
     DesiredMember, DesiredRegistry, KnownRegistry, RegistryOutcome, RegistryRequest, Resolution,
     SharedViews,
@@ -94,20 +95,6 @@ async fn apply(
     }
 }
 
-/// Whether an Upstream without a GitLab id is not on its way to one: suspended, or its last
-/// reconcile failed for another reason than waiting for a registry (a failed connection
-/// test, a refusal by GitLab, a missing Secret).
-fn creation_blocked(upstream: &Upstream) -> bool {
-    if upstream.spec.suspend {
-        return true;
-    }
-    upstream
-        .status
-        .as_ref()
-        .and_then(|status| conditions::false_reason(&status.conditions, SYNCED))
-        .is_some_and(|reason| reason != "WaitingForRegistry")
-}
-
 /// Whether the last reconcile left the registry waiting for Upstreams to get their GitLab
 /// ids, and nothing else asked for a reconcile since (a new spec, a reconcile request): the
 /// only case where the engine may plan on its recent view instead of reading the registry.
@@ -128,18 +115,21 @@ pub fn build_request<'a>(
     upstreams: impl Iterator<Item = &'a Upstream>,
 ) -> RegistryRequest {
     let namespace = registry.namespace();
-    let in_namespace: Vec<&Upstream> = upstreams.filter(|u| u.namespace() == namespace).collect();
+    let in_namespace: Vec<UpstreamFacts> = upstreams
+        .map(resolve::upstream_facts)
+        .filter(|u| u.namespace == namespace)
+        .collect();
     let members = registry
         .spec
         .upstreams
         .iter()
         .map(|reference| {
-            let resolution = match in_namespace.iter().find(|u| u.name_any() == reference.name) {
+            let resolution = match in_namespace.iter().find(|u| u.name == reference.name) {
                 None => Resolution::Missing,
-                Some(upstream) => match upstream.status.as_ref().and_then(|s| s.upstream_id) {
-                    Some(id) => Resolution::Resolved(id),
-                    None if creation_blocked(upstream) => Resolution::Blocked,
-                    None => Resolution::Pending,
+                Some(upstream) => match upstream.id {
+                    GitLabId::Held(id) => Resolution::Resolved(id),
+                    GitLabId::Blocked => Resolution::Blocked,
+                    GitLabId::OnItsWay => Resolution::Pending,
                 },
             };
             DesiredMember {
@@ -225,8 +215,9 @@ pub fn upstream_ids_to_keep<'a>(
 ) -> HashSet<i64> {
     let namespace = registry.namespace();
     upstreams
-        .filter(|u| u.namespace() == namespace && u.meta().deletion_timestamp.is_none())
-        .filter_map(|u| u.status.as_ref().and_then(|s| s.upstream_id))
+        .map(resolve::upstream_facts)
+        .filter(|u| u.namespace == namespace && !u.leaving)
+        .filter_map(|u| u.id.held())
         .collect()
 }
 

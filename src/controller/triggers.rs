@@ -1,7 +1,8 @@
 //! Which watch events start a reconcile. A status write by the operator itself must not, or
 //! every reconcile would cause a second one (and a second round of GitLab reads): the kinds'
 //! own streams pass only changes of the spec (generation), of our one-shot annotations, of
-//! finalizers and of deletion; the cross-kind streams pass only what the other side reads.
+//! finalizers and of deletion; the cross-kind streams pass only what the other side reads,
+//! the `resolve` facts its reconcile is built from.
 
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
@@ -16,6 +17,7 @@ use kube::Resource;
 use crate::crd::{
     PURGE_CACHE_REQUESTED_AT, RECONCILE_REQUESTED_AT, RUN_REQUESTED_AT, Upstream, VirtualRegistry,
 };
+use crate::resolve;
 
 /// Passes an object of a shared (subscribed) stream only when `predicate` hashes it
 /// differently from the last time that object passed: the shared-stream counterpart of
@@ -57,27 +59,14 @@ pub fn spec_or_intent<K: Resource>(object: &K) -> Option<u64> {
     ))
 }
 
-/// What a registry reads from an Upstream: whether it exists, is leaving, and its GitLab id.
+/// What a registry reads from an Upstream: [`resolve::upstream_facts`], nothing more or less.
 pub fn upstream_identity(upstream: &Upstream) -> Option<u64> {
-    hash_of((
-        upstream.status.as_ref().and_then(|s| s.upstream_id),
-        upstream.meta().deletion_timestamp.is_some(),
-    ))
+    hash_of(resolve::upstream_facts(upstream))
 }
 
-/// What an Upstream reads from a registry: its GitLab id, group and listed upstreams.
+/// What an Upstream reads from a registry: [`resolve::registry_facts`], nothing more or less.
 pub fn registry_identity(registry: &VirtualRegistry) -> Option<u64> {
-    hash_of((
-        registry.status.as_ref().and_then(|s| s.registry_id),
-        &registry.spec.group,
-        registry
-            .spec
-            .upstreams
-            .iter()
-            .map(|u| u.name.as_str())
-            .collect::<Vec<_>>(),
-        registry.meta().deletion_timestamp.is_some(),
-    ))
+    hash_of(resolve::registry_facts(registry))
 }
 
 #[cfg(test)]
@@ -154,5 +143,72 @@ mod tests {
             ..Default::default()
         });
         assert_ne!(upstream_identity(&base), upstream_identity(&created));
+    }
+
+    fn not_synced(reason: &str) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+        let mut conditions = Vec::new();
+        crate::crd::conditions::set_condition(
+            &mut conditions,
+            crate::crd::conditions::ConditionUpdate::new(
+                crate::crd::conditions::SYNCED,
+                false,
+                reason,
+                reason,
+            ),
+            Some(1),
+            &crate::controller::status::now(),
+        );
+        conditions
+    }
+
+    #[test]
+    fn an_upstream_blocked_without_an_id_requeues_its_registries() {
+        let base = upstream();
+        let mut waiting = base.clone();
+        waiting.status = Some(UpstreamStatus {
+            conditions: not_synced("WaitingForRegistry"),
+            ..Default::default()
+        });
+        assert_eq!(
+            upstream_identity(&base),
+            upstream_identity(&waiting),
+            "still on its way to an id"
+        );
+        let mut failed = base.clone();
+        failed.status = Some(UpstreamStatus {
+            conditions: not_synced("ConnectivityTestFailed"),
+            ..Default::default()
+        });
+        assert_ne!(upstream_identity(&base), upstream_identity(&failed));
+        let mut suspended = base.clone();
+        suspended.spec.suspend = true;
+        assert_ne!(upstream_identity(&base), upstream_identity(&suspended));
+    }
+
+    fn registry() -> VirtualRegistry {
+        serde_saphyr::from_str(
+            "apiVersion: gitlabregistry.io/v1alpha1\nkind: VirtualRegistry\nmetadata: {name: r, namespace: n, generation: 1}\nspec: {group: g, upstreams: [{name: u}]}\n",
+        )
+        .expect("valid")
+    }
+
+    #[test]
+    fn a_registry_failing_before_it_has_an_id_requeues_its_upstreams() {
+        let base = registry();
+        let mut failed = base.clone();
+        failed.status = Some(crate::crd::VirtualRegistryStatus {
+            conditions: not_synced("LimitExceeded"),
+            ..Default::default()
+        });
+        assert_ne!(registry_identity(&base), registry_identity(&failed));
+        let mut suspended = base.clone();
+        suspended.spec.suspend = true;
+        assert_ne!(registry_identity(&base), registry_identity(&suspended));
+        let mut checked = base.clone();
+        checked.status = Some(crate::crd::VirtualRegistryStatus {
+            last_handled_reconcile_at: Some("x".into()),
+            ..Default::default()
+        });
+        assert_eq!(registry_identity(&base), registry_identity(&checked));
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::EventType;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 
 use super::connection::{Connection, gitlab_connection, read_secret, secret_key};
 use super::status::{
@@ -23,6 +23,7 @@ use crate::crd::{
     VirtualRegistry,
 };
 use crate::gitlab::{PathOrId, UpstreamCredentials};
+use crate::resolve::{self, GitLabId};
 use crate::sync::listing::UpstreamListings;
 use crate::sync::registry::RegistryViews;
 use crate::sync::upstream::{
@@ -202,15 +203,6 @@ fn registry_to_create_through(mut listing: Vec<ListingRegistry>) -> Option<i64> 
     listing.get(position_in_first % listing.len())?.id
 }
 
-/// Whether a registry without a GitLab id is getting one: not suspended, and not failed.
-fn on_its_way_to_an_id(registry: &VirtualRegistry) -> bool {
-    let failed = registry
-        .status
-        .as_ref()
-        .is_some_and(|status| conditions::false_reason(&status.conditions, SYNCED).is_some());
-    !registry.spec.suspend && !failed
-}
-
 /// The engine's input from the object, its credentials and the registries in the cluster.
 /// Pure: validation and the choice of registry are tested without a cluster.
 pub fn build_request<'a>(
@@ -225,23 +217,19 @@ pub fn build_request<'a>(
     let name = upstream.gitlab_name();
     let namespace = upstream.namespace();
     let listing: Vec<ListingRegistry> = registries
+        .map(resolve::registry_facts)
         .filter(|registry| {
-            registry.namespace() == namespace && registry.meta().deletion_timestamp.is_none()
+            registry.namespace == namespace && !registry.leaving && registry.group == spec.group
         })
-        .filter(|registry| registry.spec.group == spec.group)
         .filter_map(|registry| {
-            let id = registry.status.as_ref().and_then(|s| s.registry_id);
-            if id.is_none() && !on_its_way_to_an_id(registry) {
-                return None;
-            }
-            let position = registry
-                .spec
-                .upstreams
-                .iter()
-                .position(|u| u.name == upstream.name_any())?;
+            let id = match registry.id {
+                GitLabId::Held(id) => Some(id),
+                GitLabId::OnItsWay => None,
+                GitLabId::Blocked => return None,
+            };
             Some(ListingRegistry {
-                name: registry.name_any(),
-                position,
+                position: registry.position_of(&upstream.name_any())?,
+                name: registry.name,
                 id,
             })
         })
