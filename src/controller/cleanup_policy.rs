@@ -5,6 +5,7 @@
 //! for the annotation `gitlabregistry.io/approve-deletion` naming their fingerprint; the run
 //! that asks for it ends `NeedsApproval` (status, a Warning Event, a metric).
 
+use crate::crd::reasons::Reason;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -299,20 +300,29 @@ pub fn run_condition(report: &CleanupReport) -> ConditionUpdate {
         (RunOutcome::Failed, Some(error)) => {
             ConditionUpdate::new(SYNCED, false, error.reason(), report.message.clone())
         }
-        (RunOutcome::Failed, None) => {
-            ConditionUpdate::new(SYNCED, false, "RunFailed", report.message.clone())
-        }
-        (RunOutcome::Partial, _) => {
-            ConditionUpdate::new(SYNCED, true, "RunPartial", report.message.clone())
-        }
-        (RunOutcome::Succeeded, _) => {
-            ConditionUpdate::new(SYNCED, true, "RunSucceeded", report.message.clone())
-        }
+        (RunOutcome::Failed, None) => ConditionUpdate::new(
+            SYNCED,
+            false,
+            Reason::RunFailed.as_str(),
+            report.message.clone(),
+        ),
+        (RunOutcome::Partial, _) => ConditionUpdate::new(
+            SYNCED,
+            true,
+            Reason::RunPartial.as_str(),
+            report.message.clone(),
+        ),
+        (RunOutcome::Succeeded, _) => ConditionUpdate::new(
+            SYNCED,
+            true,
+            Reason::RunSucceeded.as_str(),
+            report.message.clone(),
+        ),
         // The cleanup the spec asks for is not carried out until a person approves.
         (RunOutcome::NeedsApproval, _) => ConditionUpdate::new(
             SYNCED,
             false,
-            RunOutcome::NeedsApproval.as_str(),
+            Reason::NeedsApproval.as_str(),
             report.message.clone(),
         ),
     }
@@ -342,10 +352,10 @@ async fn record_run(ctx: &Context, policy: &CleanupPolicy, report: &CleanupRepor
             .sum(),
     );
     let (type_, reason) = match report.outcome {
-        RunOutcome::Succeeded => (EventType::Normal, "CleanupCompleted"),
-        RunOutcome::Partial => (EventType::Warning, "CleanupPartial"),
-        RunOutcome::Failed => (EventType::Warning, "CleanupFailed"),
-        RunOutcome::NeedsApproval => (EventType::Warning, RunOutcome::NeedsApproval.as_str()),
+        RunOutcome::Succeeded => (EventType::Normal, Reason::CleanupCompleted.as_str()),
+        RunOutcome::Partial => (EventType::Warning, Reason::CleanupPartial.as_str()),
+        RunOutcome::Failed => (EventType::Warning, Reason::CleanupFailed.as_str()),
+        RunOutcome::NeedsApproval => (EventType::Warning, Reason::NeedsApproval.as_str()),
     };
     let verb = if report.simulated() {
         "would delete"
@@ -467,7 +477,7 @@ async fn gitlab_policy(
         outcome.notes.join("; ")
     };
     Ok((
-        ConditionUpdate::new(SYNCED, true, "Synced", message),
+        ConditionUpdate::new(SYNCED, true, Reason::Synced.as_str(), message),
         ctx.config.resync,
     ))
 }

@@ -1,6 +1,7 @@
 //! Errors of a reconcile, each with the condition reason it reports and whether a retry
 //! without a change can help.
 
+use crate::crd::reasons::Reason;
 use std::time::Duration;
 
 use crate::sync;
@@ -102,14 +103,16 @@ impl Error {
     /// The condition reason and metric label.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::ConnectionMissing => "ConnectionMissing",
-            Self::SecretNotFound { .. } | Self::SecretKeyMissing { .. } => "SecretNotFound",
+            Self::ConnectionMissing => Reason::ConnectionMissing.as_str(),
+            Self::SecretNotFound { .. } | Self::SecretKeyMissing { .. } => {
+                Reason::SecretNotFound.as_str()
+            }
             Self::PlaceholderPassword { .. } => crate::crd::upstream::REASON_PLACEHOLDER_PASSWORD,
-            Self::InvalidSpec(_) => "InvalidSpec",
+            Self::InvalidSpec(_) => Reason::InvalidSpec.as_str(),
             Self::Sync(error) => error.reason(),
-            Self::Kube(_) => "KubernetesError",
-            Self::WriteConflict(_) => "WriteConflict",
-            Self::Finalizer(_) => "FinalizerError",
+            Self::Kube(_) => Reason::KubernetesError.as_str(),
+            Self::WriteConflict(_) => Reason::WriteConflict.as_str(),
+            Self::Finalizer(_) => Reason::FinalizerError.as_str(),
             Self::NotPermitted(_) => crate::crd::reasons::NOT_PERMITTED,
             Self::Conflict { .. } => crate::crd::reasons::CONFLICT,
         }

@@ -2,6 +2,7 @@
 //! → the `sync::registry` engine → status and Events. On deletion with policy `Delete`,
 //! upstreams whose objects still exist are disassociated first so GitLab keeps them.
 
+use crate::crd::reasons::Reason;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -99,8 +100,10 @@ async fn apply(
 /// ids, and nothing else asked for a reconcile since (a new spec, a reconcile request): the
 /// only case where the engine may plan on its recent view instead of reading the registry.
 fn waiting_for_upstreams(registry: &VirtualRegistry, status: &VirtualRegistryStatus) -> bool {
-    let waiting = conditions::find(&status.conditions, UPSTREAMS_RESOLVED)
-        .is_some_and(|resolved| resolved.reason == "WaitingForUpstream");
+    let waiting =
+        conditions::find(&status.conditions, UPSTREAMS_RESOLVED).is_some_and(|resolved| {
+            Reason::parse(&resolved.reason) == Some(Reason::WaitingForUpstream)
+        });
     waiting
         && nothing_requested_since(
             registry,

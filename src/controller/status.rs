@@ -1,6 +1,7 @@
 //! Writing back: status by server-side apply (only when it changed) and Events for what a
 //! reconcile did.
 
+use crate::crd::reasons::Reason;
 use std::fmt::Debug;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -71,8 +72,8 @@ where
     K: Resource<DynamicType = ()>,
 {
     for action in actions {
-        let type_ = match action.reason {
-            "ConnectivityTestFailed" | "NotFound" => EventType::Warning,
+        let type_ = match Reason::parse(action.reason) {
+            Some(Reason::ConnectivityTestFailed | Reason::NotFound) => EventType::Warning,
             _ => EventType::Normal,
         };
         publish(ctx, object, type_, action.reason, &action.message).await;
@@ -113,7 +114,7 @@ pub fn mark_failed(conditions: &mut Vec<Condition>, error: &super::Error, genera
 pub fn mark_suspended(conditions: &mut Vec<Condition>, generation: Option<i64>, message: &str) {
     conditions::set_condition(
         conditions,
-        ConditionUpdate::new(READY, Status::False, "Suspended", message),
+        ConditionUpdate::new(READY, Status::False, Reason::Suspended.as_str(), message),
         generation,
         &now(),
     );

@@ -139,7 +139,12 @@ pub fn ready_summary(conditions: &[Condition], components: &[&'static str]) -> C
             }
         }
     }
-    ConditionUpdate::new(READY, Status::True, "Synced", "in line with the spec")
+    ConditionUpdate::new(
+        READY,
+        Status::True,
+        super::reasons::Reason::Synced.as_str(),
+        "in line with the spec",
+    )
 }
 
 #[cfg(test)]

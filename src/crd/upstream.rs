@@ -1,6 +1,7 @@
 //! The `Upstream` kind: one GitLab container upstream registry (Docker Hub, Quay, …) that
 //! virtual registries pull through.
 
+use crate::crd::reasons::Reason;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -217,4 +218,4 @@ pub const PLACEHOLDER_PASSWORD: &str = "REPLACE-ME-gitlab-never-returns-upstream
 
 /// Condition reason of an Upstream whose credentials Secret still holds
 /// [`PLACEHOLDER_PASSWORD`] where sending it would replace GitLab's working password.
-pub const REASON_PLACEHOLDER_PASSWORD: &str = "PlaceholderPassword";
+pub const REASON_PLACEHOLDER_PASSWORD: &str = Reason::PlaceholderPassword.as_str();

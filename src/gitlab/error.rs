@@ -1,5 +1,6 @@
 //! Typed errors of the GitLab client, parsed from GitLab's own error bodies.
 
+use crate::crd::reasons::Reason;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -67,18 +68,20 @@ impl Error {
     /// The stable condition reason (DESIGN §5) this error maps to.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::Validation { .. } | Self::Parameter { .. } | Self::Config { .. } => "InvalidSpec",
-            Self::UnexpectedStatus { .. } => "InvalidSpec",
-            Self::Unauthorized { .. } => "Unauthorized",
-            Self::Forbidden { .. } => "Forbidden",
-            Self::NotFound { .. } => "NotFound",
-            Self::LimitExceeded { .. } => "LimitExceeded",
-            Self::RateLimited { .. } => "RateLimited",
-            Self::Conflict { .. } => "Conflict",
-            Self::Server { .. } | Self::Timeout { .. } | Self::Network { .. } => {
-                "GitLabUnavailable"
+            Self::Validation { .. } | Self::Parameter { .. } | Self::Config { .. } => {
+                Reason::InvalidSpec.as_str()
             }
-            Self::Decode { .. } => "GitLabUnavailable",
+            Self::UnexpectedStatus { .. } => Reason::InvalidSpec.as_str(),
+            Self::Unauthorized { .. } => Reason::Unauthorized.as_str(),
+            Self::Forbidden { .. } => Reason::Forbidden.as_str(),
+            Self::NotFound { .. } => Reason::NotFound.as_str(),
+            Self::LimitExceeded { .. } => Reason::LimitExceeded.as_str(),
+            Self::RateLimited { .. } => Reason::RateLimited.as_str(),
+            Self::Conflict { .. } => Reason::Conflict.as_str(),
+            Self::Server { .. } | Self::Timeout { .. } | Self::Network { .. } => {
+                Reason::GitLabUnavailable.as_str()
+            }
+            Self::Decode { .. } => Reason::GitLabUnavailable.as_str(),
         }
     }
 

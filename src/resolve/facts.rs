@@ -5,6 +5,7 @@
 use kube::ResourceExt;
 
 use crate::crd::conditions::{self, SYNCED};
+use crate::crd::reasons::Reason;
 use crate::crd::{Upstream, VirtualRegistry};
 
 /// Where an object stands with its GitLab id, as the other kind needs to know it.
@@ -69,7 +70,7 @@ pub fn upstream_facts(upstream: &Upstream) -> UpstreamFacts {
         None => {
             let failed = status
                 .and_then(|status| conditions::false_reason(&status.conditions, SYNCED))
-                .is_some_and(|reason| reason != "WaitingForRegistry");
+                .is_some_and(|reason| Reason::parse(reason) != Some(Reason::WaitingForRegistry));
             if upstream.spec.suspend || failed {
                 GitLabId::Blocked
             } else {

@@ -6,6 +6,7 @@
 //! change, or blocked with the reason) and, only when it exists in GitLab, whether it is
 //! Ready. Upstream passwords that are `export`'s placeholder are never sent to GitLab.
 
+use crate::crd::reasons::Reason;
 use std::collections::{BTreeMap, BTreeSet};
 
 use kube::ResourceExt;
@@ -173,7 +174,7 @@ impl ObjectReport {
             "create" => Some(ConditionUpdate::new(
                 conditions::READY,
                 false,
-                "NotCreated",
+                Reason::NotCreated.as_str(),
                 first.message.clone(),
             )),
             "update" => {
@@ -184,7 +185,7 @@ impl ObjectReport {
                 Some(ConditionUpdate::new(
                     conditions::READY,
                     false,
-                    "OutOfSync",
+                    Reason::OutOfSync.as_str(),
                     if fields.is_empty() {
                         first.message.clone()
                     } else {
@@ -199,9 +200,10 @@ impl ObjectReport {
     /// The action from what was (or would be) written, for an object that is not blocked.
     fn planned_action(&self) -> &'static str {
         let writes = || self.actions.iter().filter(|a| a.writes);
-        if writes().any(|a| a.reason == "Created") {
+        let reasons = || writes().filter_map(|a| Reason::parse(&a.reason));
+        if reasons().any(|reason| reason == Reason::Created) {
             "create"
-        } else if writes().any(|a| a.reason == "Deleted" || a.reason == "TagsDeleted") {
+        } else if reasons().any(|reason| matches!(reason, Reason::Deleted | Reason::TagsDeleted)) {
             "delete"
         } else if writes().next().is_some() {
             "update"
@@ -238,16 +240,25 @@ impl Report {
     /// complete it: an invalid spec, a missing Secret, a placeholder password to be sent.
     pub fn needs_fixing(&self) -> bool {
         self.objects.iter().any(|o| {
-            [
-                REASON_PLACEHOLDER_PASSWORD,
-                "InvalidSpec",
-                "SecretNotFound",
-                crate::crd::reasons::NOT_PERMITTED,
-            ]
-            .iter()
-            .any(|reason| o.reason == *reason || o.action == format!("blocked: {reason}"))
+            [Some(o.reason.as_str()), o.action.strip_prefix("blocked: ")]
+                .into_iter()
+                .flatten()
+                .filter_map(Reason::parse)
+                .any(needs_a_fix)
         })
     }
+}
+
+/// Whether an object refused for `reason` waits for a change to the manifests or the
+/// environment (the exit code for "needs fixing"), not for GitLab.
+fn needs_a_fix(reason: Reason) -> bool {
+    matches!(
+        reason,
+        Reason::PlaceholderPassword
+            | Reason::InvalidSpec
+            | Reason::SecretNotFound
+            | Reason::NotPermitted
+    )
 }
 
 fn namespace_of<K: ResourceExt>(object: &K) -> String {
@@ -338,7 +349,7 @@ pub async fn reconcile_all(
                     vec![ConditionUpdate::new(
                         SYNCED,
                         false,
-                        "SecretNotFound",
+                        Reason::SecretNotFound.as_str(),
                         message,
                     )],
                     &[SYNCED],
@@ -396,7 +407,7 @@ pub async fn reconcile_all(
             outcome.actions.insert(
                 0,
                 Action::new(
-                    "Adopted",
+                    Reason::Adopted.as_str(),
                     format!(
                         "upstream {} ({}) is the only one of that name in the group and no \
                          other manifest claims it: its url {} becomes {desired_url}",
@@ -408,7 +419,12 @@ pub async fn reconcile_all(
         }
         if let Some(id) = outcome.upstream_id {
             upstream_ids.insert((namespace.clone(), name.clone()), id);
-        } else if !mode.writes() && outcome.actions.iter().any(|a| a.reason == "Created") {
+        } else if !mode.writes()
+            && outcome
+                .actions
+                .iter()
+                .any(|a| a.reason == Reason::Created.as_str())
+        {
             upstreams_created_by_plan.push((namespace.clone(), name.clone()));
         }
         fill_upstream_report(&mut object_report, &outcome, mode);
@@ -460,7 +476,7 @@ pub async fn reconcile_all(
                 upstreams_created_by_plan.contains(&(key.0.clone(), member.name.clone()));
             if created_by_plan {
                 object_report.actions.push(ActionView::from(&Action::new(
-                    "Associated",
+                    Reason::Associated.as_str(),
                     format!(
                         "upstream {} is created through this registry by this plan",
                         member.name
@@ -482,7 +498,7 @@ pub async fn reconcile_all(
             resolved = ConditionUpdate::new(
                 conditions::UPSTREAMS_RESOLVED,
                 true,
-                "Resolved",
+                Reason::Resolved.as_str(),
                 "every upstream resolves (some by this plan)",
             );
         }
@@ -577,7 +593,7 @@ async fn cleanup_policy_report(
                     vec![ConditionUpdate::new(
                         SYNCED,
                         true,
-                        "Synced",
+                        Reason::Synced.as_str(),
                         "GitLab's cleanup policy is in line",
                     )],
                     &[SYNCED],
@@ -789,7 +805,7 @@ fn upstream_request(
 }
 
 /// Reason of an Upstream whose url changed while other upstreams share its name.
-pub const AMBIGUOUS_UPSTREAM: &str = "AmbiguousUpstream";
+pub const AMBIGUOUS_UPSTREAM: &str = Reason::AmbiguousUpstream.as_str();
 
 /// How a manifest's upstream is found by name alone, when adoption by name and url finds
 /// nothing.
@@ -921,7 +937,7 @@ async fn reconcile_keeping_placeholder(
     let mut planned = upstream::reconcile(client, &planned_request).await;
     let sends_credentials = planned.actions.iter().any(|action| {
         action.writes
-            && (action.reason == "Created"
+            && (action.reason == Reason::Created.as_str()
                 || action.changes.iter().any(|c| c.field == "credentials"))
     });
     if !sends_credentials {
@@ -991,11 +1007,11 @@ pub fn render_table(report: &Report) -> String {
             object.kind, object.namespace, object.name, object.source
         ));
         for action in &object.actions {
-            let marker = match (report.mode.as_str(), action.reason.as_str(), action.writes) {
-                (_, _, false) => "  ",
-                (_, "Created", _) | (_, "Associated", _) => "+ ",
-                (_, "Deleted", _) | (_, "Disassociated", _) => "- ",
-                _ => "~ ",
+            let marker = match (action.writes, Reason::parse(&action.reason)) {
+                (false, _) => "  ",
+                (true, Some(Reason::Created | Reason::Associated)) => "+ ",
+                (true, Some(Reason::Deleted | Reason::Disassociated)) => "- ",
+                (true, _) => "~ ",
             };
             out.push_str(&format!(
                 "  {marker}{}: {}\n",

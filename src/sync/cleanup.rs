@@ -58,6 +58,7 @@
 //! `container_expiration_policy` match the spec with one `PUT /projects/:id` carrying only
 //! the fields that differ, and none when nothing does.
 
+use crate::crd::reasons::Reason;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -532,7 +533,7 @@ impl CleanupReport {
                 }
                 let verb = if would { "would delete" } else { "deleted" };
                 let action = Action::new(
-                    "TagsDeleted",
+                    Reason::TagsDeleted.as_str(),
                     format!(
                         "{verb} {} of {}: {names}",
                         plural(repository.deleted.len(), "tag"),
@@ -1621,7 +1622,7 @@ pub async fn sync_gitlab_policy(
     Ok(PolicyOutcome {
         next_run_at: policy.as_ref().and_then(|policy| policy.next_run_at),
         policy,
-        action: Some(Action::new("Updated", message).with_changes(changes)),
+        action: Some(Action::new(Reason::Updated.as_str(), message).with_changes(changes)),
         notes: values.notes,
     })
 }

@@ -11,6 +11,7 @@ pub mod listing;
 pub mod registry;
 pub mod upstream;
 
+use crate::crd::reasons::Reason;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -35,7 +36,7 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::GitLab(error) => error.reason(),
-            Self::InvalidSpec(_) => "InvalidSpec",
+            Self::InvalidSpec(_) => Reason::InvalidSpec.as_str(),
         }
     }
 
@@ -166,7 +167,7 @@ where
     }
     *last_handled = Some(requested.clone());
     Ok(Some(Action::new(
-        "CachePurged",
+        Reason::CachePurged.as_str(),
         format!("purged the cache of {what} (request {requested})"),
     )))
 }

@@ -8,6 +8,7 @@
 //! is being created, members are only appended, in declared order, and moved once all have
 //! their ids.
 
+use crate::crd::reasons::Reason;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -232,7 +233,12 @@ pub async fn reconcile_with_views(
         pull_prefix: None,
         members: Vec::new(),
         last_handled_purge_cache: request.known.last_handled_purge_cache.clone(),
-        synced: ConditionUpdate::new(SYNCED, Status::True, "Synced", "in line with the spec"),
+        synced: ConditionUpdate::new(
+            SYNCED,
+            Status::True,
+            Reason::Synced.as_str(),
+            "in line with the spec",
+        ),
         upstreams_resolved: resolution_condition(&request.desired.members),
         actions: Vec::new(),
         error: None,
@@ -338,21 +344,21 @@ fn resolution_condition(members: &[DesiredMember]) -> ConditionUpdate {
         ConditionUpdate::new(
             UPSTREAMS_RESOLVED,
             false,
-            "UpstreamNotFound",
+            Reason::UpstreamNotFound.as_str(),
             format!("no Upstream named {} in this namespace", missing.join(", ")),
         )
     } else if !pending.is_empty() {
         ConditionUpdate::new(
             UPSTREAMS_RESOLVED,
             false,
-            "WaitingForUpstream",
+            Reason::WaitingForUpstream.as_str(),
             format!("Upstream {} not created in GitLab yet", pending.join(", ")),
         )
     } else {
         ConditionUpdate::new(
             UPSTREAMS_RESOLVED,
             true,
-            "Resolved",
+            Reason::Resolved.as_str(),
             format!("{} upstream(s) resolved", members.len()),
         )
     }
@@ -401,8 +407,11 @@ async fn sync(
             }
             if !writes {
                 outcome.actions.push(
-                    Action::new("Created", format!("would create registry {}", desired.name))
-                        .with_changes(changes),
+                    Action::new(
+                        Reason::Created.as_str(),
+                        format!("would create registry {}", desired.name),
+                    )
+                    .with_changes(changes),
                 );
                 let planned = plan_associations(&[], &desired.members);
                 record_association_actions(outcome, &planned, &desired.members);
@@ -425,8 +434,11 @@ async fn sync(
                 Ok(created) => {
                     outcome.registry_id = Some(created.id);
                     outcome.actions.push(
-                        Action::new("Created", format!("created registry {}", created.id))
-                            .with_changes(changes),
+                        Action::new(
+                            Reason::Created.as_str(),
+                            format!("created registry {}", created.id),
+                        )
+                        .with_changes(changes),
                     );
                     created
                 }
@@ -462,7 +474,7 @@ async fn sync(
             // cleared through the API.
             outcome.actions.push(
                 Action::new(
-                    "DescriptionKept",
+                    Reason::DescriptionKept.as_str(),
                     format!(
                         "GitLab refuses a blank description: registry {} keeps {current:?}",
                         remote.id
@@ -490,7 +502,11 @@ async fn sync(
             updated?;
         }
         outcome.actions.push(
-            Action::new("Updated", format!("updated registry {}", remote.id)).with_changes(changes),
+            Action::new(
+                Reason::Updated.as_str(),
+                format!("updated registry {}", remote.id),
+            )
+            .with_changes(changes),
         );
     }
     outcome.seen = Some(VirtualRegistry {
@@ -572,7 +588,7 @@ fn record_association_actions(
     for removal in &planned.removals {
         outcome.actions.push(
             Action::new(
-                "Disassociated",
+                Reason::Disassociated.as_str(),
                 format!("removed upstream {} (not in the spec)", removal.upstream_id),
             )
             .with_changes(vec![FieldChange::new(
@@ -585,7 +601,7 @@ fn record_association_actions(
     for addition in &planned.additions {
         outcome.actions.push(
             Action::new(
-                "Associated",
+                Reason::Associated.as_str(),
                 format!("added upstream {}", member_name(members, *addition)),
             )
             .with_changes(vec![FieldChange::new(
@@ -598,7 +614,7 @@ fn record_association_actions(
     for movement in &planned.moves {
         outcome.actions.push(
             Action::new(
-                "Repositioned",
+                Reason::Repositioned.as_str(),
                 format!(
                     "moved upstream {} to position {}",
                     member_name(members, movement.upstream_id),
@@ -626,8 +642,11 @@ async fn find_remote(
             Err(error) if error.is_not_found() => {
                 outcome.registry_id = None;
                 outcome.actions.push(
-                    Action::new("NotFound", format!("registry {id} is gone from GitLab"))
-                        .read_only(),
+                    Action::new(
+                        Reason::NotFound.as_str(),
+                        format!("registry {id} is gone from GitLab"),
+                    )
+                    .read_only(),
                 );
             }
             Err(error) => return Err(error.into()),
@@ -680,7 +699,7 @@ async fn adopt_by_name(
 fn adopted(outcome: &mut RegistryOutcome, remote: VirtualRegistry) -> VirtualRegistry {
     outcome.actions.push(
         Action::new(
-            "Adopted",
+            Reason::Adopted.as_str(),
             format!("adopted existing registry {} ({})", remote.id, remote.name),
         )
         .read_only(),
@@ -730,7 +749,7 @@ pub async fn delete(
         Err(error) if error.is_not_found() => {
             return Ok(vec![
                 Action::new(
-                    "Deleted",
+                    Reason::Deleted.as_str(),
                     format!("registry {registry_id} was already gone"),
                 )
                 .read_only(),
@@ -748,7 +767,7 @@ pub async fn delete(
                 delete_association_tolerating_gone(client, association.id).await?;
             }
             actions.push(Action::new(
-                "Disassociated",
+                Reason::Disassociated.as_str(),
                 format!("kept upstream {upstream_id}: its Upstream object still exists"),
             ));
         }
@@ -760,7 +779,7 @@ pub async fn delete(
         }
     }
     actions.push(Action::new(
-        "Deleted",
+        Reason::Deleted.as_str(),
         format!("deleted registry {registry_id}"),
     ));
     Ok(actions)

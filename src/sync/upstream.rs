@@ -8,6 +8,7 @@
 //! configuration when the test fails), re-sends credentials when their Secret's version
 //! changes, and after every url change sends them again in a second PATCH.
 
+use crate::crd::reasons::Reason;
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -127,7 +128,12 @@ impl UpstreamOutcome {
             last_check: known.last_check.clone(),
             last_check_configuration: known.last_check_configuration.clone(),
             last_handled_purge_cache: known.last_handled_purge_cache.clone(),
-            synced: ConditionUpdate::new(SYNCED, Status::True, "Synced", "in line with the spec"),
+            synced: ConditionUpdate::new(
+                SYNCED,
+                Status::True,
+                Reason::Synced.as_str(),
+                "in line with the spec",
+            ),
             reachable: None,
             actions: Vec::new(),
             error: None,
@@ -345,12 +351,12 @@ async fn sync(
             outcome.synced = ConditionUpdate::new(
                 SYNCED,
                 false,
-                "ConnectivityTestFailed",
+                Reason::ConnectivityTestFailed.as_str(),
                 format!("kept the working url and credentials: {result}"),
             );
             outcome.actions.push(
                 Action::new(
-                    "ConnectivityTestFailed",
+                    Reason::ConnectivityTestFailed.as_str(),
                     format!("change of url or credentials blocked: {result}"),
                 )
                 .read_only(),
@@ -407,7 +413,11 @@ async fn sync(
             outcome.applied_credentials = desired.credentials.as_ref().map(|c| c.version.clone());
         }
         outcome.actions.push(
-            Action::new("Updated", format!("updated upstream {}", remote.id)).with_changes(changes),
+            Action::new(
+                Reason::Updated.as_str(),
+                format!("updated upstream {}", remote.id),
+            )
+            .with_changes(changes),
         );
     }
 
@@ -489,8 +499,11 @@ async fn find_remote(
                 outcome.upstream_id = None;
                 outcome.applied_credentials = None;
                 outcome.actions.push(
-                    Action::new("NotFound", format!("upstream {id} is gone from GitLab"))
-                        .read_only(),
+                    Action::new(
+                        Reason::NotFound.as_str(),
+                        format!("upstream {id} is gone from GitLab"),
+                    )
+                    .read_only(),
                 );
             }
             Err(error) => return Err(error.into()),
@@ -516,7 +529,7 @@ async fn find_remote(
         // (standalone mode, which keeps no status): with none known, ours are sent once.
         outcome.actions.push(
             Action::new(
-                "Adopted",
+                Reason::Adopted.as_str(),
                 format!("adopted existing upstream {} ({})", remote.id, remote.name),
             )
             .read_only(),
@@ -575,13 +588,16 @@ async fn create(
         outcome.synced = ConditionUpdate::new(
             SYNCED,
             false,
-            "ConnectivityTestFailed",
+            Reason::ConnectivityTestFailed.as_str(),
             format!("not created: {message}"),
         );
         if pass.tested_now {
             outcome.actions.push(
-                Action::new("ConnectivityTestFailed", format!("not created: {message}"))
-                    .read_only(),
+                Action::new(
+                    Reason::ConnectivityTestFailed.as_str(),
+                    format!("not created: {message}"),
+                )
+                .read_only(),
             );
         }
         return Ok(());
@@ -590,7 +606,7 @@ async fn create(
         outcome.synced = ConditionUpdate::new(
             SYNCED,
             false,
-            "WaitingForRegistry",
+            Reason::WaitingForRegistry.as_str(),
             "GitLab creates upstreams only through a virtual registry: waiting for a VirtualRegistry \
              in this namespace that lists this Upstream and has a GitLab id",
         );
@@ -677,7 +693,7 @@ async fn create(
                 outcome.applied_credentials = None;
                 outcome.actions.push(
                     Action::new(
-                        "Adopted",
+                        Reason::Adopted.as_str(),
                         format!("adopted upstream {} created concurrently", raced.id),
                     )
                     .read_only(),
@@ -691,7 +707,7 @@ async fn create(
         pass.created = Some(created.clone());
         outcome.actions.push(
             Action::new(
-                "Created",
+                Reason::Created.as_str(),
                 format!(
                     "created upstream {} through registry {registry_id}",
                     created.id
@@ -700,9 +716,10 @@ async fn create(
             .with_changes(changes),
         );
     } else {
-        outcome
-            .actions
-            .push(Action::new("Created", would_create_through(registry_id)).with_changes(changes));
+        outcome.actions.push(
+            Action::new(Reason::Created.as_str(), would_create_through(registry_id))
+                .with_changes(changes),
+        );
     }
     outcome.applied_credentials = desired.credentials.as_ref().map(|c| c.version.clone());
     Ok(())
@@ -801,7 +818,12 @@ async fn purge_cache_if_requested(
 /// `Reachable` from a connection test, with a reason read from GitLab's result text.
 pub fn reachable_condition(check: &ConnectivityCheck) -> ConditionUpdate {
     if check.success {
-        return ConditionUpdate::new(REACHABLE, true, "Reachable", "GitLab reached the upstream");
+        return ConditionUpdate::new(
+            REACHABLE,
+            true,
+            Reason::Reachable.as_str(),
+            "GitLab reached the upstream",
+        );
     }
     let result = check
         .result
@@ -823,23 +845,23 @@ pub fn unreachable_reason(result: &str) -> &'static str {
         .next()
         .and_then(|code| code.trim().parse::<u16>().ok());
     match status {
-        Some(401) => return "Unauthorized",
-        Some(403) => return "Forbidden",
-        Some(500..=599) => return "ServerError",
-        Some(_) => return "Unreachable",
+        Some(401) => return Reason::Unauthorized.as_str(),
+        Some(403) => return Reason::Forbidden.as_str(),
+        Some(500..=599) => return Reason::ServerError.as_str(),
+        Some(_) => return Reason::Unreachable.as_str(),
         None => {}
     }
     let lower = result.to_ascii_lowercase();
     if lower.contains("unauthorized") {
-        "Unauthorized"
+        Reason::Unauthorized.as_str()
     } else if lower.contains("forbidden") {
-        "Forbidden"
+        Reason::Forbidden.as_str()
     } else if lower.contains("5xx") || lower.contains("server error") {
-        "ServerError"
+        Reason::ServerError.as_str()
     } else if lower.contains("timeout") || lower.contains("timed out") {
-        "Timeout"
+        Reason::Timeout.as_str()
     } else {
-        "Unreachable"
+        Reason::Unreachable.as_str()
     }
 }
 
@@ -850,7 +872,7 @@ pub async fn delete(client: &GitLabClient, upstream_id: i64, mode: Mode) -> Resu
             Ok(()) => {}
             Err(error) if error.is_not_found() => {
                 return Ok(Action::new(
-                    "Deleted",
+                    Reason::Deleted.as_str(),
                     format!("upstream {upstream_id} was already gone"),
                 )
                 .read_only());
@@ -859,7 +881,7 @@ pub async fn delete(client: &GitLabClient, upstream_id: i64, mode: Mode) -> Resu
         }
     }
     Ok(Action::new(
-        "Deleted",
+        Reason::Deleted.as_str(),
         format!("deleted upstream {upstream_id}"),
     ))
 }

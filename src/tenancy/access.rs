@@ -4,6 +4,7 @@
 //! against a path without asking GitLab, so it is permitted only by a rule that lists that
 //! id (or by a pattern that allows everything): the safe side.
 
+use crate::crd::reasons::Reason;
 use std::fmt;
 
 use serde::Deserialize;
@@ -30,8 +31,8 @@ pub enum Error {
 impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::Invalid { .. } => "InvalidAccessPolicy",
-            Self::Unreadable { .. } => "AccessPolicyUnreadable",
+            Self::Invalid { .. } => Reason::InvalidAccessPolicy.as_str(),
+            Self::Unreadable { .. } => Reason::AccessPolicyUnreadable.as_str(),
         }
     }
 }
