@@ -15,7 +15,7 @@ use gitlab_registry_operator::sim::{
 };
 use gitlab_registry_operator::sync::listing::UpstreamListings;
 use gitlab_registry_operator::sync::upstream::{
-    self, ConnectivityCheck, CredentialsVersion, DesiredUpstream, KnownUpstream,
+    self, ConnectivityCheck, CreateThrough, CredentialsVersion, DesiredUpstream, KnownUpstream,
     ResolvedCredentials, SharedListing, UpstreamOutcome, UpstreamRequest,
 };
 use gitlab_registry_operator::sync::{Action, Mode};
@@ -125,7 +125,7 @@ fn converged(env: &Env, index: usize, now: Timestamp) -> UpstreamRequest {
             last_check_configuration: None,
             last_handled_purge_cache: None,
         },
-        registry_for_create: Some(7),
+        registry_for_create: Some(CreateThrough::Registry(7)),
         purge_cache_request: None,
         now,
         mode: Mode::Apply,
@@ -540,7 +540,7 @@ fn new_upstream(env: &Env, name: &str, registry: Option<i64>, now: Timestamp) ->
     request.desired.name = format!("new-{name}");
     request.desired.url = format!("https://{name}.example.com");
     request.known = KnownUpstream::default();
-    request.registry_for_create = registry;
+    request.registry_for_create = registry.map(CreateThrough::Registry);
     request
 }
 

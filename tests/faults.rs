@@ -578,7 +578,8 @@ fn desired_upstream(name: &str, url: &str, registry_for_create: Option<i64>) -> 
             connectivity_interval: RESYNC,
         },
         known: KnownUpstream::default(),
-        registry_for_create,
+        registry_for_create: registry_for_create
+            .map(gitlab_registry_operator::sync::upstream::CreateThrough::Registry),
         purge_cache_request: None,
         now: Timestamp::now(),
         mode: Mode::Apply,

@@ -1310,3 +1310,89 @@ async fn a_group_cleanup_expanding_to_a_refused_project_is_not_permitted() {
     assert_eq!(output.status.code(), Some(1));
     std::fs::remove_dir_all(&dir).expect("cleaned up");
 }
+
+// ---- The registry an upstream is created through ---------------------------------------------
+
+/// `plan` and `apply` pick the registry to create an upstream through by the operator's rule
+/// (the first by name among those listing it first), not by their GitLab ids: `a` gets the
+/// lower id here, so a pick by the highest id would take `b`.
+#[tokio::test(flavor = "multi_thread")]
+async fn apply_creates_an_upstream_through_the_registry_the_operator_would_choose() {
+    use gitlab_registry_operator::crd::{Upstream, VirtualRegistry, VirtualRegistryStatus};
+    use gitlab_registry_operator::sync::upstream::CreateThrough;
+
+    let sim = simulator().await;
+    let dir = temp_dir("create-through");
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let registry = |name: &str| {
+        format!(
+            "apiVersion: gitlabregistry.io/v1alpha1\nkind: VirtualRegistry\nmetadata: {{name: {name}, namespace: team}}\nspec: {{group: my-org, upstreams: [{{name: ghcr}}]}}\n"
+        )
+    };
+    let upstream = "apiVersion: gitlabregistry.io/v1alpha1\nkind: Upstream\nmetadata: {name: ghcr, namespace: team}\nspec: {group: my-org, url: 'https://ghcr.io'}\n";
+    std::fs::write(dir.join("1-a.yaml"), registry("a")).expect("write");
+    std::fs::write(dir.join("2-b.yaml"), registry("b")).expect("write");
+    std::fs::write(dir.join("3-ghcr.yaml"), upstream).expect("write");
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let messages = |object: &serde_json::Value| -> Vec<String> {
+        object["actions"]
+            .as_array()
+            .expect("actions")
+            .iter()
+            .map(|a| a["message"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+
+    let output =
+        tokio::task::block_in_place(|| run(Some(&sim), &["plan", "-f", &dir_arg, "-o", "json"]));
+    let objects = json_objects(&output);
+    let planned = messages(object(&objects, "Upstream", "ghcr"));
+    assert!(
+        planned
+            .iter()
+            .any(|m| m == "would create through registry a, which this plan creates"),
+        "{planned:?}"
+    );
+
+    let output =
+        tokio::task::block_in_place(|| run(Some(&sim), &["apply", "-f", &dir_arg, "-o", "json"]));
+    let objects = json_objects(&output);
+    let id = |name: &str| {
+        object(&objects, "VirtualRegistry", name)["gitlabId"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{name} created: {objects:#?}"))
+    };
+    let (a, b) = (id("a"), id("b"));
+    assert!(a < b, "a created first: {a} {b}");
+
+    // The operator's choice for the same objects, with the ids apply found.
+    let mut registries: Vec<VirtualRegistry> = ["a", "b"]
+        .map(|name| serde_saphyr::from_str(&registry(name)).expect("valid"))
+        .into();
+    for (registry, id) in registries.iter_mut().zip([a, b]) {
+        registry.status = Some(VirtualRegistryStatus {
+            registry_id: Some(id),
+            ..Default::default()
+        });
+    }
+    let upstream: Upstream = serde_saphyr::from_str(upstream).expect("valid");
+    let operator = gitlab_registry_operator::controller::upstream::build_request(
+        &upstream,
+        None,
+        registries.iter(),
+        jiff::Timestamp::UNIX_EPOCH,
+    )
+    .expect("valid")
+    .registry_for_create;
+    assert_eq!(operator, Some(CreateThrough::Registry(a)));
+
+    let created = messages(object(&objects, "Upstream", "ghcr"));
+    assert!(
+        created
+            .iter()
+            .any(|m| m.starts_with("created upstream")
+                && m.ends_with(&format!("through registry {a}"))),
+        "{created:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

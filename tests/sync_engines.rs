@@ -20,8 +20,8 @@ use gitlab_registry_operator::sync::registry::{
     Resolution,
 };
 use gitlab_registry_operator::sync::upstream::{
-    self, CredentialsVersion, DesiredUpstream, KnownUpstream, ResolvedCredentials, UpstreamOutcome,
-    UpstreamRequest,
+    self, CreateThrough, CredentialsVersion, DesiredUpstream, KnownUpstream, ResolvedCredentials,
+    UpstreamOutcome, UpstreamRequest,
 };
 use gitlab_registry_operator::sync::{Action, Mode};
 use jiff::{SignedDuration, Timestamp};
@@ -244,7 +244,7 @@ impl Env {
     /// Creates an upstream through the engine and `registry_id`; returns the outcome.
     async fn upstream(&self, name: &str, url: &str, registry_id: i64) -> UpstreamOutcome {
         let mut request = upstream_request(desired(name, url), KnownUpstream::default(), t0());
-        request.registry_for_create = Some(registry_id);
+        request.registry_for_create = Some(CreateThrough::Registry(registry_id));
         let outcome = self.reconcile_upstream(&request).await;
         assert!(outcome.error.is_none(), "{:?}", outcome.error);
         assert!(outcome.upstream_id.is_some(), "{:?}", outcome.actions);
@@ -597,7 +597,7 @@ async fn upstream_waits_for_a_registry_then_is_created_through_it() {
             known_after(&waiting),
             t0() + minutes(1),
         );
-        request.registry_for_create = Some(registry_id);
+        request.registry_for_create = Some(CreateThrough::Registry(registry_id));
         let created = env.reconcile_upstream(&request).await;
         assert!(created.error.is_none(), "{:?}", created.error);
         assert_eq!(reasons(&created.actions), ["Created"]);
@@ -643,7 +643,7 @@ async fn upstream_is_adopted_only_on_name_and_url() {
             KnownUpstream::default(),
             t0(),
         );
-        request.registry_for_create = Some(registry_id);
+        request.registry_for_create = Some(CreateThrough::Registry(registry_id));
         let adopted = env.reconcile_upstream(&request).await;
         assert!(adopted.error.is_none(), "{:?}", adopted.error);
         assert_eq!(adopted.upstream_id, Some(id));
@@ -658,7 +658,7 @@ async fn upstream_is_adopted_only_on_name_and_url() {
             KnownUpstream::default(),
             t0(),
         );
-        request.registry_for_create = Some(registry_id);
+        request.registry_for_create = Some(CreateThrough::Registry(registry_id));
         let other = env.reconcile_upstream(&request).await;
         assert!(other.error.is_none(), "{:?}", other.error);
         assert_eq!(reasons(&other.actions), ["Created"]);
@@ -692,7 +692,7 @@ async fn a_new_upstreams_connection_test_is_sent_with_its_adoption_lookup() {
             KnownUpstream::default(),
             t0(),
         );
-        request.registry_for_create = Some(registry_id);
+        request.registry_for_create = Some(CreateThrough::Registry(registry_id));
         let limited = env.reconcile_upstream(&request).await;
         assert_eq!(
             limited.error.as_ref().map(|error| error.reason()),
@@ -715,7 +715,7 @@ async fn a_new_upstreams_connection_test_is_sent_with_its_adoption_lookup() {
             t0() + minutes(1),
         );
         let retry = UpstreamRequest {
-            registry_for_create: Some(registry_id),
+            registry_for_create: Some(CreateThrough::Registry(registry_id)),
             ..retry
         };
         let created = env.reconcile_upstream(&retry).await;
@@ -778,7 +778,7 @@ async fn upstream_deleted_in_gitlab_is_recreated() {
             known_after(&created),
             t0() + minutes(1),
         );
-        request.registry_for_create = Some(registry_id);
+        request.registry_for_create = Some(CreateThrough::Registry(registry_id));
         let outcome = env.reconcile_upstream(&request).await;
         assert!(outcome.error.is_none(), "{:?}", outcome.error);
         assert_eq!(reasons(&outcome.actions), ["NotFound", "Created"]);
@@ -872,7 +872,7 @@ async fn url_change_resends_the_credentials() {
         let mut spec = desired("private", &first.url());
         spec.credentials = Some(credentials("robot", "s3cret", "1"));
         let mut request = upstream_request(spec.clone(), KnownUpstream::default(), t0());
-        request.registry_for_create = Some(registry_id);
+        request.registry_for_create = Some(CreateThrough::Registry(registry_id));
         let created = env.reconcile_upstream(&request).await;
         assert!(created.error.is_none(), "{:?}", created.error);
         assert_eq!(
@@ -953,7 +953,7 @@ async fn credentials_are_resent_only_when_the_secret_version_changes() {
         let mut spec = desired("private", &registry.url());
         spec.credentials = Some(credentials("robot", "old", "1"));
         let mut request = upstream_request(spec.clone(), KnownUpstream::default(), t0());
-        request.registry_for_create = Some(registry_id);
+        request.registry_for_create = Some(CreateThrough::Registry(registry_id));
         let created = env.reconcile_upstream(&request).await;
         assert!(created.error.is_none(), "{:?}", created.error);
 
@@ -1120,7 +1120,7 @@ async fn a_gated_create_is_refused_when_the_test_fails() {
             KnownUpstream::default(),
             t0(),
         );
-        request.registry_for_create = Some(registry_id);
+        request.registry_for_create = Some(CreateThrough::Registry(registry_id));
         let outcome = env.reconcile_upstream(&request).await;
         assert_eq!(outcome.synced.reason, "ConnectivityTestFailed");
         assert!(outcome.synced.message.contains("Error: 403 - Forbidden"));
@@ -1162,7 +1162,7 @@ async fn a_failing_test_shows_before_the_registry_exists_and_is_not_repeated_wit
             known_after(&refused),
             t0() + minutes(1),
         );
-        later.registry_for_create = Some(registry_id);
+        later.registry_for_create = Some(CreateThrough::Registry(registry_id));
         let still = env.reconcile_upstream(&later).await;
         assert_eq!(still.synced.reason, "ConnectivityTestFailed");
         assert!(still.actions.is_empty(), "{:?}", still.actions);
@@ -1178,7 +1178,7 @@ async fn a_failing_test_shows_before_the_registry_exists_and_is_not_repeated_wit
             known_after(&still),
             t0() + minutes(2),
         );
-        fixed.registry_for_create = Some(registry_id);
+        fixed.registry_for_create = Some(CreateThrough::Registry(registry_id));
         let created = env.reconcile_upstream(&fixed).await;
         assert!(created.error.is_none(), "{:?}", created.error);
         assert_eq!(reasons(&created.actions), ["Created"]);
@@ -1208,7 +1208,7 @@ async fn a_test_of_other_credentials_or_an_expired_test_is_not_reused_for_a_crea
         let mut with_credentials = desired("dockerhub", &dockerhub.url());
         with_credentials.credentials = Some(credentials("robot", "s3cret", "7"));
         let mut request = upstream_request(with_credentials, known_after(&waiting), t0());
-        request.registry_for_create = Some(registry_id);
+        request.registry_for_create = Some(CreateThrough::Registry(registry_id));
         let created = env.reconcile_upstream(&request).await;
         assert!(created.error.is_none(), "{:?}", created.error);
         assert_eq!(env.count("POST", NEW_UPSTREAM_TEST), 1);
@@ -1229,7 +1229,7 @@ async fn a_test_of_other_credentials_or_an_expired_test_is_not_reused_for_a_crea
             ))
             .await;
         let mut request = upstream_request(other, known_after(&first), t0() + minutes(2));
-        request.registry_for_create = Some(registry_id);
+        request.registry_for_create = Some(CreateThrough::Registry(registry_id));
         env.reset();
         let created = env.reconcile_upstream(&request).await;
         assert!(created.error.is_none(), "{:?}", created.error);
@@ -1594,7 +1594,7 @@ async fn sixth_upstream_of_a_registry_reports_gitlabs_limit() {
         let sixth = stub().await;
         let mut request =
             upstream_request(desired("f", &sixth.url()), KnownUpstream::default(), t0());
-        request.registry_for_create = Some(registry_id);
+        request.registry_for_create = Some(CreateThrough::Registry(registry_id));
         let outcome = env.reconcile_upstream(&request).await;
         let error = outcome.error.expect("refused");
         assert_eq!(error.reason(), "LimitExceeded");
@@ -1808,7 +1808,7 @@ async fn an_upstream_created_through_a_registry_is_added_to_its_view_or_drops_it
             KnownUpstream::default(),
             t0(),
         );
-        request.registry_for_create = Some(cache);
+        request.registry_for_create = Some(CreateThrough::Registry(cache));
         let created = upstream::reconcile_with_listing(
             &env.client,
             &request,
@@ -1958,7 +1958,7 @@ async fn inserts_into_one_registry_go_one_at_a_time_as_gitlabs_unique_positions_
                 KnownUpstream::default(),
                 t0(),
             );
-            request.registry_for_create = Some(registry_id);
+            request.registry_for_create = Some(CreateThrough::Registry(registry_id));
             request
         };
 
@@ -2331,7 +2331,7 @@ async fn plan_sends_only_gets_and_reports_what_apply_does() {
             KnownUpstream::default(),
             t0(),
         );
-        new_upstream_plan.registry_for_create = Some(registry_id);
+        new_upstream_plan.registry_for_create = Some(CreateThrough::Registry(registry_id));
         new_upstream_plan.mode = Mode::Plan;
 
         let before = env.snapshot();
@@ -2539,7 +2539,7 @@ async fn a_rate_limit_is_reported_with_gitlabs_delay_and_the_next_reconcile_conv
             KnownUpstream::default(),
             t0(),
         );
-        request.registry_for_create = Some(registry_id);
+        request.registry_for_create = Some(CreateThrough::Registry(registry_id));
         let limited = upstream::reconcile(&client, &request).await;
         let error = limited.error.clone().expect("rate limited");
         assert_eq!(error.reason(), "RateLimited");
@@ -2596,7 +2596,7 @@ async fn removed_credentials_are_cleared_in_gitlab_and_in_the_outcome() {
         let mut spec = desired("private", &first.url());
         spec.credentials = Some(credentials("robot", "s3cret", "1"));
         let mut request = upstream_request(spec.clone(), KnownUpstream::default(), t0());
-        request.registry_for_create = Some(registry_id);
+        request.registry_for_create = Some(CreateThrough::Registry(registry_id));
         let created = env.reconcile_upstream(&request).await;
         assert!(created.error.is_none(), "{:?}", created.error);
         let id = created.upstream_id.expect("id");
@@ -2765,7 +2765,7 @@ async fn a_local_url_refused_by_gitlab_is_an_invalid_spec_with_gitlabs_message()
             KnownUpstream::default(),
             t0(),
         );
-        request.registry_for_create = Some(registry_id);
+        request.registry_for_create = Some(CreateThrough::Registry(registry_id));
         let outcome = env.reconcile_upstream(&request).await;
         let error = outcome.error.expect("refused");
         assert_eq!(error.reason(), "InvalidSpec");

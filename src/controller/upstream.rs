@@ -23,7 +23,7 @@ use crate::crd::{
     VirtualRegistry,
 };
 use crate::gitlab::{PathOrId, UpstreamCredentials};
-use crate::resolve::{self, GitLabId};
+use crate::resolve;
 use crate::sync::listing::UpstreamListings;
 use crate::sync::registry::RegistryViews;
 use crate::sync::upstream::{
@@ -176,33 +176,6 @@ pub fn nothing_changed_since_last_reconcile(upstream: &Upstream) -> bool {
         )
 }
 
-/// A registry that lists the Upstream and has a GitLab id, or is on its way to one.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct ListingRegistry {
-    name: String,
-    /// The Upstream's position in the registry's list.
-    position: usize,
-    id: Option<i64>,
-}
-
-/// The registry an Upstream is created through, chosen among the registries that list it
-/// (including those still being created, so the choice does not depend on which registry
-/// got its id first): one that lists it first, since the create puts it at position 1 where
-/// it belongs; else the Upstreams are spread over the registries by their position in the
-/// first registry by name, so creates go to different registries and run at once (GitLab
-/// takes one insert at a time per registry), each registry moving at most its one created
-/// member into place afterwards. `None` while the chosen registry has no id yet: the
-/// Upstream waits for it (its id triggers the next reconcile). Pure, and the same for every
-/// reconcile while the registries do not change.
-fn registry_to_create_through(mut listing: Vec<ListingRegistry>) -> Option<i64> {
-    listing.sort_unstable();
-    if let Some(first) = listing.iter().find(|registry| registry.position == 0) {
-        return first.id;
-    }
-    let position_in_first = listing.first()?.position;
-    listing.get(position_in_first % listing.len())?.id
-}
-
 /// The engine's input from the object, its credentials and the registries in the cluster.
 /// Pure: validation and the choice of registry are tested without a cluster.
 pub fn build_request<'a>(
@@ -215,26 +188,11 @@ pub fn build_request<'a>(
     let interval = parse_duration(&spec.connectivity_check.interval)
         .map_err(|error| Error::InvalidSpec(format!("connectivityCheck.interval: {error}")))?;
     let name = upstream.gitlab_name();
-    let namespace = upstream.namespace();
-    let listing: Vec<ListingRegistry> = registries
-        .map(resolve::registry_facts)
-        .filter(|registry| {
-            registry.namespace == namespace && !registry.leaving && registry.group == spec.group
-        })
-        .filter_map(|registry| {
-            let id = match registry.id {
-                GitLabId::Held(id) => Some(id),
-                GitLabId::OnItsWay => None,
-                GitLabId::Blocked => return None,
-            };
-            Some(ListingRegistry {
-                position: registry.position_of(&upstream.name_any())?,
-                name: registry.name,
-                id,
-            })
-        })
-        .collect();
-    let registry_for_create = registry_to_create_through(listing);
+    let world = resolve::Objects {
+        registries: registries.collect(),
+        upstreams: Vec::new(),
+    };
+    let registry_for_create = resolve::upstream::create_through(upstream, &world);
     let status = upstream.status.clone().unwrap_or_default();
     Ok(UpstreamRequest {
         desired: DesiredUpstream {
@@ -394,6 +352,7 @@ mod tests {
     use crate::crd::conditions::{ConditionUpdate, READY};
     use crate::crd::virtual_registry::VirtualRegistryStatus;
     use crate::crd::{LocalObjectReference, VirtualRegistrySpec};
+    use crate::sync::upstream::CreateThrough;
 
     fn upstream(yaml: &str) -> Upstream {
         serde_saphyr::from_str(yaml).expect("valid Upstream")
@@ -445,7 +404,7 @@ mod tests {
             .expect("valid")
             .registry_for_create
         };
-        assert_eq!(through(&registries), Some(9));
+        assert_eq!(through(&registries), Some(CreateThrough::Registry(9)));
 
         // `a` still being created: wait for it, whichever registry got its id first.
         registries[0].status = None;
@@ -455,10 +414,10 @@ mod tests {
         let mut status = VirtualRegistryStatus::default();
         conditions::set_condition(&mut status.conditions, failing, Some(1), &now());
         registries[0].status = Some(status);
-        assert_eq!(through(&registries), Some(4));
+        assert_eq!(through(&registries), Some(CreateThrough::Registry(4)));
         registries[0].status = None;
         registries[0].spec.suspend = true;
-        assert_eq!(through(&registries), Some(4));
+        assert_eq!(through(&registries), Some(CreateThrough::Registry(4)));
 
         let request = build_request(
             &upstream,
@@ -480,53 +439,6 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(none.registry_for_create, None);
-    }
-
-    fn listing(name: &str, position: usize, id: Option<i64>) -> ListingRegistry {
-        ListingRegistry {
-            name: name.into(),
-            position,
-            id,
-        }
-    }
-
-    #[test]
-    fn creates_go_through_a_registry_listing_the_upstream_first_else_spread_by_position() {
-        let first = vec![listing("a", 1, Some(5)), listing("b", 0, Some(6))];
-        assert_eq!(registry_to_create_through(first), Some(6));
-        // Listed third everywhere: the third of the registries by name.
-        let third = vec![
-            listing("c", 2, Some(1)),
-            listing("a", 2, Some(3)),
-            listing("b", 2, Some(2)),
-        ];
-        assert_eq!(registry_to_create_through(third), Some(1));
-        // Five registries listing the same five Upstreams: one create into each, the same
-        // whether or not the others have their ids yet.
-        let names = ["r0", "r1", "r2", "r3", "r4"];
-        let through: Vec<_> = (0..5)
-            .map(|position| {
-                registry_to_create_through(
-                    names
-                        .iter()
-                        .zip(10..)
-                        .map(|(name, id)| listing(name, position, Some(id)))
-                        .collect(),
-                )
-            })
-            .collect();
-        assert_eq!(through, [Some(10), Some(11), Some(12), Some(13), Some(14)]);
-        let only_r1_has_an_id = |position| {
-            registry_to_create_through(
-                names
-                    .iter()
-                    .map(|name| listing(name, position, (*name == "r1").then_some(11)))
-                    .collect(),
-            )
-        };
-        assert_eq!(only_r1_has_an_id(1), Some(11));
-        assert_eq!(only_r1_has_an_id(3), None, "waits for r3");
-        assert_eq!(registry_to_create_through(Vec::new()), None);
     }
 
     #[test]

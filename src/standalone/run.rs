@@ -7,6 +7,8 @@
 //! Ready. Upstream passwords that are `export`'s placeholder are never sent to GitLab.
 
 use crate::crd::reasons::Reason;
+use crate::resolve::{self, GitLabId, RegistryFacts, UpstreamFacts, World};
+use crate::sync::upstream::CreateThrough;
 use std::collections::{BTreeMap, BTreeSet};
 
 use kube::ResourceExt;
@@ -261,6 +263,61 @@ fn needs_a_fix(reason: Reason) -> bool {
     )
 }
 
+/// The world of one standalone pass: the manifests, and the GitLab ids found so far.
+struct PassWorld<'a> {
+    manifests: &'a Manifests,
+    registry_ids: &'a BTreeMap<(String, String), i64>,
+    /// Registries the first pass failed on: not getting an id in this pass.
+    registries_not_created: &'a BTreeSet<(String, String)>,
+    upstream_ids: &'a BTreeMap<(String, String), i64>,
+    plan: bool,
+}
+
+impl World for PassWorld<'_> {
+    /// A registry without an id after the first pass gets one only from a plan (which
+    /// creates it, unless the first pass failed on it); an apply would have created it.
+    fn registries(&self) -> Vec<RegistryFacts> {
+        self.manifests
+            .registries
+            .iter()
+            .map(|registry| {
+                let key = (namespace_of(&registry.object), registry.object.name_any());
+                let mut facts = resolve::registry_facts(&registry.object);
+                facts.id = match (self.registry_ids.get(&key), facts.id) {
+                    (Some(id), _) => GitLabId::Held(*id),
+                    (None, GitLabId::OnItsWay)
+                        if self.plan && !self.registries_not_created.contains(&key) =>
+                    {
+                        GitLabId::OnItsWay
+                    }
+                    (None, _) => GitLabId::Blocked,
+                };
+                facts
+            })
+            .collect()
+    }
+
+    /// Upstreams have their ids once their turn in the pass came.
+    fn upstreams(&self) -> Vec<UpstreamFacts> {
+        self.manifests
+            .upstreams
+            .iter()
+            .map(|upstream| {
+                let key = (namespace_of(&upstream.object), upstream.object.name_any());
+                let mut facts = resolve::upstream_facts(&upstream.object);
+                if let Some(id) = self.upstream_ids.get(&key) {
+                    facts.id = GitLabId::Held(*id);
+                }
+                facts
+            })
+            .collect()
+    }
+
+    fn plans_creations(&self) -> bool {
+        self.plan
+    }
+}
+
 fn namespace_of<K: ResourceExt>(object: &K) -> String {
     object.namespace().unwrap_or_else(|| "default".into())
 }
@@ -286,6 +343,7 @@ pub async fn reconcile_all(
 
     // Registries first: an upstream can only be created through one.
     let mut registry_ids: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut registries_not_created: BTreeSet<(String, String)> = BTreeSet::new();
     let mut first_pass: BTreeMap<(String, String), RegistryOutcome> = BTreeMap::new();
     for registry in &manifests.registries {
         let key = (namespace_of(&registry.object), registry.object.name_any());
@@ -306,6 +364,8 @@ pub async fn reconcile_all(
         };
         if let Some(id) = outcome.registry_id {
             registry_ids.insert(key.clone(), id);
+        } else if outcome.error.is_some() {
+            registries_not_created.insert(key.clone());
         }
         first_pass.insert(key, outcome);
     }
@@ -321,21 +381,16 @@ pub async fn reconcile_all(
             name.clone(),
             &upstream.source,
         );
-        let registry_for_create = manifests
-            .registries
-            .iter()
-            .filter(|r| {
-                namespace_of(&r.object) == namespace
-                    && r.object.spec.group == upstream.object.spec.group
-            })
-            .filter(|r| r.object.spec.upstreams.iter().any(|u| u.name == name))
-            .map(|r| {
-                registry_ids
-                    .get(&(namespace.clone(), r.object.name_any()))
-                    .copied()
-                    .unwrap_or(0)
-            })
-            .max();
+        let registry_for_create = resolve::upstream::create_through(
+            &upstream.object,
+            &PassWorld {
+                manifests,
+                registry_ids: &registry_ids,
+                registries_not_created: &registries_not_created,
+                upstream_ids: &upstream_ids,
+                plan: !mode.writes(),
+            },
+        );
         let (request, placeholder) = match upstream_request(
             upstream,
             manifests,
@@ -726,7 +781,7 @@ fn registry_request(
 fn upstream_request(
     upstream: &Manifest<Upstream>,
     manifests: &Manifests,
-    registry_for_create: Option<i64>,
+    registry_for_create: Option<CreateThrough>,
     mode: Mode,
     resend_credentials: bool,
 ) -> Result<(upstream::UpstreamRequest, Option<Placeholder>), String> {

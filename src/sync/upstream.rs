@@ -87,14 +87,24 @@ pub struct KnownUpstream {
     pub last_handled_purge_cache: Option<String>,
 }
 
+/// The registry an upstream is created through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateThrough {
+    /// A registry GitLab holds, by its id.
+    Registry(i64),
+    /// A registry (by its name) that has no GitLab id yet because the plan being made
+    /// creates it: a plan says the upstream would be created through it; an apply waits.
+    RegistryThisPlanCreates(String),
+}
+
 /// One reconcile of one upstream.
 #[derive(Debug, Clone)]
 pub struct UpstreamRequest {
     pub desired: DesiredUpstream,
     pub known: KnownUpstream,
-    /// A registry (with a GitLab id) that references this upstream: the one to create it
-    /// through when it does not exist yet.
-    pub registry_for_create: Option<i64>,
+    /// The registry that lists this upstream to create it through when it does not exist
+    /// yet; `None` while there is none to create it through (it waits).
+    pub registry_for_create: Option<CreateThrough>,
     /// Value of the purge-cache annotation, if set.
     pub purge_cache_request: Option<String>,
     pub now: Timestamp,
@@ -602,14 +612,13 @@ async fn create(
         }
         return Ok(());
     }
-    let Some(registry_id) = request.registry_for_create else {
-        outcome.synced = ConditionUpdate::new(
-            SYNCED,
-            false,
-            Reason::WaitingForRegistry.as_str(),
-            "GitLab creates upstreams only through a virtual registry: waiting for a VirtualRegistry \
-             in this namespace that lists this Upstream and has a GitLab id",
-        );
+    // Only a plan may go through a registry that does not exist yet.
+    let Some(through) = request
+        .registry_for_create
+        .as_ref()
+        .filter(|through| !request.mode.writes() || matches!(through, CreateThrough::Registry(_)))
+    else {
+        waiting_for_registry(outcome);
         return Ok(());
     };
     let mut changes = vec![
@@ -638,7 +647,7 @@ async fn create(
         cache_validity_hours: Some(desired.cache_validity_hours),
         credentials: credentials.cloned(),
     };
-    if request.mode.writes() {
+    if let (true, &CreateThrough::Registry(registry_id)) = (request.mode.writes(), through) {
         let views = listing.and_then(|listing| {
             listing
                 .registry_views
@@ -717,7 +726,7 @@ async fn create(
         );
     } else {
         outcome.actions.push(
-            Action::new(Reason::Created.as_str(), would_create_through(registry_id))
+            Action::new(Reason::Created.as_str(), would_create_through(through))
                 .with_changes(changes),
         );
     }
@@ -725,16 +734,27 @@ async fn create(
     Ok(())
 }
 
+fn waiting_for_registry(outcome: &mut UpstreamOutcome) {
+    outcome.synced = ConditionUpdate::new(
+        SYNCED,
+        false,
+        Reason::WaitingForRegistry.as_str(),
+        "GitLab creates upstreams only through a virtual registry: waiting for a VirtualRegistry \
+             in this namespace that lists this Upstream and has a GitLab id",
+    );
+}
+
 /// Blank username and password: how GitLab is told "no credentials" without a url change.
 fn no_credentials() -> UpstreamCredentials {
     UpstreamCredentials::new("", String::new().into())
 }
 
-fn would_create_through(registry_id: i64) -> String {
-    if registry_id > 0 {
-        format!("would create through registry {registry_id}")
-    } else {
-        "would create through the registry this plan creates".into()
+fn would_create_through(through: &CreateThrough) -> String {
+    match through {
+        CreateThrough::Registry(id) => format!("would create through registry {id}"),
+        CreateThrough::RegistryThisPlanCreates(name) => {
+            format!("would create through registry {name}, which this plan creates")
+        }
     }
 }
 
