@@ -1376,10 +1376,14 @@ async fn apply_creates_an_upstream_through_the_registry_the_operator_would_choos
         });
     }
     let upstream: Upstream = serde_saphyr::from_str(upstream).expect("valid");
-    let operator = gitlab_registry_operator::controller::upstream::build_request(
+    let cluster = gitlab_registry_operator::resolve::Objects {
+        registries: registries.iter().collect(),
+        ..Default::default()
+    };
+    let operator = gitlab_registry_operator::resolve::upstream::request(
         &upstream,
         None,
-        registries.iter(),
+        &cluster,
         jiff::Timestamp::UNIX_EPOCH,
     )
     .expect("valid")

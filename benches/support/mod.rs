@@ -1,6 +1,6 @@
 //! Shared by the benches: a simulator with a GitLab client for it, and a stand-in for the
 //! `run` process's two controllers that drives the real `sync` engines through the real
-//! controller glue (`controller::{registry,upstream}::{build_request,status_from_outcome}`
+//! rules (`resolve::{registry,upstream}::{request,status}`
 //! and the watch predicates of `controller::triggers`).
 //!
 //! What the stand-in keeps from kube-rs's `Controller` as `run` wires it:
@@ -33,6 +33,7 @@ use gitlab_registry_operator::controller;
 use gitlab_registry_operator::crd::conditions::{self, READY};
 use gitlab_registry_operator::crd::{Upstream, VirtualRegistry};
 use gitlab_registry_operator::gitlab::{ClientConfig, GitLabClient};
+use gitlab_registry_operator::resolve;
 use gitlab_registry_operator::sim::seed::SeedGroup;
 use gitlab_registry_operator::sim::{DEFAULT_TOKEN, Seed, SimConfig, SimHandle, Simulator};
 use gitlab_registry_operator::sync::Action;
@@ -379,7 +380,13 @@ pub async fn reconcile(
                 let fleet = lock(fleet);
                 let registry = &fleet.registries[index];
                 (
-                    controller::registry::build_request(registry, fleet.upstreams.iter()),
+                    resolve::registry::request(
+                        registry,
+                        &resolve::Objects {
+                            upstreams: fleet.upstreams.iter().collect(),
+                            ..Default::default()
+                        },
+                    ),
                     fleet.registry_views.clone(),
                     connection_of(
                         client,
@@ -403,7 +410,7 @@ pub async fn reconcile(
             let registry = &mut fleet.registries[index];
             let identity_before = controller::triggers::registry_identity(registry);
             let current = registry.status.clone().unwrap_or_default();
-            let status = controller::registry::status_from_outcome(registry, &current, &outcome);
+            let status = resolve::registry::status(registry, &current, &outcome);
             let patched = registry.status.as_ref() != Some(&status);
             registry.status = Some(status);
             Reconciled::new(
@@ -426,10 +433,13 @@ pub async fn reconcile(
                 );
                 listings = fleet.listings.clone();
                 registry_views = fleet.registry_views.clone();
-                let request = controller::upstream::build_request(
+                let request = resolve::upstream::request(
                     upstream,
                     None,
-                    fleet.registries.iter(),
+                    &resolve::Objects {
+                        registries: fleet.registries.iter().collect(),
+                        ..Default::default()
+                    },
                     now,
                 )
                 .expect("valid Upstream specs");
@@ -451,7 +461,7 @@ pub async fn reconcile(
             let upstream = &mut fleet.upstreams[index];
             let identity_before = controller::triggers::upstream_identity(upstream);
             let current = upstream.status.clone().unwrap_or_default();
-            let status = controller::upstream::status_from_outcome(upstream, &current, &outcome);
+            let status = resolve::upstream::status(upstream, &current, &outcome);
             let patched = upstream.status.as_ref() != Some(&status);
             upstream.status = Some(status);
             Reconciled::new(

@@ -99,6 +99,18 @@ pub fn finalizer_patch_error(error: kube::Error) -> Error {
     }
 }
 
+/// The rules' refusals keep the variants the controller reported them as before `resolve`.
+impl From<crate::resolve::Error> for Error {
+    fn from(error: crate::resolve::Error) -> Self {
+        match error {
+            crate::resolve::Error::InvalidSpec(message) => Self::InvalidSpec(message),
+            crate::resolve::Error::MissingReference(message) => {
+                Self::Sync(sync::Error::InvalidSpec(message))
+            }
+        }
+    }
+}
+
 impl Error {
     /// The condition reason and metric label.
     pub fn reason(&self) -> &'static str {

@@ -15,6 +15,7 @@ pub mod status;
 pub mod tenancy;
 pub mod triggers;
 pub mod upstream;
+pub mod world;
 
 pub use context::{Context, OperatorConfig};
 pub use error::{Error, Result};

@@ -4,7 +4,7 @@
 use crate::crd::reasons::Reason;
 use std::fmt::Debug;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
@@ -15,27 +15,7 @@ use super::{Context, FIELD_MANAGER, Result};
 use crate::crd::conditions::{self, ConditionUpdate, READY, SYNCED, Status};
 use crate::sync::Action;
 
-/// Whether nothing asked for a reconcile since the status was written: its spec generation
-/// was observed and no reconcile was requested (the `reconcile-requested-at` annotation is
-/// the one handled).
-pub fn nothing_requested_since<K: Resource>(
-    object: &K,
-    observed_generation: Option<i64>,
-    last_handled_reconcile_at: Option<&String>,
-) -> bool {
-    observed_generation.is_some()
-        && observed_generation == object.meta().generation
-        && object
-            .meta()
-            .annotations
-            .as_ref()
-            .and_then(|annotations| annotations.get(crate::crd::RECONCILE_REQUESTED_AT))
-            == last_handled_reconcile_at
-}
-
-pub fn now() -> Time {
-    Time(jiff::Timestamp::now())
-}
+pub use crate::resolve::stamp::{nothing_requested_since, now};
 
 /// Applies `status` with the operator's field manager, unless it equals `current`.
 /// Returns whether a patch was sent.

@@ -3,7 +3,6 @@
 //! when nothing changed since the last reconcile → status and Events.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::EventType;
@@ -11,24 +10,18 @@ use kube::{Api, ResourceExt};
 
 use super::connection::{Connection, gitlab_connection, read_secret, secret_key};
 use super::status::{
-    apply_status, mark_failed, mark_suspended, nothing_requested_since, now, publish,
-    publish_outcome,
+    apply_status, mark_failed, mark_suspended, nothing_requested_since, publish, publish_outcome,
 };
+use super::world::Stores;
 use super::{Context, Error, Result, reconciler, tenancy};
-use crate::cleanup::parse_duration;
 use crate::crd::conditions::{self, SYNCED};
-use crate::crd::upstream::{AppliedCredentials, ConnectivityCheckResult};
-use crate::crd::{
-    DeletionPolicy, PURGE_CACHE_REQUESTED_AT, RECONCILE_REQUESTED_AT, Upstream, UpstreamStatus,
-    VirtualRegistry,
-};
+use crate::crd::{DeletionPolicy, Upstream, UpstreamStatus};
 use crate::gitlab::{PathOrId, UpstreamCredentials};
 use crate::resolve;
 use crate::sync::listing::UpstreamListings;
 use crate::sync::registry::RegistryViews;
 use crate::sync::upstream::{
-    ConnectivityCheck, CredentialsVersion, DesiredUpstream, KnownUpstream, ResolvedCredentials,
-    SharedListing, TestedConfiguration, UpstreamOutcome, UpstreamRequest,
+    CredentialsVersion, ResolvedCredentials, SharedListing, UpstreamOutcome,
 };
 use crate::sync::{self, Mode};
 
@@ -57,7 +50,7 @@ async fn apply(upstream: &Upstream, ctx: &Context, api: &Api<Upstream>) -> Resul
     }
     match dereference_and_sync(upstream, ctx).await {
         Ok(outcome) => {
-            let status = status_from_outcome(upstream, &current, &outcome);
+            let status = resolve::upstream::status(upstream, &current, &outcome);
             record_reachability(ctx, upstream, reachability(&status));
             apply_status(api, upstream, upstream.status.as_ref(), &status).await?;
             publish_outcome(ctx, upstream, &outcome.actions, outcome.error.as_ref()).await;
@@ -135,11 +128,10 @@ async fn dereference_and_sync(upstream: &Upstream, ctx: &Context) -> Result<Upst
             })
         }
     };
-    let registries = ctx.registries.state();
-    let request = build_request(
+    let request = resolve::upstream::request(
         upstream,
         credentials,
-        registries.iter().map(|r| r.as_ref()),
+        &Stores::of(ctx),
         jiff::Timestamp::now(),
     )?;
     let listing = shared_listing(upstream, &ctx.upstream_listings, &ctx.registry_views, &key);
@@ -174,132 +166,6 @@ pub fn nothing_changed_since_last_reconcile(upstream: &Upstream) -> bool {
             status.observed_generation,
             status.last_handled_reconcile_at.as_ref(),
         )
-}
-
-/// The engine's input from the object, its credentials and the registries in the cluster.
-/// Pure: validation and the choice of registry are tested without a cluster.
-pub fn build_request<'a>(
-    upstream: &Upstream,
-    credentials: Option<ResolvedCredentials>,
-    registries: impl Iterator<Item = &'a VirtualRegistry>,
-    now: jiff::Timestamp,
-) -> Result<UpstreamRequest> {
-    let spec = &upstream.spec;
-    let interval = parse_duration(&spec.connectivity_check.interval)
-        .map_err(|error| Error::InvalidSpec(format!("connectivityCheck.interval: {error}")))?;
-    let name = upstream.gitlab_name();
-    let world = resolve::Objects {
-        registries: registries.collect(),
-        upstreams: Vec::new(),
-    };
-    let registry_for_create = resolve::upstream::create_through(upstream, &world);
-    let status = upstream.status.clone().unwrap_or_default();
-    Ok(UpstreamRequest {
-        desired: DesiredUpstream {
-            group: PathOrId::parse(&spec.group),
-            name,
-            url: spec.url.clone(),
-            description: spec.description.clone(),
-            cache_validity_hours: i64::from(spec.cache_validity_hours),
-            credentials,
-            gate_changes: spec.connectivity_check.gate_changes,
-            connectivity_interval: interval.max(Duration::from_secs(10)),
-        },
-        known: KnownUpstream {
-            upstream_id: status.upstream_id,
-            group_id: status.group_id,
-            applied_credentials: status.applied_credentials.as_ref().map(credentials_version),
-            last_check_configuration: status.last_connectivity_check.as_ref().and_then(|check| {
-                Some(TestedConfiguration {
-                    url: check.url.clone()?,
-                    credentials: check.credentials.as_ref().map(credentials_version),
-                })
-            }),
-            last_check: status
-                .last_connectivity_check
-                .map(|check| ConnectivityCheck {
-                    time: check.time.0,
-                    success: check.success,
-                    result: check.result,
-                }),
-            last_handled_purge_cache: status.last_handled_purge_cache_at,
-        },
-        registry_for_create,
-        purge_cache_request: upstream
-            .annotations()
-            .get(PURGE_CACHE_REQUESTED_AT)
-            .cloned(),
-        now,
-        mode: Mode::Apply,
-    })
-}
-
-/// The status to write after an engine run. Pure.
-pub fn status_from_outcome(
-    upstream: &Upstream,
-    current: &UpstreamStatus,
-    outcome: &UpstreamOutcome,
-) -> UpstreamStatus {
-    let generation = upstream.metadata.generation;
-    let now = now();
-    let mut status = current.clone();
-    status.observed_generation = generation;
-    status.upstream_id = outcome.upstream_id;
-    status.group_id = outcome.group_id;
-    status.applied_credentials = outcome
-        .applied_credentials
-        .as_ref()
-        .map(applied_credentials);
-    status.last_connectivity_check =
-        outcome
-            .last_check
-            .as_ref()
-            .map(|check| ConnectivityCheckResult {
-                time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(check.time),
-                success: check.success,
-                result: check.result.clone(),
-                url: outcome
-                    .last_check_configuration
-                    .as_ref()
-                    .map(|tested| tested.url.clone()),
-                credentials: outcome
-                    .last_check_configuration
-                    .as_ref()
-                    .and_then(|tested| tested.credentials.as_ref())
-                    .map(applied_credentials),
-            });
-    status.last_handled_purge_cache_at = outcome.last_handled_purge_cache.clone();
-    status.last_handled_reconcile_at = upstream.annotations().get(RECONCILE_REQUESTED_AT).cloned();
-    conditions::set_condition(
-        &mut status.conditions,
-        outcome.synced.clone(),
-        generation,
-        &now,
-    );
-    let mut components = vec![SYNCED];
-    if let Some(reachable) = &outcome.reachable {
-        conditions::set_condition(&mut status.conditions, reachable.clone(), generation, &now);
-        components.push(conditions::REACHABLE);
-    }
-    let ready = conditions::ready_summary(&status.conditions, &components);
-    conditions::set_condition(&mut status.conditions, ready, generation, &now);
-    status
-}
-
-/// A credentials Secret version as status records it, for the engine.
-fn credentials_version(recorded: &AppliedCredentials) -> CredentialsVersion {
-    CredentialsVersion {
-        secret_name: recorded.secret_name.clone(),
-        resource_version: recorded.resource_version.clone(),
-    }
-}
-
-/// A credentials Secret version from the engine, as status records it.
-fn applied_credentials(version: &CredentialsVersion) -> AppliedCredentials {
-    AppliedCredentials {
-        secret_name: version.secret_name.clone(),
-        resource_version: version.resource_version.clone(),
-    }
 }
 
 fn suspended_status(current: &UpstreamStatus, generation: Option<i64>) -> UpstreamStatus {
@@ -349,115 +215,15 @@ async fn cleanup(upstream: &Upstream, ctx: &Context) -> Result<Requeue> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::conditions::{ConditionUpdate, READY};
-    use crate::crd::virtual_registry::VirtualRegistryStatus;
-    use crate::crd::{LocalObjectReference, VirtualRegistrySpec};
-    use crate::sync::upstream::CreateThrough;
+    use crate::crd::RECONCILE_REQUESTED_AT;
+    use crate::crd::conditions::ConditionUpdate;
+    use crate::resolve::stamp::now;
 
     fn upstream(yaml: &str) -> Upstream {
         serde_saphyr::from_str(yaml).expect("valid Upstream")
     }
 
-    fn registry(name: &str, group: &str, upstreams: &[&str], id: Option<i64>) -> VirtualRegistry {
-        let mut registry = VirtualRegistry::new(
-            name,
-            VirtualRegistrySpec {
-                group: group.into(),
-                name: None,
-                description: None,
-                upstreams: upstreams
-                    .iter()
-                    .map(|u| LocalObjectReference { name: (*u).into() })
-                    .collect(),
-                deletion_policy: DeletionPolicy::Delete,
-                suspend: false,
-                gitlab: None,
-            },
-        );
-        registry.metadata.namespace = Some("team".into());
-        registry.status = Some(VirtualRegistryStatus {
-            registry_id: id,
-            ..Default::default()
-        });
-        registry
-    }
-
     const DOCKERHUB: &str = "apiVersion: gitlabregistry.io/v1alpha1\nkind: Upstream\nmetadata: {name: dockerhub, namespace: team, generation: 2}\nspec: {group: my-org, url: 'https://registry-1.docker.io'}\n";
-
-    #[test]
-    fn creates_through_the_first_registry_by_name_of_the_same_group_and_namespace_listing_it() {
-        let upstream = upstream(DOCKERHUB);
-        let mut registries = [
-            registry("a", "my-org", &["dockerhub"], Some(9)),
-            registry("b", "my-org", &["dockerhub"], Some(4)),
-            registry("c", "other-org", &["dockerhub"], Some(1)),
-            registry("d", "my-org", &["quay"], Some(2)),
-            registry("e", "my-org", &["dockerhub"], None),
-        ];
-        let through = |registries: &[VirtualRegistry]| {
-            build_request(
-                &upstream,
-                None,
-                registries.iter(),
-                jiff::Timestamp::UNIX_EPOCH,
-            )
-            .expect("valid")
-            .registry_for_create
-        };
-        assert_eq!(through(&registries), Some(CreateThrough::Registry(9)));
-
-        // `a` still being created: wait for it, whichever registry got its id first.
-        registries[0].status = None;
-        assert_eq!(through(&registries), None);
-        // `a` failed before it got an id, or is suspended: not waited for.
-        let failing = ConditionUpdate::new(SYNCED, false, "LimitExceeded", "5 registries");
-        let mut status = VirtualRegistryStatus::default();
-        conditions::set_condition(&mut status.conditions, failing, Some(1), &now());
-        registries[0].status = Some(status);
-        assert_eq!(through(&registries), Some(CreateThrough::Registry(4)));
-        registries[0].status = None;
-        registries[0].spec.suspend = true;
-        assert_eq!(through(&registries), Some(CreateThrough::Registry(4)));
-
-        let request = build_request(
-            &upstream,
-            None,
-            registries.iter(),
-            jiff::Timestamp::UNIX_EPOCH,
-        )
-        .expect("valid");
-        assert_eq!(request.desired.name, "dockerhub");
-        assert_eq!(
-            request.desired.connectivity_interval,
-            Duration::from_secs(600)
-        );
-        let none = build_request(
-            &upstream,
-            None,
-            registries[2..].iter(),
-            jiff::Timestamp::UNIX_EPOCH,
-        )
-        .expect("valid");
-        assert_eq!(none.registry_for_create, None);
-    }
-
-    #[test]
-    fn a_bad_interval_is_invalid_spec_naming_the_field() {
-        let upstream =
-            upstream(&DOCKERHUB.replace("url:", "connectivityCheck: {interval: soon}, url:"));
-        let error = build_request(
-            &upstream,
-            None,
-            std::iter::empty(),
-            jiff::Timestamp::UNIX_EPOCH,
-        )
-        .expect_err("refused");
-        assert_eq!(error.reason(), "InvalidSpec");
-        assert!(
-            error.to_string().contains("connectivityCheck.interval"),
-            "{error}"
-        );
-    }
 
     #[test]
     fn only_a_settled_upstream_may_be_read_from_a_listing() {
@@ -534,43 +300,5 @@ mod tests {
         );
         assert_ne!(connections[1], connections[3], "a rotated token");
         assert_eq!(connections[1], listing_connection(&own_token, Some("41")));
-    }
-
-    #[test]
-    fn status_summarises_synced_and_reachable_into_ready() {
-        let upstream = upstream(DOCKERHUB);
-        let outcome = UpstreamOutcome {
-            upstream_id: Some(5),
-            group_id: Some(100),
-            applied_credentials: None,
-            last_check: Some(ConnectivityCheck {
-                time: jiff::Timestamp::UNIX_EPOCH,
-                success: false,
-                result: Some("Error: 401 - Unauthorized".into()),
-            }),
-            last_check_configuration: None,
-            last_handled_purge_cache: None,
-            synced: ConditionUpdate::new(SYNCED, true, "Synced", "ok"),
-            reachable: Some(ConditionUpdate::new(
-                conditions::REACHABLE,
-                false,
-                "Unauthorized",
-                "Error: 401 - Unauthorized",
-            )),
-            actions: Vec::new(),
-            error: None,
-            next_check_in: None,
-        };
-        let status = status_from_outcome(&upstream, &UpstreamStatus::default(), &outcome);
-        assert_eq!(status.upstream_id, Some(5));
-        assert_eq!(status.observed_generation, Some(2));
-        let ready = conditions::find(&status.conditions, READY).expect("Ready set");
-        assert_eq!(
-            (ready.status.as_str(), ready.reason.as_str()),
-            ("False", "Unauthorized")
-        );
-        // Same outcome again: the status is equal, so no patch would be sent.
-        let again = status_from_outcome(&upstream, &status, &outcome);
-        assert_eq!(again, status);
     }
 }

@@ -4,8 +4,33 @@
 //! for the same objects.
 
 pub mod facts;
+pub mod registry;
+pub mod stamp;
 pub mod upstream;
 pub mod world;
 
 pub use facts::{GitLabId, RegistryFacts, UpstreamFacts, registry_facts, upstream_facts};
 pub use world::{Objects, World};
+
+/// A spec the rules refuse before anything is sent to GitLab.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The spec cannot work as written.
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+    /// The spec names an object that does not exist; a new object may fix it.
+    #[error("invalid spec: {0}")]
+    MissingReference(String),
+}
+
+impl Error {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidSpec(_) | Self::MissingReference(_) => {
+                crate::crd::reasons::Reason::InvalidSpec.as_str()
+            }
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -8,7 +8,6 @@
 
 use crate::crd::reasons::Reason;
 use crate::resolve::{self, GitLabId, RegistryFacts, UpstreamFacts, World};
-use crate::sync::upstream::CreateThrough;
 use std::collections::{BTreeMap, BTreeSet};
 
 use kube::ResourceExt;
@@ -381,40 +380,32 @@ pub async fn reconcile_all(
             name.clone(),
             &upstream.source,
         );
-        let registry_for_create = resolve::upstream::create_through(
-            &upstream.object,
-            &PassWorld {
-                manifests,
-                registry_ids: &registry_ids,
-                registries_not_created: &registries_not_created,
-                upstream_ids: &upstream_ids,
-                plan: !mode.writes(),
-            },
-        );
-        let (request, placeholder) = match upstream_request(
-            upstream,
+        let world = PassWorld {
             manifests,
-            registry_for_create,
-            mode,
-            resend_credentials,
-        ) {
-            Ok(prepared) => prepared,
-            Err(message) => {
-                object_report.conclude(
-                    vec![ConditionUpdate::new(
-                        SYNCED,
-                        false,
-                        Reason::SecretNotFound.as_str(),
-                        message,
-                    )],
-                    &[SYNCED],
-                    mode,
-                    false,
-                );
-                report.objects.push(object_report);
-                continue;
-            }
+            registry_ids: &registry_ids,
+            registries_not_created: &registries_not_created,
+            upstream_ids: &upstream_ids,
+            plan: !mode.writes(),
         };
+        let (request, placeholder) =
+            match upstream_request(upstream, manifests, &world, mode, resend_credentials) {
+                Ok(prepared) => prepared,
+                Err(message) => {
+                    object_report.conclude(
+                        vec![ConditionUpdate::new(
+                            SYNCED,
+                            false,
+                            Reason::SecretNotFound.as_str(),
+                            message,
+                        )],
+                        &[SYNCED],
+                        mode,
+                        false,
+                    );
+                    report.objects.push(object_report);
+                    continue;
+                }
+            };
         let mut request = request;
         let found_by_name = match find_by_unique_name(client, upstream, manifests).await {
             Ok(NameMatch::NotFound) => None,
@@ -781,7 +772,7 @@ fn registry_request(
 fn upstream_request(
     upstream: &Manifest<Upstream>,
     manifests: &Manifests,
-    registry_for_create: Option<CreateThrough>,
+    world: &impl World,
     mode: Mode,
     resend_credentials: bool,
 ) -> Result<(upstream::UpstreamRequest, Option<Placeholder>), String> {
@@ -837,15 +828,11 @@ fn upstream_request(
             })
         }
     };
-    // A dummy object carries no status: the request is built as the controller builds it.
-    let mut request = crate::controller::upstream::build_request(
-        &upstream.object,
-        credentials,
-        std::iter::empty(),
-        jiff::Timestamp::now(),
-    )
-    .map_err(|error| error.to_string())?;
-    request.registry_for_create = registry_for_create;
+    // A manifest carries no status: the request is built as the controller builds it for an
+    // object it has not reconciled yet, with the ids found so far in the pass.
+    let mut request =
+        resolve::upstream::request(&upstream.object, credentials, world, jiff::Timestamp::now())
+            .map_err(|error| error.to_string())?;
     request.mode = mode;
     // Standalone keeps no status: credentials GitLab holds for an existing upstream are taken
     // as current (their username is still compared) unless asked to send them again.
