@@ -107,6 +107,7 @@ impl From<crate::resolve::Error> for Error {
             crate::resolve::Error::MissingReference(message) => {
                 Self::Sync(sync::Error::InvalidSpec(message))
             }
+            crate::resolve::Error::Engine(error) => Self::Sync(error),
         }
     }
 }

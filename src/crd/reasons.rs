@@ -108,6 +108,8 @@ reasons! {
     TagsDeleted,
 
     // Cleanup runs.
+    /// Waiting for the next slot of the schedule.
+    Scheduled,
     RunSucceeded,
     RunPartial,
     RunFailed,

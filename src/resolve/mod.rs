@@ -3,6 +3,7 @@
 //! standalone `apply`/`plan` are the drivers that feed it, so both send GitLab the same calls
 //! for the same objects.
 
+pub mod cleanup_policy;
 pub mod facts;
 pub mod registry;
 pub mod stamp;
@@ -21,6 +22,9 @@ pub enum Error {
     /// The spec names an object that does not exist; a new object may fix it.
     #[error("invalid spec: {0}")]
     MissingReference(String),
+    /// The engine's own check of the spec refused it.
+    #[error(transparent)]
+    Engine(#[from] crate::sync::Error),
 }
 
 impl Error {
@@ -29,6 +33,16 @@ impl Error {
             Self::InvalidSpec(_) | Self::MissingReference(_) => {
                 crate::crd::reasons::Reason::InvalidSpec.as_str()
             }
+            Self::Engine(error) => error.reason(),
+        }
+    }
+
+    /// The condition message, as the controller writes it.
+    pub fn message(&self) -> String {
+        match self {
+            Self::InvalidSpec(_) => self.to_string(),
+            Self::MissingReference(message) => message.clone(),
+            Self::Engine(error) => error.message(),
         }
     }
 }

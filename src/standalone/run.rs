@@ -562,8 +562,13 @@ pub async fn reconcile_all(
             cleanup_policy_report(
                 client,
                 policy,
-                manifests,
-                &upstream_ids,
+                &PassWorld {
+                    manifests,
+                    registry_ids: &registry_ids,
+                    registries_not_created: &registries_not_created,
+                    upstream_ids: &upstream_ids,
+                    plan: !mode.writes(),
+                },
                 mode,
                 approved_deletions,
             )
@@ -580,12 +585,13 @@ pub async fn reconcile_all(
 async fn cleanup_policy_report(
     client: &GitLabClient,
     policy: &Manifest<CleanupPolicy>,
-    manifests: &Manifests,
-    upstream_ids: &BTreeMap<(String, String), i64>,
+    world: &PassWorld<'_>,
     mode: Mode,
     approved_deletions: &BTreeSet<String>,
 ) -> ObjectReport {
-    use crate::controller::cleanup_policy::{build_run, run_condition, run_summary};
+    use crate::resolve::cleanup_policy::{
+        gitlab_policy_project, request, run_condition, run_summary,
+    };
     use crate::sync::cleanup::{DesiredGitLabPolicy, InUse, run_cleanup, sync_gitlab_policy};
     let namespace = namespace_of(&policy.object);
     let mut object_report = ObjectReport::new(
@@ -608,21 +614,15 @@ async fn cleanup_policy_report(
         );
     };
     if policy.object.spec.strategy == CleanupStrategy::GitLabPolicy {
-        let project = policy
-            .object
-            .spec
-            .target
-            .container_repositories
-            .as_ref()
-            .and_then(|t| t.project.as_deref());
-        let outcome = match (project, DesiredGitLabPolicy::from_spec(&policy.object.spec)) {
-            (Some(project), Ok(desired)) => {
-                sync_gitlab_policy(client, &PathOrId::parse(project), &desired, mode).await
-            }
-            (None, _) => Err(crate::sync::Error::InvalidSpec(
-                "strategy GitLabPolicy needs a project target".into(),
-            )),
-            (_, Err(error)) => Err(error),
+        let outcome = match (
+            gitlab_policy_project(&policy.object),
+            DesiredGitLabPolicy::from_spec(&policy.object.spec),
+        ) {
+            (Ok(project), Ok(desired)) => sync_gitlab_policy(client, &project, &desired, mode)
+                .await
+                .map_err(resolve::Error::from),
+            (Err(error), _) => Err(error),
+            (_, Err(error)) => Err(error.into()),
         };
         match outcome {
             Ok(outcome) => {
@@ -651,32 +651,10 @@ async fn cleanup_policy_report(
         }
         return object_report;
     }
-    // The Upstream objects as the controller would see them: with the ids this pass found.
-    let upstreams: Vec<Upstream> = manifests
-        .upstreams
-        .iter()
-        .map(|u| {
-            let mut upstream = u.object.clone();
-            let id = upstream_ids
-                .get(&(namespace_of(&upstream), upstream.name_any()))
-                .copied();
-            upstream.status = Some(crate::crd::UpstreamStatus {
-                upstream_id: id,
-                ..Default::default()
-            });
-            upstream
-        })
-        .collect();
     let in_use = InUse::Unavailable(
         "standalone mode has no cluster to read the images Pods run from".into(),
     );
-    let run = match build_run(
-        &policy.object,
-        upstreams.iter(),
-        in_use,
-        jiff::Timestamp::now(),
-        mode,
-    ) {
+    let run = match request(&policy.object, world, in_use, jiff::Timestamp::now(), mode) {
         Ok(mut run) => {
             run.approved_deletions
                 .extend(approved_deletions.iter().cloned());
