@@ -282,8 +282,12 @@ impl Operator {
             resync: RESYNC,
             ..OperatorConfig::default()
         };
-        let (registry_store, registries) = store::store::<VirtualRegistry>();
-        let (upstream_store, upstreams) = store::store::<Upstream>();
+        let (registry_store, mut registries) = store::store::<VirtualRegistry>();
+        let (upstream_store, mut upstreams) = store::store::<Upstream>();
+        // Both lists done (empty), as a reflector's first list leaves them: reconciles wait
+        // for that.
+        registries.apply_watcher_event(&watcher::Event::InitDone);
+        upstreams.apply_watcher_event(&watcher::Event::InitDone);
         let ctx = Arc::new(Context::new(
             client,
             config,

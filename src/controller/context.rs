@@ -1,6 +1,7 @@
 //! What every reconcile shares: the Kubernetes client, the GitLab client pool, the group
-//! upstream listings, the reflector stores of the other kinds, the event recorder, metrics
-//! and the operator's settings.
+//! upstream listings, the reflector stores of the other kinds (and waiting for their first
+//! lists), the Upstreams' latest connection tests, the event recorder, metrics and the
+//! operator's settings.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -103,6 +104,9 @@ pub struct Context {
     /// What this process last saw of each registry, for the reruns that follow shortly after
     /// a reconcile (Upstreams getting their ids one after the other).
     pub registry_views: RegistryViews,
+    /// The latest connection test of each Upstream, which status records only when its
+    /// result changes.
+    pub last_connectivity_checks: super::upstream::LastConnectivityChecks,
     /// The images Pods run (`keepInUse`); `None` when Pods are not watched.
     pub pods: Option<super::cleanup_policy::PodImages>,
     /// Consecutive failures per object, for backoff; cleared on success.
@@ -131,9 +135,22 @@ impl Context {
             metrics,
             registries,
             upstreams,
+            last_connectivity_checks: Default::default(),
             pods: None,
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Waits until the stores reconciles read (VirtualRegistries, Upstreams) hold their first
+    /// full list. Before that, an object still on its way looks missing: a registry would go
+    /// `UpstreamNotFound` for a moment and an Upstream would pick another registry to be
+    /// created through. A store whose writer is gone is not waited for: its watch ended,
+    /// which only happens when the process stops.
+    pub async fn stores_synced(&self) {
+        let _ = tokio::join!(
+            self.registries.wait_until_ready(),
+            self.upstreams.wait_until_ready()
+        );
     }
 
     /// Lets cleanups see the images Pods run (`keepInUse`).

@@ -1,13 +1,17 @@
 //! Prometheus metrics of the operator: reconciles, errors by reason, durations, GitLab
-//! requests by route and status, and cleanup counters. Labels are bounded sets (kinds,
-//! reasons, route templates), never object names or ids.
+//! requests by route and status, cleanup counters, and each Upstream's latest connection
+//! test. Labels are bounded sets (kinds, reasons, route templates), never ids; object names
+//! only for that per-Upstream time (one series per Upstream, removed with it), which status
+//! no longer carries so that a test changing nothing writes nothing.
 
 use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -46,6 +50,12 @@ pub struct TagLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ObjectLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RunLabels {
     pub outcome: String,
 }
@@ -59,6 +69,7 @@ pub struct Metrics {
     pub gitlab_request_duration: Family<RouteLabels, Histogram>,
     pub cleanup_tags: Family<TagLabels, Counter>,
     pub cleanup_runs: Family<RunLabels, Counter>,
+    pub upstream_last_connectivity_check: Family<ObjectLabels, Gauge<f64, AtomicU64>>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -79,6 +90,8 @@ impl Default for Metrics {
         );
         let cleanup_tags = Family::<TagLabels, Counter>::default();
         let cleanup_runs = Family::<RunLabels, Counter>::default();
+        let upstream_last_connectivity_check =
+            Family::<ObjectLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "reconciles",
             "Reconciles started, by kind",
@@ -114,6 +127,11 @@ impl Default for Metrics {
             "Cleanup runs, by outcome",
             cleanup_runs.clone(),
         );
+        registry.register(
+            "upstream_last_connectivity_check_timestamp_seconds",
+            "When GitLab last tested the Upstream's connection (Unix time), by namespace and name",
+            upstream_last_connectivity_check.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             reconciles,
@@ -123,6 +141,7 @@ impl Default for Metrics {
             gitlab_request_duration,
             cleanup_tags,
             cleanup_runs,
+            upstream_last_connectivity_check,
         }
     }
 }
@@ -169,6 +188,24 @@ impl Metrics {
                 })
                 .inc_by(count);
         }
+    }
+
+    /// The time of the Upstream's latest connection test.
+    pub fn connectivity_checked(&self, namespace: &str, name: &str, time: jiff::Timestamp) {
+        self.upstream_last_connectivity_check
+            .get_or_create(&ObjectLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+            })
+            .set(time.as_millisecond() as f64 / 1000.0);
+    }
+
+    /// Drops the series of an Upstream that is gone.
+    pub fn forget_upstream(&self, namespace: &str, name: &str) {
+        self.upstream_last_connectivity_check.remove(&ObjectLabels {
+            namespace: namespace.into(),
+            name: name.into(),
+        });
     }
 
     pub fn count_run(&self, outcome: &str) {
@@ -220,7 +257,18 @@ mod tests {
         );
         metrics.count_tags("deleted", "none", 4);
         metrics.count_run("Succeeded");
+        metrics.connectivity_checked(
+            "team",
+            "dockerhub",
+            jiff::Timestamp::from_second(1_700_000_000).expect("valid"),
+        );
         let text = metrics.encode();
+        assert!(
+            text.contains("gitlab_registry_operator_upstream_last_connectivity_check_timestamp_seconds{namespace=\"team\",name=\"dockerhub\"} 1700000000"),
+            "{text}"
+        );
+        metrics.forget_upstream("team", "dockerhub");
+        assert!(!metrics.encode().contains("name=\"dockerhub\""));
         assert!(
             text.contains("gitlab_registry_operator_reconciles_total{kind=\"Upstream\"} 1"),
             "{text}"

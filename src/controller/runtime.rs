@@ -14,6 +14,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Config as ControllerConfig;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, WatchStreamExt as _, reflector, watcher};
@@ -203,7 +204,21 @@ pub async fn run_until(
     let registries_api: Api<VirtualRegistry> =
         scoped_api(&client, options.watch_namespace.as_deref());
     let upstreams_api: Api<Upstream> = scoped_api(&client, options.watch_namespace.as_deref());
-    let secrets_api: Api<Secret> = scoped_api(&client, options.watch_namespace.as_deref());
+    let secrets_api: Api<PartialObjectMeta<Secret>> =
+        scoped_api(&client, options.watch_namespace.as_deref());
+    // Secrets are watched for their identity only (metadata, stripped to name and version),
+    // once for both controllers: a reconcile GETs the one Secret it reads. A full watch
+    // would hold every Secret of the cluster (Helm releases: hundreds of KB each) twice.
+    let (_secret_store, secret_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
+    let registry_secret_changes = secret_writer.subscribe().ok_or(Error::SharedStore)?;
+    let upstream_secret_changes = secret_writer.subscribe().ok_or(Error::SharedStore)?;
+    let secret_task = tokio::spawn(
+        watcher(secrets_api, watcher::Config::default())
+            .default_backoff()
+            .modify(triggers::keep_only_identity)
+            .reflect_shared(secret_writer)
+            .for_each(|_| std::future::ready(())),
+    );
 
     // Each kind's own stream fills the store the other kind reads, and passes only the events
     // its controller must act on (see `triggers`).
@@ -300,26 +315,15 @@ pub async fn run_until(
                     .collect::<Vec<_>>()
             },
         )
-        .watches(secrets_api.clone(), watcher::Config::default(), {
-            let registries = registry_store.clone();
-            move |secret: Secret| {
-                let namespace = secret.namespace();
-                let name = secret.name_any();
-                registries
-                    .state()
-                    .iter()
-                    .filter(|registry| registry.namespace() == namespace)
-                    .filter(|registry| {
-                        registry
-                            .spec
-                            .gitlab
-                            .as_ref()
-                            .is_some_and(|g| g.token_secret_ref.name == name)
-                    })
-                    .map(|registry| ObjectRef::from_obj(registry.as_ref()))
-                    .collect::<Vec<_>>()
-            }
-        })
+        .watches_shared_stream(
+            triggers::changed_only(registry_secret_changes, triggers::secret_version),
+            {
+                let registries = registry_store.clone();
+                move |secret: Arc<PartialObjectMeta<Secret>>| {
+                    triggers::readers_of(&registries.state(), &secret, triggers::registry_reads)
+                }
+            },
+        )
         .graceful_shutdown_on(shutdown.clone());
     // A registry change (its GitLab id, above all) requeues the upstreams it lists; a Secret
     // change requeues the upstreams whose credentials or token it holds.
@@ -336,31 +340,15 @@ pub async fn run_until(
                     .collect::<Vec<_>>()
             },
         )
-        .watches(secrets_api, watcher::Config::default(), {
-            let upstreams = upstream_store.clone();
-            move |secret: Secret| {
-                let namespace = secret.namespace();
-                let name = secret.name_any();
-                upstreams
-                    .state()
-                    .iter()
-                    .filter(|upstream| upstream.namespace() == namespace)
-                    .filter(|upstream| {
-                        upstream
-                            .spec
-                            .credentials_secret_ref
-                            .as_ref()
-                            .is_some_and(|c| c.name == name)
-                            || upstream
-                                .spec
-                                .gitlab
-                                .as_ref()
-                                .is_some_and(|g| g.token_secret_ref.name == name)
-                    })
-                    .map(|upstream| ObjectRef::from_obj(upstream.as_ref()))
-                    .collect::<Vec<_>>()
-            }
-        })
+        .watches_shared_stream(
+            triggers::changed_only(upstream_secret_changes, triggers::secret_version),
+            {
+                let upstreams = upstream_store.clone();
+                move |secret: Arc<PartialObjectMeta<Secret>>| {
+                    triggers::readers_of(&upstreams.state(), &secret, triggers::upstream_reads)
+                }
+            },
+        )
         .graceful_shutdown_on(shutdown.clone());
 
     let readiness = {
@@ -396,6 +384,7 @@ pub async fn run_until(
     let controllers = async {
         tokio::join!(registries, upstreams, policies, readiness);
         pod_task.abort();
+        secret_task.abort();
     };
     match lost_lease {
         None => controllers.await,
