@@ -252,11 +252,13 @@ pub async fn run_until(
     let upstream_controller = Controller::for_stream(upstream_events, upstream_store.clone())
         .with_config(controller_config.clone());
     // Pods, stripped to their images, for keepInUse; readiness is tracked so that a run
-    // before the first full list deletes nothing.
+    // before the first full list deletes nothing. Listed in pages (the default 500): a list
+    // "from any version" is served in one piece, every Pod of the cluster decoded at once
+    // before they are stripped.
     let pods_api: Api<Pod> = scoped_api(&client, options.watch_namespace.as_deref());
     let (pod_store, pod_writer) = reflector::store();
     let pods_synced = Arc::new(AtomicBool::new(false));
-    let pod_reflector = watcher(pods_api, watcher::Config::default().any_semantic())
+    let pod_reflector = watcher(pods_api, watcher::Config::default())
         .default_backoff()
         .modify(cleanup_policy::keep_only_images)
         .reflect(pod_writer)
