@@ -617,6 +617,15 @@ async fn free_port() -> SocketAddr {
     listener.local_addr().expect("address")
 }
 
+/// The operator's log: to the file `BENCH_OPERATOR_LOG` names (level
+/// `BENCH_OPERATOR_LOG_LEVEL`, default `warn`), else nowhere.
+fn operator_log() -> Stdio {
+    std::env::var("BENCH_OPERATOR_LOG")
+        .ok()
+        .and_then(|path| std::fs::File::create(path).ok())
+        .map_or_else(Stdio::null, Stdio::from)
+}
+
 /// `POST …/test` requests GitLab received (connection tests).
 fn connection_tests(sim: &gitlab_registry_operator::sim::SimHandle) -> u64 {
     sim.request_counts()
@@ -801,9 +810,12 @@ async fn run_scenario(scenario: Scenario) {
         })
         .env("KUBECONFIG", &kubeconfig)
         .env("GITLAB_TOKEN", DEFAULT_TOKEN)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_OPERATOR_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(operator_log())
         .spawn()
         .expect("start the operator");
     let pid = child.id();
@@ -847,6 +859,13 @@ async fn run_scenario(scenario: Scenario) {
     // on it (it acts on none of it: it reads none of them).
     let mut churned = None;
     if scenario == Scenario::Noise {
+        if let Some(rss) = status_kib(pid, "VmRSS") {
+            println!(
+                "{prefix}.rss_before_churn_mib = {:.1} (VmRSS when every object is Ready and quiet; peak so far {:.1})",
+                rss as f64 / 1024.0,
+                status_kib(pid, "VmHWM").unwrap_or_default() as f64 / 1024.0
+            );
+        }
         let reconciles_before = reconciles(&http, metrics_address).await;
         let gitlab_before: u64 = sim.request_counts().values().sum();
         let writes_before = *lock(&state.writes);

@@ -218,12 +218,14 @@ impl Env {
         }
     }
 
-    /// The stores' first lists are complete: what was listed is in them.
+    /// The stores' first lists are complete: what was listed is in them, and the
+    /// reconciles are told, as `run` tells them once its reflectors are ready.
     fn lists_done(&mut self) {
         self.registries
             .apply_watcher_event(&watcher::Event::InitDone);
         self.upstreams
             .apply_watcher_event(&watcher::Event::InitDone);
+        self.ctx.stores_listed();
     }
 
     fn know_registry(&mut self, registry: &VirtualRegistry) {
@@ -1042,6 +1044,7 @@ async fn cleanup_env(pods_synced: Option<bool>) -> (SimHandle, ApiServer, Arc<Co
         registry_store,
         upstream_store,
     );
+    ctx.stores_listed();
     if let Some(synced) = pods_synced {
         let (pod_store, _) = store::store::<k8s_openapi::api::core::v1::Pod>();
         ctx = ctx.with_pods(controller::cleanup_policy::PodImages {

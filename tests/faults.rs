@@ -282,12 +282,8 @@ impl Operator {
             resync: RESYNC,
             ..OperatorConfig::default()
         };
-        let (registry_store, mut registries) = store::store::<VirtualRegistry>();
-        let (upstream_store, mut upstreams) = store::store::<Upstream>();
-        // Both lists done (empty), as a reflector's first list leaves them: reconciles wait
-        // for that.
-        registries.apply_watcher_event(&watcher::Event::InitDone);
-        upstreams.apply_watcher_event(&watcher::Event::InitDone);
+        let (registry_store, registries) = store::store::<VirtualRegistry>();
+        let (upstream_store, upstreams) = store::store::<Upstream>();
         let ctx = Arc::new(Context::new(
             client,
             config,
@@ -295,6 +291,8 @@ impl Operator {
             registry_store,
             upstream_store,
         ));
+        // The stores are listed (empty) as `run` says once its reflectors are ready.
+        ctx.stores_listed();
         if let Some(token) = token {
             // Same key the controller uses for the default connection (`<url>|default`).
             let mut config = ctx.client_config(url.clone(), SecretString::from(token));

@@ -109,6 +109,8 @@ pub struct Context {
     pub last_connectivity_checks: super::upstream::LastConnectivityChecks,
     /// The images Pods run (`keepInUse`); `None` when Pods are not watched.
     pub pods: Option<super::cleanup_policy::PodImages>,
+    /// Whether the stores reconciles read hold their first full list.
+    stores_listed: tokio::sync::watch::Sender<bool>,
     /// Consecutive failures per object, for backoff; cleared on success.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -137,20 +139,25 @@ impl Context {
             upstreams,
             last_connectivity_checks: Default::default(),
             pods: None,
+            stores_listed: tokio::sync::watch::Sender::new(false),
             failures: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Waits until the stores reconciles read (VirtualRegistries, Upstreams) hold their first
-    /// full list. Before that, an object still on its way looks missing: a registry would go
-    /// `UpstreamNotFound` for a moment and an Upstream would pick another registry to be
-    /// created through. A store whose writer is gone is not waited for: its watch ended,
-    /// which only happens when the process stops.
+    /// Tells the reconciles that the stores they read (VirtualRegistries, Upstreams) hold
+    /// their first full list. `run` says so once the reflectors are ready.
+    pub fn stores_listed(&self) {
+        self.stores_listed.send_replace(true);
+    }
+
+    /// Waits until [`Context::stores_listed`]. Before that, an object still on its way looks
+    /// missing: a registry would go `UpstreamNotFound` for a moment and an Upstream would
+    /// pick another registry to be created through. (A watch channel, not each reconcile
+    /// awaiting `Store::wait_until_ready`: a store wakes only the last of its waiters.)
     pub async fn stores_synced(&self) {
-        let _ = tokio::join!(
-            self.registries.wait_until_ready(),
-            self.upstreams.wait_until_ready()
-        );
+        let mut listed = self.stores_listed.subscribe();
+        // The sender lives as long as the context.
+        let _ = listed.wait_for(|listed| *listed).await;
     }
 
     /// Lets cleanups see the images Pods run (`keepInUse`).

@@ -26,8 +26,9 @@ fn object_key<K: Resource<DynamicType = ()>>(object: &K) -> String {
 
 /// Runs `apply` (or, once the object is being deleted, `cleanup`) behind the finalizer, and
 /// records the reconcile in metrics and in the object's failure count. Nothing starts before
-/// the stores the reconciles read are synced ([`Context::stores_synced`]): on a restart the
-/// controllers' own watches hand out objects while the other kind's list is still arriving.
+/// the stores the reconciles read are synced ([`Context::stores_synced`]): on a restart a
+/// controller starts once its own store is listed, while the other kind's list is still
+/// arriving.
 pub async fn reconcile<K, ApplyFuture, CleanupFuture>(
     object: Arc<K>,
     ctx: Arc<Context>,

@@ -353,8 +353,11 @@ pub async fn run_until(
         )
         .graceful_shutdown_on(shutdown.clone());
 
+    // Awaited here, in the task that drives the watches, and handed to the reconciles
+    // through the context: a store wakes only the last of its waiters.
     let readiness = {
         let health = health.clone();
+        let context = context.clone();
         let (registries, upstreams, policies) = (
             registry_store.clone(),
             upstream_store.clone(),
@@ -363,10 +366,12 @@ pub async fn run_until(
         async move {
             if registries.wait_until_ready().await.is_ok()
                 && upstreams.wait_until_ready().await.is_ok()
-                && policies.wait_until_ready().await.is_ok()
             {
-                tracing::info!("caches synced");
-                health.set_ready(true);
+                context.stores_listed();
+                if policies.wait_until_ready().await.is_ok() {
+                    tracing::info!("caches synced");
+                    health.set_ready(true);
+                }
             }
         }
     };
