@@ -980,6 +980,7 @@ fn exported_metrics() -> BTreeMap<String, BTreeSet<String>> {
     metrics.count_tags("kept", "KeepN", 1);
     metrics.count_run("Failed");
     metrics.count_pending_approvals(1);
+    metrics.connectivity_checked("team", "quay", jiff::Timestamp::now());
     metrics.upstream_reachability("team", "quay", Some(false));
     let text = metrics.encode();
 

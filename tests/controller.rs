@@ -4,6 +4,7 @@
 //! a missing connection.
 
 use std::collections::BTreeMap;
+use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -181,6 +182,17 @@ impl Env {
         secrets: Vec<Value>,
         access_policy: Option<Arc<AccessPolicyFile>>,
     ) -> Self {
+        let mut env = Self::listing(default_connection, secrets, access_policy).await;
+        env.lists_done();
+        env
+    }
+
+    /// As the process starts: the stores' first lists are still arriving.
+    async fn listing(
+        default_connection: bool,
+        secrets: Vec<Value>,
+        access_policy: Option<Arc<AccessPolicyFile>>,
+    ) -> Self {
         let sim = Simulator::start(
             SimConfig {
                 allow_local_network: true,
@@ -220,6 +232,16 @@ impl Env {
         }
     }
 
+    /// The stores' first lists are complete: what was listed is in them, and the
+    /// reconciles are told, as `run` tells them once its reflectors are ready.
+    fn lists_done(&mut self) {
+        self.registries
+            .apply_watcher_event(&watcher::Event::InitDone);
+        self.upstreams
+            .apply_watcher_event(&watcher::Event::InitDone);
+        self.ctx.stores_listed();
+    }
+
     fn know_registry(&mut self, registry: &VirtualRegistry) {
         self.registries
             .apply_watcher_event(&watcher::Event::Apply(registry.clone()));
@@ -240,6 +262,21 @@ impl Env {
         let registry = registry_object(&[upstream], Some(id), &[FINALIZER]);
         self.know_registry(&registry);
         id
+    }
+
+    /// An Upstream of `stub` created through a registry listing it; its first status.
+    async fn created_upstream(
+        &mut self,
+        stub: &UpstreamStub,
+        extra_spec: Value,
+    ) -> (Upstream, Value) {
+        self.registry_listing("dockerhub");
+        let upstream = upstream_object(&stub.url(), &[FINALIZER], extra_spec);
+        self.know_upstream(&upstream);
+        self.reconcile_upstream(&upstream).await.expect("created");
+        let seen = self.api.take();
+        let status = status_patches(&seen, UPSTREAMS_PATH)[0].body["status"].clone();
+        (upstream, status)
     }
 
     async fn reconcile_upstream(&self, upstream: &Upstream) -> controller::Result<Requeue> {
@@ -423,6 +460,89 @@ async fn an_upstream_is_created_with_one_status_patch_and_an_event_and_then_left
     .await;
 }
 
+/// The periodic connection tests GitLab received.
+fn periodic_tests(sim: &SimHandle) -> u64 {
+    sim.request_counts()
+        .iter()
+        .filter(|(route, _)| route.starts_with("POST ") && route.ends_with("/:id/test"))
+        .map(|(_, count)| count)
+        .sum()
+}
+
+#[tokio::test]
+async fn a_periodic_test_with_the_same_result_writes_nothing_and_only_a_change_is_recorded() {
+    guarded(async {
+        let mut env = Env::start().await;
+        let stub = UpstreamStub::start(StubBehaviour::default())
+            .await
+            .expect("stub");
+        let (upstream, created) = env.created_upstream(&stub, json!({})).await;
+
+        // After a restart (nothing remembered), with the recorded result first seen an hour
+        // ago: a test is due (interval 10m).
+        env.ctx.last_connectivity_checks.forget("team/dockerhub");
+        let mut status = created.clone();
+        status["lastConnectivityCheck"]["time"] = json!(
+            (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1)).to_string()
+        );
+        let mut current = upstream.clone();
+        current.status = Some(serde_json::from_value(status.clone()).expect("status"));
+        env.sim.reset_request_counts();
+        env.reconcile_upstream(&current).await.expect("tested");
+        assert_eq!(periodic_tests(&env.sim), 1, "{:?}", env.sim.request_counts());
+        let seen = env.api.take();
+        assert!(seen.is_empty(), "same result: no status patch, no event: {seen:?}");
+        let exposition = env.ctx.metrics.encode();
+        let series = "gitlab_registry_operator_upstream_last_connectivity_check_timestamp_seconds{namespace=\"team\",name=\"dockerhub\"} ";
+        let checked_at: f64 = exposition
+            .lines()
+            .find_map(|line| line.strip_prefix(series))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("the time of the test is a metric: {exposition}"));
+        let recorded_at = jiff::Timestamp::from_str(
+            status["lastConnectivityCheck"]["time"].as_str().expect("time"),
+        )
+        .expect("time");
+        assert!(
+            checked_at > recorded_at.as_second() as f64 + 3000.0,
+            "the metric holds the latest test ({checked_at}), status the first with its result ({recorded_at})"
+        );
+
+        // The test just run counts, though status still says an hour ago: none is due.
+        env.sim.reset_request_counts();
+        env.reconcile_upstream(&current).await.expect("reconciled");
+        assert_eq!(periodic_tests(&env.sim), 0, "{:?}", env.sim.request_counts());
+        assert!(env.api.take().is_empty());
+
+        // Again after a restart, with the result first seen two hours ago: a changed result
+        // is written, with the time of the test that saw it.
+        env.ctx.last_connectivity_checks.forget("team/dockerhub");
+        stub.set_status(401);
+        let mut due = current.clone();
+        let stale = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(2);
+        if let Some(check) = due
+            .status
+            .as_mut()
+            .and_then(|s| s.last_connectivity_check.as_mut())
+        {
+            check.time = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(stale);
+        }
+        env.reconcile_upstream(&due).await.expect("reconciled");
+        let seen = env.api.take();
+        let patches = status_patches(&seen, UPSTREAMS_PATH);
+        assert_eq!(patches.len(), 1, "{seen:?}");
+        let changed = &patches[0].body["status"];
+        assert_eq!(changed["lastConnectivityCheck"]["success"], json!(false));
+        let changed_at = jiff::Timestamp::from_str(
+            changed["lastConnectivityCheck"]["time"].as_str().expect("time"),
+        )
+        .expect("time");
+        assert!(changed_at > stale + jiff::SignedDuration::from_hours(1));
+        assert_eq!(condition(changed, "Reachable")["reason"], "Unauthorized");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn upstream_deletion_with_policy_delete_deletes_in_gitlab_then_drops_the_finalizer() {
     guarded(async {
@@ -430,12 +550,7 @@ async fn upstream_deletion_with_policy_delete_deletes_in_gitlab_then_drops_the_f
         let stub = UpstreamStub::start(StubBehaviour::default())
             .await
             .expect("stub");
-        env.registry_listing("dockerhub");
-        let upstream = upstream_object(&stub.url(), &[FINALIZER], json!({}));
-        env.know_upstream(&upstream);
-        env.reconcile_upstream(&upstream).await.expect("created");
-        let seen = env.api.take();
-        let status = status_patches(&seen, UPSTREAMS_PATH)[0].body["status"].clone();
+        let (upstream, status) = env.created_upstream(&stub, json!({})).await;
         let id = status["upstreamId"].as_i64().expect("id");
 
         let mut current = deleting(upstream);
@@ -470,16 +585,9 @@ async fn upstream_deletion_with_policy_orphan_leaves_gitlab_alone() {
         let stub = UpstreamStub::start(StubBehaviour::default())
             .await
             .expect("stub");
-        env.registry_listing("dockerhub");
-        let upstream = upstream_object(
-            &stub.url(),
-            &[FINALIZER],
-            json!({"deletionPolicy": "Orphan"}),
-        );
-        env.know_upstream(&upstream);
-        env.reconcile_upstream(&upstream).await.expect("created");
-        let seen = env.api.take();
-        let status = status_patches(&seen, UPSTREAMS_PATH)[0].body["status"].clone();
+        let (upstream, status) = env
+            .created_upstream(&stub, json!({"deletionPolicy": "Orphan"}))
+            .await;
 
         env.sim.reset_request_counts();
         let mut current = deleting(upstream);
@@ -726,6 +834,57 @@ async fn a_registry_is_created_and_reports_its_pull_prefix() {
         env.reconcile_registry(&current).await.expect("reconciled");
         assert!(env.api.take().is_empty());
         assert_eq!(env.sim.write_count(), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn no_reconcile_starts_before_the_stores_hold_their_first_lists() {
+    guarded(async {
+        let mut env = Env::listing(true, Vec::new(), None).await;
+        // On a restart the registry's own watch hands it out while the Upstream list is
+        // still arriving: the Upstream is on its way, not in the store yet.
+        let registry = registry_object(&["dockerhub"], None, &[FINALIZER]);
+        let upstream = upstream_object("https://registry-1.docker.io", &[FINALIZER], json!({}));
+        env.registries
+            .apply_watcher_event(&watcher::Event::InitApply(registry.clone()));
+        env.upstreams
+            .apply_watcher_event(&watcher::Event::InitApply(upstream));
+        let reconcile = tokio::spawn(controller::registry::reconcile(
+            Arc::new(registry),
+            env.ctx.clone(),
+        ));
+        // However often the reconcile gets to run meanwhile, it waits.
+        for _ in 0..1000 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!reconcile.is_finished());
+        assert!(env.api.take().is_empty(), "nothing sent to Kubernetes");
+        assert!(
+            env.sim.request_counts().is_empty(),
+            "nothing sent to GitLab"
+        );
+        assert!(
+            !env.ctx
+                .metrics
+                .encode()
+                .contains("reconciles_total{kind=\"VirtualRegistry\"}"),
+            "no reconcile started"
+        );
+
+        env.lists_done();
+        reconcile
+            .await
+            .expect("the reconcile ran")
+            .expect("reconciled");
+        let seen = env.api.take();
+        let patches = status_patches(&seen, REGISTRIES_PATH);
+        assert_eq!(patches.len(), 1, "{seen:?}");
+        let resolved = condition(&patches[0].body["status"], "UpstreamsResolved");
+        assert_eq!(
+            resolved["reason"], "WaitingForUpstream",
+            "the Upstream is found, waiting for its id: {resolved}"
+        );
     })
     .await;
 }
@@ -1020,6 +1179,7 @@ async fn cleanup_env_with(
         registry_store,
         upstream_store,
     );
+    ctx.stores_listed();
     if let Some(synced) = pods_synced {
         let (pod_store, _) = store::store::<k8s_openapi::api::core::v1::Pod>();
         ctx = ctx.with_pods(controller::cleanup_policy::PodImages {

@@ -292,6 +292,8 @@ impl Operator {
             registry_store,
             upstream_store,
         ));
+        // The stores are listed (empty) as `run` says once its reflectors are ready.
+        ctx.stores_listed();
         if let Some(token) = token {
             // Same key the controller uses for the default connection (`<url>|default`).
             let mut config = ctx.client_config(url.clone(), SecretString::from(token));

@@ -807,6 +807,7 @@ async fn assert_round_trip(sim: &SimHandle, group: &str, name: &str) -> Vec<serd
     assert_eq!(output.status.code(), Some(0), "apply: {}", stdout(&output));
     let writes = sim_writes(sim).await;
     assert!(writes.is_empty(), "apply of the export wrote: {writes:?}");
+    assert_eq!(sim.write_count(), 0, "{:?}", sim.request_counts());
     assert_eq!(state(), snapshot_before, "GitLab changed");
     let files = std::fs::read_dir(&dir).expect("dir").count();
     let documents = exported_documents(&yaml);

@@ -579,7 +579,7 @@ async fn upstream_waits_for_a_registry_then_is_created_through_it() {
         assert_eq!(waiting.upstream_id, None);
         // The group-level test runs while waiting: nothing else is written.
         assert_eq!(env.count("POST", NEW_UPSTREAM_TEST), 1);
-        assert_eq!(env.sim.write_count(), 1);
+        assert_eq!(env.sim.write_count(), 0);
         assert_eq!(
             waiting
                 .reachable
@@ -836,7 +836,8 @@ async fn each_upstream_field_change_is_one_patch_with_only_that_field() {
             // A url change is tested first (gated); other fields are not.
             let tests = env.count("POST", UPSTREAM_TEST);
             assert_eq!(tests, u64::from(field == "url"), "{field}");
-            assert_eq!(env.sim.write_count(), 1 + tests, "{field}");
+            // The connection test stores nothing: the PATCH is the one write.
+            assert_eq!(env.sim.write_count(), 1, "{field}");
         }
         let snapshot = env.snapshot();
         let remote = sim_upstream(&snapshot, id);
@@ -1352,7 +1353,11 @@ async fn the_periodic_test_runs_only_when_the_interval_has_elapsed() {
             .await;
         assert!(due.error.is_none(), "{:?}", due.error);
         assert_eq!(env.count("POST", UPSTREAM_TEST), 1);
-        assert_eq!(env.sim.write_count(), 1, "the test is the only POST");
+        assert_eq!(
+            env.sim.write_count(),
+            0,
+            "the test is the only POST, and stores nothing"
+        );
         assert_eq!(due.last_check.expect("recorded").time, t0() + minutes(10));
         assert_eq!(due.next_check_in, Some(INTERVAL));
     })
@@ -2285,7 +2290,8 @@ async fn a_converged_reconcile_sends_no_writes_and_tests_only_when_due() {
             .await;
         }
         assert_eq!(env.count("POST", UPSTREAM_TEST), 2);
-        assert_eq!(env.sim.write_count(), 2, "{:?}", env.sim.request_counts());
+        // Connection tests store nothing in GitLab: still no write.
+        assert_eq!(env.sim.write_count(), 0, "{:?}", env.sim.request_counts());
     })
     .await;
 }

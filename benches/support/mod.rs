@@ -5,8 +5,9 @@
 //!
 //! What the stand-in keeps from kube-rs's `Controller` as `run` wires it:
 //! - status is carried between reconciles (known ids, applied credentials, last connection
-//!   test) exactly as the controller writes it, and a status equal to the current one is not
-//!   patched;
+//!   test's result) exactly as the controller writes it, and a status equal to the current
+//!   one is not patched; the time of each Upstream's latest test is kept beside the status,
+//!   as the controller keeps it in memory;
 //! - a status patch is a watch event, filtered as `run` filters it ([`Requeues::Predicates`]):
 //!   the own-kind stream passes only spec/intent changes (so never the operator's own status
 //!   write), the Upstream → registry stream only a changed `upstreamId`, the registry →
@@ -31,6 +32,7 @@ use std::time::Duration;
 
 use gitlab_registry_operator::controller;
 use gitlab_registry_operator::crd::conditions::{self, READY};
+use gitlab_registry_operator::crd::upstream::ConnectivityCheckResult;
 use gitlab_registry_operator::crd::{Upstream, VirtualRegistry};
 use gitlab_registry_operator::gitlab::{ClientConfig, GitLabClient};
 use gitlab_registry_operator::resolve;
@@ -129,6 +131,10 @@ pub struct Fleet {
     listings: Arc<UpstreamListings>,
     /// The controller's registry views (`Context::registry_views`).
     registry_views: Arc<RegistryViews>,
+    /// The controller's latest connection test per Upstream
+    /// (`Context::last_connectivity_checks`): status records a test only when its result
+    /// changes.
+    last_checks: std::collections::HashMap<usize, ConnectivityCheckResult>,
 }
 
 /// Which watch events requeue objects.
@@ -271,6 +277,7 @@ impl Fleet {
             listing_registries,
             listings: Arc::new(controller::context::upstream_listings(RESYNC)),
             registry_views: Arc::new(controller::context::registry_views(RESYNC)),
+            last_checks: Default::default(),
         }
     }
 
@@ -433,7 +440,7 @@ pub async fn reconcile(
                 );
                 listings = fleet.listings.clone();
                 registry_views = fleet.registry_views.clone();
-                let request = resolve::upstream::request(
+                let mut request = resolve::upstream::request(
                     upstream,
                     None,
                     &resolve::Objects {
@@ -443,6 +450,14 @@ pub async fn reconcile(
                     now,
                 )
                 .expect("valid Upstream specs");
+                let latest = resolve::upstream::latest_check(
+                    upstream
+                        .status
+                        .as_ref()
+                        .and_then(|status| status.last_connectivity_check.as_ref()),
+                    fleet.last_checks.get(&index),
+                );
+                resolve::upstream::with_latest_check(&mut request, latest.as_ref());
                 let listing = controller::upstream::shared_listing(
                     upstream,
                     &listings,
@@ -458,6 +473,9 @@ pub async fn reconcile(
             )
             .await;
             let mut fleet = lock(fleet);
+            if let Some(check) = resolve::upstream::outcome_check(&outcome) {
+                fleet.last_checks.insert(index, check);
+            }
             let upstream = &mut fleet.upstreams[index];
             let identity_before = controller::triggers::upstream_identity(upstream);
             let current = upstream.status.clone().unwrap_or_default();

@@ -96,29 +96,56 @@ pub fn index_pods<'a>(pods: impl Iterator<Item = &'a Pod>) -> InUseIndex {
 
 /// Strips a Pod to what `keepInUse` reads, so the cache holds images, not whole Pods.
 pub fn keep_only_images(pod: &mut Pod) {
-    pod.metadata.managed_fields = None;
-    pod.metadata.annotations = None;
-    pod.metadata.labels = None;
-    pod.metadata.owner_references = None;
-    if let Some(spec) = pod.spec.as_mut() {
-        let strip = |c: &mut k8s_openapi::api::core::v1::Container| {
-            let image = c.image.take();
-            *c = Default::default();
-            c.image = image;
-        };
-        spec.containers.iter_mut().for_each(strip);
-        spec.init_containers.iter_mut().flatten().for_each(strip);
-        spec.volumes = None;
-        spec.affinity = None;
-        spec.tolerations = None;
-        for container in spec.ephemeral_containers.iter_mut().flatten() {
-            let image = container.image.take();
-            *container = Default::default();
-            container.image = image;
-        }
+    use k8s_openapi::api::core::v1::{Container, ContainerStatus, PodSpec, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let meta = &mut pod.metadata;
+    *meta = ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        uid: meta.uid.take(),
+        resource_version: meta.resource_version.take(),
+        ..ObjectMeta::default()
+    };
+    let image_only = |container: Container| Container {
+        name: container.name,
+        image: container.image,
+        ..Container::default()
+    };
+    if let Some(spec) = pod.spec.take() {
+        pod.spec = Some(PodSpec {
+            containers: spec.containers.into_iter().map(image_only).collect(),
+            init_containers: spec
+                .init_containers
+                .map(|c| c.into_iter().map(image_only).collect()),
+            ephemeral_containers: spec.ephemeral_containers.map(|containers| {
+                containers
+                    .into_iter()
+                    .map(|container| k8s_openapi::api::core::v1::EphemeralContainer {
+                        name: container.name,
+                        image: container.image,
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
+            ..PodSpec::default()
+        });
     }
-    if let Some(status) = pod.status.as_mut() {
-        status.conditions = None;
+    let image_and_id = |status: ContainerStatus| ContainerStatus {
+        name: status.name,
+        image: status.image,
+        image_id: status.image_id,
+        ..ContainerStatus::default()
+    };
+    if let Some(status) = pod.status.take() {
+        let strip = |statuses: Option<Vec<ContainerStatus>>| {
+            statuses.map(|s| s.into_iter().map(image_and_id).collect())
+        };
+        pod.status = Some(PodStatus {
+            container_statuses: strip(status.container_statuses),
+            init_container_statuses: strip(status.init_container_statuses),
+            ephemeral_container_statuses: strip(status.ephemeral_container_statuses),
+            ..PodStatus::default()
+        });
     }
 }
 

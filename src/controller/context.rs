@@ -1,6 +1,7 @@
 //! What every reconcile shares: the Kubernetes client, the GitLab client pool, the group
-//! upstream listings, the reflector stores of the other kinds, the event recorder, metrics
-//! and the operator's settings.
+//! upstream listings, the reflector stores of the other kinds (and waiting for their first
+//! lists), the Upstreams' latest connection tests, the event recorder, metrics and the
+//! operator's settings.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -109,8 +110,13 @@ pub struct Context {
     /// What this process last saw of each registry, for the reruns that follow shortly after
     /// a reconcile (Upstreams getting their ids one after the other).
     pub registry_views: RegistryViews,
+    /// The latest connection test of each Upstream, which status records only when its
+    /// result changes.
+    pub last_connectivity_checks: super::upstream::LastConnectivityChecks,
     /// The images Pods run (`keepInUse`); `None` when Pods are not watched.
     pub pods: Option<super::cleanup_policy::PodImages>,
+    /// Whether the stores reconciles read hold their first full list.
+    stores_listed: tokio::sync::watch::Sender<bool>,
     /// Consecutive failures per object, for backoff; cleared on success.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -137,10 +143,28 @@ impl Context {
             metrics,
             registries,
             upstreams,
+            last_connectivity_checks: Default::default(),
             pods: None,
             policies: None,
+            stores_listed: tokio::sync::watch::Sender::new(false),
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Tells the reconciles that the stores they read (VirtualRegistries, Upstreams) hold
+    /// their first full list. `run` says so once the reflectors are ready.
+    pub fn stores_listed(&self) {
+        self.stores_listed.send_replace(true);
+    }
+
+    /// Waits until [`Context::stores_listed`]. Before that, an object still on its way looks
+    /// missing: a registry would go `UpstreamNotFound` for a moment and an Upstream would
+    /// pick another registry to be created through. (A watch channel, not each reconcile
+    /// awaiting `Store::wait_until_ready`: a store wakes only the last of its waiters.)
+    pub async fn stores_synced(&self) {
+        let mut listed = self.stores_listed.subscribe();
+        // The sender lives as long as the context.
+        let _ = listed.wait_for(|listed| *listed).await;
     }
 
     /// Lets cleanups see the images Pods run (`keepInUse`).

@@ -1,8 +1,9 @@
 //! Prometheus metrics of the operator: reconciles, errors by reason, durations, the time of
-//! the last successful reconcile, GitLab requests by route and status, cleanup counters and
-//! each Upstream's reachability. Labels are bounded sets (kinds, reasons, route templates),
-//! never ids; only the per-Upstream gauges name their object, one series per Upstream that
-//! goes away with it.
+//! the last successful reconcile, GitLab requests by route and status, cleanup counters, and
+//! each Upstream's reachability and latest connection test. Labels are bounded sets (kinds,
+//! reasons, route templates), never ids; only the per-Upstream gauges name their object, one
+//! series per Upstream that goes away with it (the time of the latest test is here, not in
+//! status, so that a test changing nothing writes nothing).
 
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
@@ -73,6 +74,7 @@ pub struct Metrics {
     pub last_successful_reconcile: Family<KindLabels, Gauge<f64, AtomicU64>>,
     pub upstream_reachable: Family<ObjectLabels, Gauge>,
     pub cleanup_pending_approvals: Counter,
+    pub upstream_last_connectivity_check: Family<ObjectLabels, Gauge<f64, AtomicU64>>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -96,6 +98,8 @@ impl Default for Metrics {
         let last_successful_reconcile = Family::<KindLabels, Gauge<f64, AtomicU64>>::default();
         let upstream_reachable = Family::<ObjectLabels, Gauge>::default();
         let cleanup_pending_approvals = Counter::default();
+        let upstream_last_connectivity_check =
+            Family::<ObjectLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "reconciles",
             "Reconciles started, by kind",
@@ -147,6 +151,11 @@ impl Default for Metrics {
              waiting for approval",
             cleanup_pending_approvals.clone(),
         );
+        registry.register(
+            "upstream_last_connectivity_check_timestamp_seconds",
+            "When GitLab last tested the Upstream's connection (Unix time), by namespace and name",
+            upstream_last_connectivity_check.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             reconciles,
@@ -159,6 +168,7 @@ impl Default for Metrics {
             last_successful_reconcile,
             upstream_reachable,
             cleanup_pending_approvals,
+            upstream_last_connectivity_check,
         }
     }
 }
@@ -239,6 +249,24 @@ impl Metrics {
         }
     }
 
+    /// The time of the Upstream's latest connection test.
+    pub fn connectivity_checked(&self, namespace: &str, name: &str, time: jiff::Timestamp) {
+        self.upstream_last_connectivity_check
+            .get_or_create(&ObjectLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+            })
+            .set(time.as_millisecond() as f64 / 1000.0);
+    }
+
+    /// Drops the series of an Upstream that is gone.
+    pub fn forget_upstream(&self, namespace: &str, name: &str) {
+        self.upstream_last_connectivity_check.remove(&ObjectLabels {
+            namespace: namespace.into(),
+            name: name.into(),
+        });
+    }
+
     pub fn count_run(&self, outcome: &str) {
         self.cleanup_runs
             .get_or_create(&RunLabels {
@@ -288,7 +316,18 @@ mod tests {
         );
         metrics.count_tags("deleted", "none", 4);
         metrics.count_run("Succeeded");
+        metrics.connectivity_checked(
+            "team",
+            "dockerhub",
+            jiff::Timestamp::from_second(1_700_000_000).expect("valid"),
+        );
         let text = metrics.encode();
+        assert!(
+            text.contains("gitlab_registry_operator_upstream_last_connectivity_check_timestamp_seconds{namespace=\"team\",name=\"dockerhub\"} 1700000000"),
+            "{text}"
+        );
+        metrics.forget_upstream("team", "dockerhub");
+        assert!(!metrics.encode().contains("name=\"dockerhub\""));
         assert!(
             text.contains("gitlab_registry_operator_reconciles_total{kind=\"Upstream\"} 1"),
             "{text}"

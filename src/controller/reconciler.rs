@@ -26,7 +26,10 @@ fn object_key<K: Resource<DynamicType = ()>>(object: &K) -> String {
 }
 
 /// Runs `apply` (or, once the object is being deleted, `cleanup`) behind the finalizer, and
-/// records the reconcile in metrics and in the object's failure count.
+/// records the reconcile in metrics and in the object's failure count. Nothing starts before
+/// the stores the reconciles read are synced ([`Context::stores_synced`]): on a restart a
+/// controller starts once its own store is listed, while the other kind's list is still
+/// arriving.
 pub async fn reconcile<K, ApplyFuture, CleanupFuture>(
     object: Arc<K>,
     ctx: Arc<Context>,
@@ -42,6 +45,7 @@ where
     ApplyFuture: Future<Output = Result<Requeue>>,
     CleanupFuture: Future<Output = Result<Requeue>>,
 {
+    ctx.stores_synced().await;
     let kind = K::kind(&());
     let started = Instant::now();
     ctx.metrics.reconcile_started(&kind);

@@ -14,6 +14,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use futures::{StreamExt, TryStreamExt as _};
 use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Config as ControllerConfig;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, WatchStreamExt as _, reflector, watcher};
@@ -214,7 +215,21 @@ pub async fn run_with_client(
     let registries_api: Api<VirtualRegistry> =
         scoped_api(&client, options.watch_namespace.as_deref());
     let upstreams_api: Api<Upstream> = scoped_api(&client, options.watch_namespace.as_deref());
-    let secrets_api: Api<Secret> = scoped_api(&client, options.watch_namespace.as_deref());
+    let secrets_api: Api<PartialObjectMeta<Secret>> =
+        scoped_api(&client, options.watch_namespace.as_deref());
+    // Secrets are watched for their identity only (metadata, stripped to name and version),
+    // once for both controllers: a reconcile GETs the one Secret it reads. A full watch
+    // would hold every Secret of the cluster (Helm releases: hundreds of KB each) twice.
+    let (_secret_store, secret_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
+    let registry_secret_changes = secret_writer.subscribe().ok_or(Error::SharedStore)?;
+    let upstream_secret_changes = secret_writer.subscribe().ok_or(Error::SharedStore)?;
+    let secret_task = tokio::spawn(
+        watcher(secrets_api, watcher::Config::default())
+            .default_backoff()
+            .modify(triggers::keep_only_identity)
+            .reflect_shared(secret_writer)
+            .for_each(|_| std::future::ready(())),
+    );
 
     // Each kind's own stream fills the store the other kind reads, and passes only the events
     // its controller must act on (see `triggers`).
@@ -272,11 +287,13 @@ pub async fn run_with_client(
         .with_config(controller_config.clone())
         .reconcile_on(upstream_triggers.receiver);
     // Pods, stripped to their images, for keepInUse; readiness is tracked so that a run
-    // before the first full list deletes nothing.
+    // before the first full list deletes nothing. Listed in pages (the default 500): a list
+    // "from any version" is served in one piece, every Pod of the cluster decoded at once
+    // before they are stripped.
     let pods_api: Api<Pod> = scoped_api(&client, options.watch_namespace.as_deref());
     let (pod_store, pod_writer) = reflector::store();
     let pods_synced = Arc::new(AtomicBool::new(false));
-    let pod_reflector = watcher(pods_api, watcher::Config::default().any_semantic())
+    let pod_reflector = watcher(pods_api, watcher::Config::default())
         .default_backoff()
         .modify(cleanup_policy::keep_only_images)
         .reflect(pod_writer)
@@ -353,26 +370,15 @@ pub async fn run_with_client(
                     .collect::<Vec<_>>()
             },
         )
-        .watches(secrets_api.clone(), watcher::Config::default(), {
-            let registries = registry_store.clone();
-            move |secret: Secret| {
-                let namespace = secret.namespace();
-                let name = secret.name_any();
-                registries
-                    .state()
-                    .iter()
-                    .filter(|registry| registry.namespace() == namespace)
-                    .filter(|registry| {
-                        registry
-                            .spec
-                            .gitlab
-                            .as_ref()
-                            .is_some_and(|g| g.token_secret_ref.name == name)
-                    })
-                    .map(|registry| ObjectRef::from_obj(registry.as_ref()))
-                    .collect::<Vec<_>>()
-            }
-        })
+        .watches_shared_stream(
+            triggers::changed_only(registry_secret_changes, triggers::secret_version),
+            {
+                let registries = registry_store.clone();
+                move |secret: Arc<PartialObjectMeta<Secret>>| {
+                    triggers::readers_of(&registries.state(), &secret, triggers::registry_reads)
+                }
+            },
+        )
         .graceful_shutdown_on(shutdown.clone());
     // A registry change (its GitLab id, above all) requeues the upstreams it lists; a Secret
     // change requeues the upstreams whose credentials or token it holds.
@@ -389,35 +395,22 @@ pub async fn run_with_client(
                     .collect::<Vec<_>>()
             },
         )
-        .watches(secrets_api, watcher::Config::default(), {
-            let upstreams = upstream_store.clone();
-            move |secret: Secret| {
-                let namespace = secret.namespace();
-                let name = secret.name_any();
-                upstreams
-                    .state()
-                    .iter()
-                    .filter(|upstream| upstream.namespace() == namespace)
-                    .filter(|upstream| {
-                        upstream
-                            .spec
-                            .credentials_secret_ref
-                            .as_ref()
-                            .is_some_and(|c| c.name == name)
-                            || upstream
-                                .spec
-                                .gitlab
-                                .as_ref()
-                                .is_some_and(|g| g.token_secret_ref.name == name)
-                    })
-                    .map(|upstream| ObjectRef::from_obj(upstream.as_ref()))
-                    .collect::<Vec<_>>()
-            }
-        })
+        .watches_shared_stream(
+            triggers::changed_only(upstream_secret_changes, triggers::secret_version),
+            {
+                let upstreams = upstream_store.clone();
+                move |secret: Arc<PartialObjectMeta<Secret>>| {
+                    triggers::readers_of(&upstreams.state(), &secret, triggers::upstream_reads)
+                }
+            },
+        )
         .graceful_shutdown_on(shutdown.clone());
 
+    // Awaited here, in the task that drives the watches, and handed to the reconciles
+    // through the context: a store wakes only the last of its waiters.
     let readiness = {
         let health = health.clone();
+        let context = context.clone();
         let (registries, upstreams, policies) = (
             registry_store.clone(),
             upstream_store.clone(),
@@ -426,10 +419,12 @@ pub async fn run_with_client(
         async move {
             if registries.wait_until_ready().await.is_ok()
                 && upstreams.wait_until_ready().await.is_ok()
-                && policies.wait_until_ready().await.is_ok()
             {
-                tracing::info!("caches synced");
-                health.set_ready(true);
+                context.stores_listed();
+                if policies.wait_until_ready().await.is_ok() {
+                    tracing::info!("caches synced");
+                    health.set_ready(true);
+                }
             }
         }
     };
@@ -450,6 +445,7 @@ pub async fn run_with_client(
         tokio::join!(registries, upstreams, policies, readiness);
         pod_task.abort();
         policy_watch.abort();
+        secret_task.abort();
     };
     match lost_lease {
         None => controllers.await,

@@ -12,7 +12,10 @@ use futures::{Stream, StreamExt};
 use kube::runtime::reflector::ObjectRef;
 use std::hash::{Hash, Hasher};
 
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
+use kube::core::PartialObjectMeta;
 
 use crate::crd::{
     PURGE_CACHE_REQUESTED_AT, RECONCILE_REQUESTED_AT, RUN_REQUESTED_AT, Upstream, VirtualRegistry,
@@ -62,6 +65,68 @@ pub fn spec_or_intent<K: Resource>(object: &K) -> Option<u64> {
 /// What a registry reads from an Upstream: [`resolve::upstream_facts`], nothing more or less.
 pub fn upstream_identity(upstream: &Upstream) -> Option<u64> {
     hash_of(resolve::upstream_facts(upstream))
+}
+
+/// A Secret's identity: which version of it exists. A re-list passes no Secret again, only a
+/// new version does (a reconcile reads the Secret's data with a GET).
+pub fn secret_version(secret: &PartialObjectMeta<Secret>) -> Option<u64> {
+    hash_of(&secret.metadata.resource_version)
+}
+
+/// The objects (of one kind, from its store) that read `secret`: those of its namespace for
+/// which `reads(object, secret name)` holds.
+pub fn readers_of<K>(
+    objects: &[Arc<K>],
+    secret: &PartialObjectMeta<Secret>,
+    reads: fn(&K, &str) -> bool,
+) -> Vec<ObjectRef<K>>
+where
+    K: Resource<DynamicType = ()>,
+{
+    let name = secret.metadata.name.as_deref().unwrap_or_default();
+    objects
+        .iter()
+        .filter(|object| object.meta().namespace == secret.metadata.namespace)
+        .filter(|object| reads(object, name))
+        .map(|object| ObjectRef::from_obj(object.as_ref()))
+        .collect()
+}
+
+/// Whether a registry reads Secret `name` of its namespace: its GitLab token.
+pub fn registry_reads(registry: &VirtualRegistry, name: &str) -> bool {
+    registry
+        .spec
+        .gitlab
+        .as_ref()
+        .is_some_and(|gitlab| gitlab.token_secret_ref.name == name)
+}
+
+/// Whether an Upstream reads Secret `name` of its namespace: its credentials or GitLab token.
+pub fn upstream_reads(upstream: &Upstream, name: &str) -> bool {
+    upstream
+        .spec
+        .credentials_secret_ref
+        .as_ref()
+        .is_some_and(|credentials| credentials.name == name)
+        || upstream
+            .spec
+            .gitlab
+            .as_ref()
+            .is_some_and(|gitlab| gitlab.token_secret_ref.name == name)
+}
+
+/// Strips a watched Secret's metadata to what the triggers read (namespace, name, version):
+/// labels, annotations (a `kubectl apply` annotation holds the whole Secret) and managed
+/// fields are not kept in the store.
+pub fn keep_only_identity(secret: &mut PartialObjectMeta<Secret>) {
+    let meta = &mut secret.metadata;
+    *meta = ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        resource_version: meta.resource_version.take(),
+        uid: meta.uid.take(),
+        ..ObjectMeta::default()
+    };
 }
 
 /// What an Upstream reads from a registry: [`resolve::registry_facts`], nothing more or less.
@@ -126,6 +191,60 @@ mod tests {
         .collect()
         .await;
         assert_eq!(passed.len(), 2, "the first sighting and the new id only");
+    }
+
+    fn secret(version: &str) -> PartialObjectMeta<Secret> {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+            "metadata": {
+                "name": "sh.helm.release.v1.app.v1", "namespace": "n", "resourceVersion": version,
+                "uid": "u-1", "labels": {"owner": "helm"},
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{\"data\": \"…\"}"},
+                "managedFields": [{"manager": "helm", "operation": "Update"}],
+            },
+        }))
+        .expect("valid metadata")
+    }
+
+    #[tokio::test]
+    async fn secrets_pass_once_per_version_stripped_to_their_identity() {
+        let mut stripped = secret("1");
+        keep_only_identity(&mut stripped);
+        assert_eq!(
+            stripped.metadata.name.as_deref(),
+            Some("sh.helm.release.v1.app.v1")
+        );
+        assert_eq!(stripped.metadata.namespace.as_deref(), Some("n"));
+        assert_eq!(stripped.metadata.resource_version.as_deref(), Some("1"));
+        assert!(stripped.metadata.annotations.is_none());
+        assert!(stripped.metadata.labels.is_none());
+        assert!(stripped.metadata.managed_fields.is_none());
+
+        let relisted = [secret("1"), secret("1"), secret("2")].map(Arc::new);
+        let passed: Vec<_> = changed_only(futures::stream::iter(relisted), secret_version)
+            .collect()
+            .await;
+        assert_eq!(
+            passed.len(),
+            2,
+            "the first sighting and the new version only"
+        );
+    }
+
+    #[test]
+    fn a_secret_requeues_the_objects_of_its_namespace_that_read_it() {
+        let mut reading = upstream();
+        reading.spec.credentials_secret_ref = Some(
+            serde_json::from_value(serde_json::json!({"name": "sh.helm.release.v1.app.v1"}))
+                .expect("reference"),
+        );
+        let mut elsewhere = reading.clone();
+        elsewhere.metadata.namespace = Some("other".into());
+        let mut not_reading = upstream();
+        not_reading.metadata.name = Some("plain".into());
+        let objects = [reading.clone(), elsewhere, not_reading].map(Arc::new);
+        let requeued = readers_of(&objects, &secret("1"), upstream_reads);
+        assert_eq!(requeued, [ObjectRef::from_obj(&reading)]);
     }
 
     #[test]

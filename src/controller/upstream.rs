@@ -2,7 +2,8 @@
 //! through) → validate → the `sync::upstream` engine, reading from the shared group listings
 //! when nothing changed since the last reconcile → status and Events.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::EventType;
@@ -15,9 +16,11 @@ use super::status::{
 use super::world::Stores;
 use super::{Context, Error, Result, reconciler, tenancy};
 use crate::crd::conditions::{self, SYNCED};
+use crate::crd::upstream::ConnectivityCheckResult;
 use crate::crd::{DeletionPolicy, Upstream, UpstreamStatus};
 use crate::gitlab::{PathOrId, UpstreamCredentials};
 use crate::resolve;
+pub use crate::resolve::upstream::{latest_check, outcome_check, with_latest_check};
 use crate::sync::listing::UpstreamListings;
 use crate::sync::registry::RegistryViews;
 use crate::sync::upstream::{
@@ -50,6 +53,7 @@ async fn apply(upstream: &Upstream, ctx: &Context, api: &Api<Upstream>) -> Resul
     }
     match dereference_and_sync(upstream, ctx).await {
         Ok(outcome) => {
+            remember_check(ctx, upstream, &outcome);
             let status = resolve::upstream::status(upstream, &current, &outcome);
             record_reachability(ctx, upstream, reachability(&status));
             apply_status(api, upstream, upstream.status.as_ref(), &status).await?;
@@ -128,12 +132,22 @@ async fn dereference_and_sync(upstream: &Upstream, ctx: &Context) -> Result<Upst
             })
         }
     };
-    let request = resolve::upstream::request(
+    let mut request = resolve::upstream::request(
         upstream,
         credentials,
         &Stores::of(ctx),
         jiff::Timestamp::now(),
     )?;
+    let latest = latest_check(
+        upstream
+            .status
+            .as_ref()
+            .and_then(|status| status.last_connectivity_check.as_ref()),
+        ctx.last_connectivity_checks
+            .get(&check_key(upstream))
+            .as_ref(),
+    );
+    with_latest_check(&mut request, latest.as_ref());
     let listing = shared_listing(upstream, &ctx.upstream_listings, &ctx.registry_views, &key);
     Ok(sync::upstream::reconcile_with_listing(&client, &request, Some(listing)).await)
 }
@@ -168,6 +182,56 @@ pub fn nothing_changed_since_last_reconcile(upstream: &Upstream) -> bool {
         )
 }
 
+/// The latest connection test of each Upstream this process ran or read, by
+/// `namespace/name`: what status no longer records (the time of a test with an unchanged
+/// result), exported as `upstream_last_connectivity_check_timestamp_seconds`.
+#[derive(Default)]
+pub struct LastConnectivityChecks {
+    checks: Mutex<HashMap<String, ConnectivityCheckResult>>,
+}
+
+impl LastConnectivityChecks {
+    pub fn get(&self, upstream: &str) -> Option<ConnectivityCheckResult> {
+        self.lock().get(upstream).cloned()
+    }
+
+    pub fn remember(&self, upstream: &str, check: ConnectivityCheckResult) {
+        self.lock().insert(upstream.to_owned(), check);
+    }
+
+    pub fn forget(&self, upstream: &str) {
+        self.lock().remove(upstream);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, ConnectivityCheckResult>> {
+        self.checks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The key of `upstream` in [`LastConnectivityChecks`].
+fn check_key(upstream: &Upstream) -> String {
+    format!(
+        "{}/{}",
+        upstream.namespace().unwrap_or_default(),
+        upstream.name_any()
+    )
+}
+
+/// Remembers the test an engine run ended with and exports its time.
+fn remember_check(ctx: &Context, upstream: &Upstream, outcome: &UpstreamOutcome) {
+    if let Some(check) = outcome_check(outcome) {
+        ctx.metrics.connectivity_checked(
+            &upstream.namespace().unwrap_or_default(),
+            &upstream.name_any(),
+            check.time.0,
+        );
+        ctx.last_connectivity_checks
+            .remember(&check_key(upstream), check);
+    }
+}
+
 fn suspended_status(current: &UpstreamStatus, generation: Option<i64>) -> UpstreamStatus {
     let mut status = current.clone();
     status.observed_generation = generation;
@@ -181,6 +245,11 @@ fn suspended_status(current: &UpstreamStatus, generation: Option<i64>) -> Upstre
 
 async fn cleanup(upstream: &Upstream, ctx: &Context) -> Result<Requeue> {
     record_reachability(ctx, upstream, None);
+    ctx.last_connectivity_checks.forget(&check_key(upstream));
+    ctx.metrics.forget_upstream(
+        &upstream.namespace().unwrap_or_default(),
+        &upstream.name_any(),
+    );
     let upstream_id = upstream.status.as_ref().and_then(|s| s.upstream_id);
     let Some(upstream_id) =
         upstream_id.filter(|_| upstream.spec.deletion_policy == DeletionPolicy::Delete)

@@ -156,7 +156,9 @@ pub struct UpstreamStatus {
     /// The version of the credentials Secret last sent to GitLab (never a value or a hash).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_credentials: Option<AppliedCredentials>,
-    /// Result of the last connection test.
+    /// Result of the last connection test. Written when the result or what was tested
+    /// changes, not after every periodic test: the time of the latest test is the metric
+    /// `gitlab_registry_operator_upstream_last_connectivity_check_timestamp_seconds`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_connectivity_check: Option<ConnectivityCheckResult>,
     /// Last value of the `gitlabregistry.io/purge-cache-requested-at` annotation acted on.
@@ -185,7 +187,7 @@ pub struct AppliedCredentials {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectivityCheckResult {
-    /// When the test ran.
+    /// When a test first had this result: later tests with the same result leave it as it is.
     pub time: Time,
     /// Whether GitLab reached the upstream with the configured credentials.
     pub success: bool,

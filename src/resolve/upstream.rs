@@ -111,19 +111,14 @@ pub fn request(
             upstream_id: status.upstream_id,
             group_id: status.group_id,
             applied_credentials: status.applied_credentials.as_ref().map(credentials_version),
-            last_check_configuration: status.last_connectivity_check.as_ref().and_then(|check| {
-                Some(TestedConfiguration {
-                    url: check.url.clone()?,
-                    credentials: check.credentials.as_ref().map(credentials_version),
-                })
-            }),
+            last_check_configuration: status
+                .last_connectivity_check
+                .as_ref()
+                .and_then(tested_configuration),
             last_check: status
                 .last_connectivity_check
-                .map(|check| ConnectivityCheck {
-                    time: check.time.0,
-                    success: check.success,
-                    result: check.result,
-                }),
+                .as_ref()
+                .map(connectivity_check),
             last_handled_purge_cache: status.last_handled_purge_cache_at,
         },
         registry_for_create,
@@ -136,7 +131,7 @@ pub fn request(
     })
 }
 
-/// The status to write after an engine run. Pure.
+/// The status to write after an engine run.
 pub fn status(
     upstream: &Upstream,
     current: &UpstreamStatus,
@@ -152,24 +147,10 @@ pub fn status(
         .applied_credentials
         .as_ref()
         .map(applied_credentials);
-    status.last_connectivity_check =
-        outcome
-            .last_check
-            .as_ref()
-            .map(|check| ConnectivityCheckResult {
-                time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(check.time),
-                success: check.success,
-                result: check.result.clone(),
-                url: outcome
-                    .last_check_configuration
-                    .as_ref()
-                    .map(|tested| tested.url.clone()),
-                credentials: outcome
-                    .last_check_configuration
-                    .as_ref()
-                    .and_then(|tested| tested.credentials.as_ref())
-                    .map(applied_credentials),
-            });
+    status.last_connectivity_check = recorded_check(
+        current.last_connectivity_check.as_ref(),
+        outcome_check(outcome),
+    );
     status.last_handled_purge_cache_at = outcome.last_handled_purge_cache.clone();
     status.last_handled_reconcile_at = upstream.annotations().get(RECONCILE_REQUESTED_AT).cloned();
     conditions::set_condition(
@@ -202,6 +183,89 @@ fn applied_credentials(version: &CredentialsVersion) -> AppliedCredentials {
         secret_name: version.secret_name.clone(),
         resource_version: version.resource_version.clone(),
     }
+}
+
+/// What a recorded test tested, for the engine; `None` when not recorded.
+fn tested_configuration(check: &ConnectivityCheckResult) -> Option<TestedConfiguration> {
+    Some(TestedConfiguration {
+        url: check.url.clone()?,
+        credentials: check.credentials.as_ref().map(credentials_version),
+    })
+}
+
+/// A recorded test, for the engine.
+fn connectivity_check(check: &ConnectivityCheckResult) -> ConnectivityCheck {
+    ConnectivityCheck {
+        time: check.time.0,
+        success: check.success,
+        result: check.result.clone(),
+    }
+}
+
+/// Whether two tests tested the same configuration with the same result (their times aside).
+fn same_result(a: &ConnectivityCheckResult, b: &ConnectivityCheckResult) -> bool {
+    (a.success, &a.result, &a.url, &a.credentials) == (b.success, &b.result, &b.url, &b.credentials)
+}
+
+/// The last connection test as this process knows it. Status records a test's result with
+/// the time that result was first seen (a periodic test with the same result writes
+/// nothing); this process remembers the time of its latest test ([`LastConnectivityChecks`]).
+/// The remembered test counts when it agrees with the status (same configuration, same
+/// result, not older); else the status does (it changed behind us, or there is no memory
+/// since a restart: the time of the last change is then taken as the last test's, so a test
+/// is due early rather than a test older than the interval reused).
+pub fn latest_check(
+    recorded: Option<&ConnectivityCheckResult>,
+    remembered: Option<&ConnectivityCheckResult>,
+) -> Option<ConnectivityCheckResult> {
+    match (recorded, remembered) {
+        (Some(recorded), Some(remembered))
+            if same_result(recorded, remembered) && remembered.time.0 >= recorded.time.0 =>
+        {
+            Some(remembered.clone())
+        }
+        (recorded, _) => recorded.cloned(),
+    }
+}
+
+/// Lets the engine decide on `latest` ([`latest_check`]) instead of the test recorded in
+/// status: whether a test is due, whether one within the interval can be reused.
+pub fn with_latest_check(request: &mut UpstreamRequest, latest: Option<&ConnectivityCheckResult>) {
+    request.known.last_check = latest.map(connectivity_check);
+    request.known.last_check_configuration = latest.and_then(tested_configuration);
+}
+
+/// The test status records after an engine run: the current one, time included, while the
+/// result and configuration stay the same; the new test when they change.
+fn recorded_check(
+    current: Option<&ConnectivityCheckResult>,
+    latest: Option<ConnectivityCheckResult>,
+) -> Option<ConnectivityCheckResult> {
+    match (current, latest) {
+        (Some(current), Some(latest)) if same_result(current, &latest) => Some(current.clone()),
+        (_, latest) => latest,
+    }
+}
+
+/// The test an engine run ends with, as status records it (with its own time).
+pub fn outcome_check(outcome: &UpstreamOutcome) -> Option<ConnectivityCheckResult> {
+    outcome
+        .last_check
+        .as_ref()
+        .map(|check| ConnectivityCheckResult {
+            time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(check.time),
+            success: check.success,
+            result: check.result.clone(),
+            url: outcome
+                .last_check_configuration
+                .as_ref()
+                .map(|tested| tested.url.clone()),
+            credentials: outcome
+                .last_check_configuration
+                .as_ref()
+                .and_then(|tested| tested.credentials.as_ref())
+                .map(applied_credentials),
+        })
 }
 
 #[cfg(test)]
@@ -417,5 +481,105 @@ mod tests {
         // Same outcome again: the status is equal, so no patch would be sent.
         let again = super::status(&upstream, &status, &outcome);
         assert_eq!(again, status);
+    }
+    fn check_at(second: i64, success: bool) -> ConnectivityCheckResult {
+        ConnectivityCheckResult {
+            time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                jiff::Timestamp::from_second(second).expect("valid"),
+            ),
+            success,
+            result: (!success).then(|| "Error: 401 - Unauthorized".to_string()),
+            url: Some("https://registry-1.docker.io".into()),
+            credentials: None,
+        }
+    }
+
+    fn checked(check: &ConnectivityCheckResult) -> UpstreamOutcome {
+        UpstreamOutcome {
+            upstream_id: Some(5),
+            group_id: Some(100),
+            applied_credentials: None,
+            last_check: Some(connectivity_check(check)),
+            last_check_configuration: tested_configuration(check),
+            last_handled_purge_cache: None,
+            synced: ConditionUpdate::new(SYNCED, true, "Synced", "ok"),
+            reachable: Some(crate::sync::upstream::reachable_condition(
+                &connectivity_check(check),
+            )),
+            actions: Vec::new(),
+            error: None,
+            next_check_in: None,
+        }
+    }
+
+    #[test]
+    fn a_periodic_test_with_the_same_result_leaves_the_status_as_it_is() {
+        let upstream = upstream(DOCKERHUB);
+        let first = status(
+            &upstream,
+            &UpstreamStatus::default(),
+            &checked(&check_at(1_000, true)),
+        );
+        let again = status(&upstream, &first, &checked(&check_at(1_600, true)));
+        assert_eq!(again, first, "no patch: the result did not change");
+        assert_eq!(
+            first.last_connectivity_check.as_ref().map(|c| c.time.0),
+            Some(jiff::Timestamp::from_second(1_000).expect("valid")),
+            "the time the result was first seen"
+        );
+
+        let failed = status(&upstream, &first, &checked(&check_at(2_200, false)));
+        let recorded = failed.last_connectivity_check.as_ref().expect("a test");
+        assert_eq!(
+            (recorded.success, recorded.time.0.as_second()),
+            (false, 2_200)
+        );
+        let ready = conditions::find(&failed.conditions, READY).expect("Ready");
+        assert_eq!(ready.reason, "Unauthorized");
+    }
+
+    #[test]
+    fn the_latest_test_is_the_remembered_one_while_it_agrees_with_the_status() {
+        let recorded = check_at(1_000, true);
+        let remembered = check_at(1_600, true);
+        assert_eq!(
+            latest_check(Some(&recorded), Some(&remembered)),
+            Some(remembered.clone())
+        );
+        // No memory (a restart): the time of the last change stands in, so a test is due
+        // early rather than one older than the interval reused.
+        assert_eq!(latest_check(Some(&recorded), None), Some(recorded.clone()));
+        // The status changed behind this process (another result, or no test at all).
+        let failed = check_at(2_000, false);
+        assert_eq!(latest_check(Some(&failed), Some(&remembered)), Some(failed));
+        assert_eq!(latest_check(None, Some(&remembered)), None);
+        // Another url was tested since.
+        let mut elsewhere = remembered.clone();
+        elsewhere.url = Some("https://quay.io".into());
+        assert_eq!(
+            latest_check(Some(&recorded), Some(&elsewhere)),
+            Some(recorded.clone())
+        );
+
+        let mut request = build_request(
+            &upstream(DOCKERHUB),
+            None,
+            std::iter::empty(),
+            jiff::Timestamp::from_second(1_700).expect("valid"),
+        )
+        .expect("valid");
+        with_latest_check(&mut request, Some(&remembered));
+        assert_eq!(
+            request.known.last_check.map(|check| check.time.as_second()),
+            Some(1_600),
+            "the engine decides whether a test is due on the latest one"
+        );
+        assert_eq!(
+            request
+                .known
+                .last_check_configuration
+                .map(|tested| tested.url),
+            Some("https://registry-1.docker.io".to_string())
+        );
     }
 }

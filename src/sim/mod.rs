@@ -298,11 +298,15 @@ impl SimHandle {
             .unwrap_or(0)
     }
 
-    /// Requests so far with a method other than GET/HEAD.
+    /// Requests so far that can change GitLab's state: every method other than GET/HEAD, except
+    /// the upstream connection tests (`…/upstreams/test`, `…/upstreams/:id/test`), which GitLab
+    /// takes as POSTs but which only probe the remote registry and store nothing.
     pub fn write_count(&self) -> u64 {
         self.request_counts()
             .iter()
-            .filter(|(key, _)| !key.starts_with("GET ") && !key.starts_with("HEAD "))
+            .filter(|(key, _)| {
+                !key.starts_with("GET ") && !key.starts_with("HEAD ") && !key.ends_with("/test")
+            })
             .map(|(_, count)| count)
             .sum()
     }
