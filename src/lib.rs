@@ -1,8 +1,10 @@
 //! gitlab-registry-operator: keeps GitLab container virtual registries, their upstreams and
 //! container tag cleanups in line with Kubernetes objects.
 //!
-//! `sync` and `cleanup` know nothing of Kubernetes; `controller` is the thin glue between the
-//! cluster and those engines; `sim` is a GitLab simulator used by tests, the demo and `sim`.
+//! `sync` and `cleanup` know nothing of Kubernetes; `resolve` turns objects into engine
+//! requests and outcomes into status for both drivers, `controller` (the thin glue between
+//! the cluster and the engines) and `standalone`; `sim` is a GitLab simulator used by tests,
+//! the demo and `sim`. See ARCHITECTURE.md.
 
 pub mod cleanup;
 pub mod controller;
