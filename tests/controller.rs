@@ -1181,11 +1181,13 @@ async fn cleanup_env_with(
     );
     ctx.stores_listed();
     if let Some(synced) = pods_synced {
-        let (pod_store, _) = store::store::<k8s_openapi::api::core::v1::Pod>();
-        ctx = ctx.with_pods(controller::cleanup_policy::PodImages {
-            store: pod_store,
-            synced: Arc::new(std::sync::atomic::AtomicBool::new(synced)),
-        });
+        let pods = controller::cleanup_policy::PodImages::default();
+        if synced {
+            // An empty cluster's Pod list.
+            pods.apply(kube::runtime::watcher::Event::Init);
+            pods.apply(kube::runtime::watcher::Event::InitDone);
+        }
+        ctx = ctx.with_pods(pods);
     }
     if let Some(policies) = policies {
         ctx = ctx.with_policies(policies);

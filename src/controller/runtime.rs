@@ -286,27 +286,22 @@ pub async fn run_with_client(
     let upstream_controller = Controller::for_stream(upstream_events, upstream_store.clone())
         .with_config(controller_config.clone())
         .reconcile_on(upstream_triggers.receiver);
-    // Pods, stripped to their images, for keepInUse; readiness is tracked so that a run
-    // before the first full list deletes nothing. Listed in pages (the default 500): a list
-    // "from any version" is served in one piece, every Pod of the cluster decoded at once
-    // before they are stripped.
+    // Pods, as their images only, for keepInUse; a run before the first full list deletes
+    // nothing. Listed in pages (the default 500): a list "from any version" is served in one
+    // piece, every Pod of the cluster decoded at once.
     let pods_api: Api<Pod> = scoped_api(&client, options.watch_namespace.as_deref());
-    let (pod_store, pod_writer) = reflector::store();
-    let pods_synced = Arc::new(AtomicBool::new(false));
-    let pod_reflector = watcher(pods_api, watcher::Config::default())
-        .default_backoff()
-        .modify(cleanup_policy::keep_only_images)
-        .reflect(pod_writer)
-        .for_each(|_| std::future::ready(()));
-    tokio::spawn({
-        let (store, synced) = (pod_store.clone(), pods_synced.clone());
-        async move {
-            if store.wait_until_ready().await.is_ok() {
-                synced.store(true, Ordering::SeqCst);
-            }
-        }
+    let pod_images = cleanup_policy::PodImages::default();
+    let pod_task = tokio::spawn({
+        let pod_images = pod_images.clone();
+        watcher(pods_api, watcher::Config::default())
+            .default_backoff()
+            .for_each(move |event| {
+                if let Ok(event) = event {
+                    pod_images.apply(event);
+                }
+                std::future::ready(())
+            })
     });
-    let pod_task = tokio::spawn(pod_reflector);
 
     let policies_api: Api<CleanupPolicy> = scoped_api(&client, options.watch_namespace.as_deref());
     let (policy_store, policy_writer) = reflector::store();
@@ -336,10 +331,7 @@ pub async fn run_with_client(
             registry_store.clone(),
             upstream_store.clone(),
         )
-        .with_pods(cleanup_policy::PodImages {
-            store: pod_store,
-            synced: pods_synced,
-        })
+        .with_pods(pod_images)
         .with_policies(policy_store.clone()),
     );
     let policy_watch = tokio::spawn(tenancy::watch_access_policy(
