@@ -31,130 +31,13 @@ const UPSTREAMS_PATH: &str = "/apis/gitlabregistry.io/v1alpha1/namespaces/team/u
 const REGISTRIES_PATH: &str = "/apis/gitlabregistry.io/v1alpha1/namespaces/team/virtualregistries";
 const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/team/events";
 
-type ApiServerHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+#[path = "support/harness.rs"]
+mod harness;
+#[path = "support/kube_api.rs"]
+mod kube_api;
 
-/// Hang guard only: nothing asserts on time.
-async fn guarded<F: std::future::Future<Output = ()>>(test: F) {
-    tokio::time::timeout(Duration::from_secs(120), test)
-        .await
-        .expect("test finished within the hang guard");
-}
-
-/// One request the operator sent to the Kubernetes API.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: String,
-    path: String,
-    query: String,
-    content_type: String,
-    body: Value,
-}
-
-impl Seen {
-    fn is(&self, method: &str, path: &str) -> bool {
-        self.method == method && self.path == path
-    }
-}
-
-/// The mocked apiserver: answers every request the way the apiserver would for these
-/// tests (objects echoed back, Secrets from a fixed list, 404 otherwise) and records it.
-struct ApiServer {
-    seen: Arc<Mutex<Vec<Seen>>>,
-}
-
-impl ApiServer {
-    fn start(mut handle: ApiServerHandle, secrets: Vec<Value>) -> Self {
-        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let log = seen.clone();
-        tokio::spawn(async move {
-            while let Some((request, send)) = handle.next_request().await {
-                let (parts, body) = request.into_parts();
-                let bytes = body.collect_bytes().await.expect("request body");
-                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                let path = parts.uri.path().to_owned();
-                let request = Seen {
-                    method: parts.method.as_str().to_owned(),
-                    query: parts.uri.query().unwrap_or_default().to_owned(),
-                    content_type: parts
-                        .headers
-                        .get(http::header::CONTENT_TYPE)
-                        .and_then(|value| value.to_str().ok())
-                        .unwrap_or_default()
-                        .to_owned(),
-                    path,
-                    body,
-                };
-                let (status, answer) = answer(&request, &secrets);
-                log.lock().expect("log").push(request);
-                let response = Response::builder()
-                    .status(status)
-                    .header(http::header::CONTENT_TYPE, "application/json")
-                    .body(Body::from(serde_json::to_vec(&answer).expect("json")))
-                    .expect("response");
-                send.send_response(response);
-            }
-        });
-        Self { seen }
-    }
-
-    fn take(&self) -> Vec<Seen> {
-        std::mem::take(&mut *self.seen.lock().expect("log"))
-    }
-}
-
-fn not_found(what: &str) -> (u16, Value) {
-    (
-        404,
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-               "message": format!("{what} not found"), "reason": "NotFound", "code": 404}),
-    )
-}
-
-fn answer(request: &Seen, secrets: &[Value]) -> (u16, Value) {
-    if request.method == "GET"
-        && let Some(name) = request
-            .path
-            .strip_prefix(&format!("/api/v1/namespaces/{NAMESPACE}/secrets/"))
-    {
-        return secrets
-            .iter()
-            .find(|secret| secret["metadata"]["name"] == name)
-            .map_or_else(|| not_found("secret"), |secret| (200, secret.clone()));
-    }
-    if request.method == "POST" && request.path == EVENTS_PATH {
-        return (201, request.body.clone());
-    }
-    if request.method == "PATCH" && request.path.starts_with("/apis/gitlabregistry.io/") {
-        // The object after the patch: enough of it for the client to decode.
-        let kind = if request.path.contains("/upstreams/") {
-            "Upstream"
-        } else if request.path.contains("/cleanuppolicies/") {
-            "CleanupPolicy"
-        } else {
-            "VirtualRegistry"
-        };
-        let name = request
-            .path
-            .split('/')
-            .nth(7)
-            .unwrap_or_default()
-            .to_owned();
-        let spec = if kind == "Upstream" {
-            json!({"group": "my-org", "url": "https://example.org"})
-        } else if kind == "CleanupPolicy" {
-            json!({"target": {"containerRepositories": {"project": "my-org/app"}}, "rules": {"nameRegexDelete": ".*"}})
-        } else {
-            json!({"group": "my-org"})
-        };
-        return (
-            200,
-            json!({"apiVersion": "gitlabregistry.io/v1alpha1", "kind": kind,
-                   "metadata": {"name": name, "namespace": NAMESPACE, "resourceVersion": "2"},
-                   "spec": spec}),
-        );
-    }
-    not_found("object")
-}
+use harness::guarded;
+use kube_api::{ApiServer, Seen, not_found};
 
 struct Env {
     sim: SimHandle,
@@ -1529,20 +1412,7 @@ fn lease_client(state: Arc<Mutex<FakeLease>>, instance: &'static str) -> kube::C
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     tokio::spawn(async move {
         while let Some((request, send)) = handle.next_request().await {
-            let (parts, body) = request.into_parts();
-            let bytes = body.collect_bytes().await.expect("body");
-            let seen = Seen {
-                method: parts.method.as_str().to_owned(),
-                path: parts.uri.path().to_owned(),
-                query: parts.uri.query().unwrap_or_default().to_owned(),
-                content_type: parts
-                    .headers
-                    .get(http::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_owned(),
-                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-            };
+            let seen = Seen::read(request).await;
             *state
                 .lock()
                 .expect("lease")

@@ -11,7 +11,6 @@
 //! minutes, and a slow answer is a `delay` fault longer than the client's timeout.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -70,130 +69,13 @@ const GROUP_UPSTREAMS: &str = "/groups/:id/-/virtual_registries/container/upstre
 const TAGS: &str = "/projects/:id/registry/repositories/:repository_id/tags";
 const TAG: &str = "/projects/:id/registry/repositories/:repository_id/tags/:tag_name";
 
-type ApiServerHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+#[path = "support/harness.rs"]
+mod harness;
+#[path = "support/kube_api.rs"]
+mod kube_api;
 
-/// Hang guard only: nothing asserts on time.
-async fn guarded<F: Future<Output = ()>>(test: F) {
-    tokio::time::timeout(Duration::from_secs(180), test)
-        .await
-        .expect("test finished within the hang guard");
-}
-
-// ---- the mocked Kubernetes API server ----------------------------------------------------
-
-/// One request the operator sent to the Kubernetes API, body as sent.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: String,
-    path: String,
-    raw_body: String,
-    body: Value,
-}
-
-/// Answers Secret reads from a list the test can change (rotation), echoes status patches
-/// and Events, and records every request.
-#[derive(Clone)]
-struct ApiServer {
-    seen: Arc<Mutex<Vec<Seen>>>,
-    secrets: Arc<Mutex<Vec<Value>>>,
-}
-
-impl ApiServer {
-    fn start(mut handle: ApiServerHandle, secrets: Vec<Value>) -> Self {
-        let server = Self {
-            seen: Arc::default(),
-            secrets: Arc::new(Mutex::new(secrets)),
-        };
-        let state = server.clone();
-        tokio::spawn(async move {
-            while let Some((request, send)) = handle.next_request().await {
-                let (parts, body) = request.into_parts();
-                let bytes = body.collect_bytes().await.expect("request body");
-                let seen = Seen {
-                    method: parts.method.as_str().to_owned(),
-                    path: parts.uri.path().to_owned(),
-                    raw_body: String::from_utf8_lossy(&bytes).into_owned(),
-                    body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-                };
-                let (status, answer) = state.answer(&seen);
-                state.seen.lock().expect("log").push(seen);
-                let response = Response::builder()
-                    .status(status)
-                    .header(http::header::CONTENT_TYPE, "application/json")
-                    .body(Body::from(serde_json::to_vec(&answer).expect("json")))
-                    .expect("response");
-                send.send_response(response);
-            }
-        });
-        server
-    }
-
-    fn answer(&self, request: &Seen) -> (u16, Value) {
-        let segments: Vec<&str> = request.path.split('/').collect();
-        // /api/v1/namespaces/{namespace}/secrets/{name}
-        if request.method == "GET"
-            && segments.len() == 7
-            && segments[1..4] == ["api", "v1", "namespaces"]
-            && segments[5] == "secrets"
-        {
-            let secrets = self.secrets.lock().expect("secrets");
-            return secrets
-                .iter()
-                .find(|secret| {
-                    secret["metadata"]["namespace"] == segments[4]
-                        && secret["metadata"]["name"] == segments[6]
-                })
-                .map_or_else(|| not_found("secret"), |secret| (200, secret.clone()));
-        }
-        if request.path.contains("/events") {
-            return (
-                if request.method == "POST" { 201 } else { 200 },
-                request.body.clone(),
-            );
-        }
-        // /apis/gitlabregistry.io/v1alpha1/namespaces/{namespace}/{plural}/{name}[/status]
-        if request.method == "PATCH" && request.path.starts_with("/apis/gitlabregistry.io/") {
-            let (kind, spec) = if segments.get(6) == Some(&"upstreams") {
-                (
-                    "Upstream",
-                    json!({"group": GROUP, "url": "https://example.org"}),
-                )
-            } else {
-                ("VirtualRegistry", json!({"group": GROUP}))
-            };
-            return (
-                200,
-                json!({"apiVersion": "gitlabregistry.io/v1alpha1", "kind": kind,
-                       "metadata": {"name": segments.get(7).copied().unwrap_or_default(),
-                                    "namespace": segments.get(5).copied().unwrap_or_default(),
-                                    "resourceVersion": "2"},
-                       "spec": spec}),
-            );
-        }
-        not_found("object")
-    }
-
-    fn take(&self) -> Vec<Seen> {
-        std::mem::take(&mut *self.seen.lock().expect("log"))
-    }
-
-    fn replace_secret(&self, secret: Value) {
-        let mut secrets = self.secrets.lock().expect("secrets");
-        secrets.retain(|s| {
-            s["metadata"]["name"] != secret["metadata"]["name"]
-                || s["metadata"]["namespace"] != secret["metadata"]["namespace"]
-        });
-        secrets.push(secret);
-    }
-}
-
-fn not_found(what: &str) -> (u16, Value) {
-    (
-        404,
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-               "message": format!("{what} not found"), "reason": "NotFound", "code": 404}),
-    )
-}
+use harness::guarded;
+use kube_api::{ApiServer, Seen};
 
 fn secret(namespace: &str, name: &str, version: &str, data: &[(&str, &str)]) -> Value {
     let data: serde_json::Map<String, Value> = data

@@ -4,7 +4,6 @@
 //! recording TCP relay between the client and the simulator (request bodies).
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,12 +45,10 @@ const ASSOCIATION: &str = "/virtual_registries/container/registry_upstreams/:id"
 
 // ---- harness ------------------------------------------------------------------------------
 
-/// Hang guard only: nothing asserts on time.
-async fn guarded<F: Future<Output = ()>>(test: F) {
-    tokio::time::timeout(Duration::from_secs(120), test)
-        .await
-        .expect("test finished within the hang guard");
-}
+#[path = "support/harness.rs"]
+mod harness;
+
+use harness::guarded;
 
 /// One request as the client sent it.
 #[derive(Debug, Clone)]
