@@ -22,7 +22,7 @@ use crate::crd::{
     CleanupPolicy, CleanupStrategy, Upstream, VirtualRegistry, conditions::ConditionUpdate,
 };
 use crate::gitlab::{GitLabClient, PathOrId, UpstreamCredentials};
-use crate::sync::registry::{self, DesiredMember, RegistryOutcome, Resolution};
+use crate::sync::registry::{self, RegistryOutcome, Resolution};
 use crate::sync::upstream::{self, CredentialsVersion, ResolvedCredentials, UpstreamOutcome};
 use crate::sync::{Action, Mode};
 
@@ -270,6 +270,8 @@ struct PassWorld<'a> {
     registries_not_created: &'a BTreeSet<(String, String)>,
     upstream_ids: &'a BTreeMap<(String, String), i64>,
     plan: bool,
+    /// Every Upstream has had its turn in this pass: one without an id now is not getting one.
+    upstreams_had_their_turn: bool,
 }
 
 impl World for PassWorld<'_> {
@@ -304,9 +306,11 @@ impl World for PassWorld<'_> {
             .map(|upstream| {
                 let key = (namespace_of(&upstream.object), upstream.object.name_any());
                 let mut facts = resolve::upstream_facts(&upstream.object);
-                if let Some(id) = self.upstream_ids.get(&key) {
-                    facts.id = GitLabId::Held(*id);
-                }
+                facts.id = match self.upstream_ids.get(&key) {
+                    Some(id) => GitLabId::Held(*id),
+                    None if self.upstreams_had_their_turn => GitLabId::Blocked,
+                    None => facts.id,
+                };
                 facts
             })
             .collect()
@@ -344,23 +348,27 @@ pub async fn reconcile_all(
     let mut registry_ids: BTreeMap<(String, String), i64> = BTreeMap::new();
     let mut registries_not_created: BTreeSet<(String, String)> = BTreeSet::new();
     let mut first_pass: BTreeMap<(String, String), RegistryOutcome> = BTreeMap::new();
+    let no_ids = BTreeMap::new();
+    let none_failed = BTreeSet::new();
+    // Members all unresolved (no Upstream has had its turn): this pass creates the registry
+    // but removes no association, since upstream ids are not known yet.
+    let before_upstreams = PassWorld {
+        manifests,
+        registry_ids: &no_ids,
+        registries_not_created: &none_failed,
+        upstream_ids: &no_ids,
+        plan: !mode.writes(),
+        upstreams_had_their_turn: false,
+    };
     for registry in &manifests.registries {
         let key = (namespace_of(&registry.object), registry.object.name_any());
-        // Members all unresolved (Pending): this pass creates the registry but removes no
-        // association, since upstream ids are not known yet.
-        let members = resolve_members(&registry.object, &BTreeMap::new(), Resolution::Pending);
-        let request = registry_request(&registry.object, members.clone(), None, Mode::Plan);
-        // A read-only look first: in plan mode this is all; in apply mode the registry is
-        // created now so upstreams can be created through it.
-        let outcome = if mode.writes() {
-            registry::reconcile(
-                client,
-                &registry_request(&registry.object, members.clone(), None, Mode::Apply),
-            )
-            .await
-        } else {
-            registry::reconcile(client, &request).await
-        };
+        // In plan mode this read-only look is all; in apply mode the registry is created now
+        // so upstreams can be created through it.
+        let outcome = registry::reconcile(
+            client,
+            &registry_request(&registry.object, &before_upstreams, None, mode),
+        )
+        .await;
         if let Some(id) = outcome.registry_id {
             registry_ids.insert(key.clone(), id);
         } else if outcome.error.is_some() {
@@ -386,6 +394,7 @@ pub async fn reconcile_all(
             registries_not_created: &registries_not_created,
             upstream_ids: &upstream_ids,
             plan: !mode.writes(),
+            upstreams_had_their_turn: false,
         };
         let (request, placeholder) =
             match upstream_request(upstream, manifests, &world, mode, resend_credentials) {
@@ -487,24 +496,23 @@ pub async fn reconcile_all(
         );
         // Every Upstream has had its turn: one without an id now is not getting one in this
         // pass, and the members after it are associated without waiting for it.
-        let members = resolve_members(&registry.object, &upstream_ids, Resolution::Blocked);
+        let after_upstreams = PassWorld {
+            manifests,
+            registry_ids: &registry_ids,
+            registries_not_created: &registries_not_created,
+            upstream_ids: &upstream_ids,
+            plan: !mode.writes(),
+            upstreams_had_their_turn: true,
+        };
         let known_id = registry_ids.get(&key).copied();
+        let request = registry_request(&registry.object, &after_upstreams, known_id, mode);
+        let members = request.desired.members.clone();
         let outcome = if mode.writes() || known_id.is_some() {
-            registry::reconcile(
-                client,
-                &registry_request(&registry.object, members.clone(), known_id, mode),
-            )
-            .await
+            registry::reconcile(client, &request).await
         } else {
             match first_pass.remove(&key) {
                 Some(outcome) => outcome,
-                None => {
-                    registry::reconcile(
-                        client,
-                        &registry_request(&registry.object, members.clone(), None, mode),
-                    )
-                    .await
-                }
+                None => registry::reconcile(client, &request).await,
             }
         };
         if mode.writes()
@@ -568,6 +576,7 @@ pub async fn reconcile_all(
                     registries_not_created: &registries_not_created,
                     upstream_ids: &upstream_ids,
                     plan: !mode.writes(),
+                    upstreams_had_their_turn: true,
                 },
                 mode,
                 approved_deletions,
@@ -704,47 +713,22 @@ async fn cleanup_policy_report(
     object_report
 }
 
-fn resolve_members(
-    registry: &VirtualRegistry,
-    upstream_ids: &BTreeMap<(String, String), i64>,
-    unresolved: Resolution,
-) -> Vec<DesiredMember> {
-    let namespace = namespace_of(registry);
-    registry
-        .spec
-        .upstreams
-        .iter()
-        .map(|u| DesiredMember {
-            name: u.name.clone(),
-            resolution: match upstream_ids.get(&(namespace.clone(), u.name.clone())) {
-                Some(id) => Resolution::Resolved(*id),
-                None => unresolved.clone(),
-            },
-        })
-        .collect()
-}
-
+/// The operator's request for `registry` (`resolve::registry::request`), with what standalone
+/// knows instead of a status: the id found in this pass, and no record of handled one-shot
+/// actions — so the purge-cache annotation is not acted on (it would purge at every apply).
 fn registry_request(
     registry: &VirtualRegistry,
-    members: Vec<DesiredMember>,
+    world: &impl World,
     known_id: Option<i64>,
     mode: Mode,
 ) -> registry::RegistryRequest {
-    registry::RegistryRequest {
-        desired: registry::DesiredRegistry {
-            group: PathOrId::parse(&registry.spec.group),
-            name: registry.gitlab_name(),
-            description: registry.spec.description.clone(),
-            members,
-        },
-        known: registry::KnownRegistry {
-            registry_id: known_id,
-            last_handled_purge_cache: None,
-            waiting_for_upstreams: false,
-        },
-        purge_cache_request: None,
-        mode,
-    }
+    let mut request = resolve::registry::request(registry, world);
+    request.known.registry_id = known_id;
+    request.known.last_handled_purge_cache = None;
+    request.known.waiting_for_upstreams = false;
+    request.purge_cache_request = None;
+    request.mode = mode;
+    request
 }
 
 fn upstream_request(
