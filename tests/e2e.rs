@@ -16,7 +16,7 @@ use gitlab_registry_operator::controller::runtime::{
     LEASE_NAME, RuntimeOptions, run_until, run_with_client,
 };
 use gitlab_registry_operator::crd::{self, Upstream, VirtualRegistry};
-use gitlab_registry_operator::sim::{Seed, SimConfig, Simulator};
+use gitlab_registry_operator::sim::{Seed, SimConfig, SimHandle, Simulator};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -81,22 +81,9 @@ async fn examples_become_ready_then_follow_edits_and_deletion() {
         .expect("simulator");
     let namespace = format!("gro-e2e-{}", std::process::id());
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("namespace"),
-        )
-        .await
-        .expect("namespace created");
+    create_namespace(&namespaces, &namespace).await;
 
-    let config = OperatorConfig {
-        default_gitlab: Some(DefaultConnection {
-            url: sim.base_url().parse().expect("url"),
-            token: sim.config().token.clone(),
-        }),
-        resync: Duration::from_secs(30),
-        ..OperatorConfig::default()
-    };
+    let config = operator_config(&sim);
     let options = RuntimeOptions {
         metrics_addr: "127.0.0.1:0".parse().expect("addr"),
         leader_election: false,
@@ -238,22 +225,9 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
         .expect("simulator");
     let namespace = format!("gro-e2e-lease-{}", std::process::id());
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("namespace"),
-        )
-        .await
-        .expect("namespace created");
+    create_namespace(&namespaces, &namespace).await;
     let start = |identity: &str| {
-        let config = OperatorConfig {
-            default_gitlab: Some(DefaultConnection {
-                url: sim.base_url().parse().expect("url"),
-                token: sim.config().token.clone(),
-            }),
-            resync: Duration::from_secs(30),
-            ..OperatorConfig::default()
-        };
+        let config = operator_config(&sim);
         let options = RuntimeOptions {
             metrics_addr: "127.0.0.1:0".parse().expect("addr"),
             leader_election: true,
@@ -345,6 +319,28 @@ where
     .await;
 }
 
+/// The operator's configuration against the simulator `sim`, resyncing every 30 s.
+fn operator_config(sim: &SimHandle) -> OperatorConfig {
+    OperatorConfig {
+        default_gitlab: Some(DefaultConnection {
+            url: sim.base_url().parse().expect("url"),
+            token: sim.config().token.clone(),
+        }),
+        resync: Duration::from_secs(30),
+        ..OperatorConfig::default()
+    }
+}
+
+async fn create_namespace(namespaces: &Api<Namespace>, name: &str) {
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name}})).expect("namespace"),
+        )
+        .await
+        .expect("namespace created");
+}
+
 /// Applies the CRDs (cluster-wide; installed by an administrator, not by the chart's RBAC)
 /// and waits until the apiserver serves them.
 async fn install_crds(client: &Client) {
@@ -427,13 +423,7 @@ async fn controllers_with_leader_election_work_under_the_charts_own_rbac() {
     let namespace = format!("gro-e2e-rbac-{}", std::process::id());
     let release = format!("gro-rbac-{}", std::process::id());
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("namespace"),
-        )
-        .await
-        .expect("namespace created");
+    create_namespace(&namespaces, &namespace).await;
 
     let rendered = chart::render(
         &helm,
@@ -480,14 +470,7 @@ async fn controllers_with_leader_election_work_under_the_charts_own_rbac() {
     let sim = Simulator::start(SimConfig::embedded_demo(), Seed::demo())
         .await
         .expect("simulator");
-    let config = OperatorConfig {
-        default_gitlab: Some(DefaultConnection {
-            url: sim.base_url().parse().expect("url"),
-            token: sim.config().token.clone(),
-        }),
-        resync: Duration::from_secs(30),
-        ..OperatorConfig::default()
-    };
+    let config = operator_config(&sim);
     let identity_name = format!("rbac-e2e-{}", std::process::id());
     let options = RuntimeOptions {
         metrics_addr: "127.0.0.1:0".parse().expect("addr"),
@@ -606,23 +589,12 @@ async fn an_access_policy_and_one_owner_per_gitlab_registry_on_a_shared_cluster(
     );
     let namespaces: Api<Namespace> = Api::all(client.clone());
     for namespace in [&team_a, &team_b] {
-        namespaces
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("ns"),
-            )
-            .await
-            .expect("namespace created");
+        create_namespace(&namespaces, namespace).await;
     }
     let start = |namespace: &str| {
         let config = OperatorConfig {
-            default_gitlab: Some(DefaultConnection {
-                url: sim.base_url().parse().expect("url"),
-                token: sim.config().token.clone(),
-            }),
-            resync: Duration::from_secs(30),
             access_policy: Some(policy.clone()),
-            ..OperatorConfig::default()
+            ..operator_config(&sim)
         };
         let options = RuntimeOptions {
             metrics_addr: "127.0.0.1:0".parse().expect("addr"),

@@ -117,6 +117,22 @@ impl ObjectReport {
         }
     }
 
+    /// Concludes with `Synced=False` (and so `Ready=False`) for `reason`: the object could not
+    /// be reconciled, and says why.
+    pub(super) fn not_synced(&mut self, reason: &str, message: String, mode: Mode, exists: bool) {
+        self.conclude(
+            vec![ConditionUpdate::new(
+                SYNCED,
+                false,
+                reason.to_owned(),
+                message,
+            )],
+            &[SYNCED],
+            mode,
+            exists,
+        );
+    }
+
     /// Sets the conditions, derives Ready from `components` and the action from the
     /// conditions and what was (or would be) written. `exists`: the object is in GitLab
     /// after this pass.
@@ -400,17 +416,7 @@ pub async fn reconcile_all(
             match upstream_request(upstream, manifests, &world, mode, resend_credentials) {
                 Ok(prepared) => prepared,
                 Err(message) => {
-                    object_report.conclude(
-                        vec![ConditionUpdate::new(
-                            SYNCED,
-                            false,
-                            Reason::SecretNotFound.as_str(),
-                            message,
-                        )],
-                        &[SYNCED],
-                        mode,
-                        false,
-                    );
+                    object_report.not_synced(Reason::SecretNotFound.as_str(), message, mode, false);
                     report.objects.push(object_report);
                     continue;
                 }
@@ -423,17 +429,7 @@ pub async fn reconcile_all(
                 Some(found)
             }
             Ok(NameMatch::Ambiguous(message)) => {
-                object_report.conclude(
-                    vec![ConditionUpdate::new(
-                        SYNCED,
-                        false,
-                        AMBIGUOUS_UPSTREAM,
-                        message,
-                    )],
-                    &[SYNCED],
-                    mode,
-                    false,
-                );
+                object_report.not_synced(AMBIGUOUS_UPSTREAM, message, mode, false);
                 report.objects.push(object_report);
                 continue;
             }
@@ -443,12 +439,7 @@ pub async fn reconcile_all(
                     upstream.object.spec.group,
                     error.message()
                 );
-                object_report.conclude(
-                    vec![ConditionUpdate::new(SYNCED, false, error.reason(), message)],
-                    &[SYNCED],
-                    mode,
-                    false,
-                );
+                object_report.not_synced(error.reason(), message, mode, false);
                 report.objects.push(object_report);
                 continue;
             }
@@ -610,17 +601,7 @@ async fn cleanup_policy_report(
         &policy.source,
     );
     let fail = |report: &mut ObjectReport, reason: &str, message: String| {
-        report.conclude(
-            vec![ConditionUpdate::new(
-                SYNCED,
-                false,
-                reason.to_string(),
-                message,
-            )],
-            &[SYNCED],
-            mode,
-            true,
-        );
+        report.not_synced(reason, message, mode, true);
     };
     if policy.object.spec.strategy == CleanupStrategy::GitLabPolicy {
         let outcome = match (

@@ -7,7 +7,6 @@ use url::Url;
 
 use super::manifests::{Manifest, ManifestError, ManifestErrors, Manifests};
 use super::run::ObjectReport;
-use crate::crd::conditions::{ConditionUpdate, SYNCED};
 use crate::crd::reasons;
 use crate::gitlab::{GitLabClient, PathOrId};
 use crate::tenancy::claims;
@@ -176,14 +175,9 @@ fn not_permitted<K: ResourceExt>(kind: &str, item: &Manifest<K>, denial: &Denial
         item.object.name_any(),
         &item.source,
     );
-    report.conclude(
-        vec![ConditionUpdate::new(
-            SYNCED,
-            false,
-            reasons::NOT_PERMITTED,
-            denial.to_string(),
-        )],
-        &[SYNCED],
+    report.not_synced(
+        reasons::NOT_PERMITTED,
+        denial.to_string(),
         // Nothing was sent, so nothing is known of GitLab: the plan and the apply say the same.
         crate::sync::Mode::Plan,
         false,
